@@ -1,0 +1,77 @@
+"""Building blocks shared by every architecture: RMSNorm and the MLPs.
+
+All modules take and return activations `[B, T, D]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stripes.arch.config import MLPConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return y.to(x.dtype)
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer, 2020). Names match Llama's for grafting."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def flops_per_token(self) -> float:
+        return 2.0 * 3 * self.gate_proj.in_features * self.gate_proj.out_features
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))): the GPT-2 / Hyena-paper MLP."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+    def flops_per_token(self) -> float:
+        return 2.0 * 2 * self.up_proj.in_features * self.up_proj.out_features
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+
+_MLP_CLASSES: dict[str, type[nn.Module] | None] = {"swiglu": SwiGLU, "gelu": GeluMLP, "none": None}
+
+
+def build_mlp(d_model: int, cfg: MLPConfig) -> nn.Module | None:
+    """The MLP a block uses, or None when its kind says `none` (kinds validated at config)."""
+    cls = _MLP_CLASSES[cfg.kind]
+    return None if cls is None else cls(d_model, cfg.hidden_size(d_model))

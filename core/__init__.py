@@ -1,0 +1,1 @@
+"""Shared plumbing with no model or training knowledge: config loading and errors."""

@@ -1,0 +1,164 @@
+"""One config mechanism for all of stripes: YAML + `${...}` + `key=value` onto typed dataclasses.
+
+Every schema is a plain dataclass. `load_config` reads a YAML file, merges command-line
+overrides onto it, merges the result onto `OmegaConf.structured(schema)` (so an unknown key
+or a wrong type fails with its full key path), resolves interpolations and returns a real
+dataclass instance. Any failure becomes a `ConfigError` whose message is one line naming the
+key, the value and what is allowed; the CLI prints that line and exits nonzero.
+
+Validation beyond types (ranges, divisibility, cross-field rules) lives beside each schema
+and raises `ConfigError` too; `assert` is never used for it because `python -O` strips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. `str(err)` is a single line fit for the user."""
+
+    def __init__(self, key: str, value: Any, allowed: str, reason: str = "") -> None:
+        self.key, self.value, self.allowed, self.reason = key, value, allowed, reason
+        what = f"{key}={value!r}" if value is not _NO_VALUE else key
+        because = f": {reason}" if reason else ""
+        super().__init__(f"{what}{because} (allowed: {allowed})")
+
+
+_NO_VALUE = object()
+
+
+def missing_key(key: str, allowed: str) -> ConfigError:
+    """Error for a required key that was not given."""
+    return ConfigError(key, _NO_VALUE, allowed, "is required but missing")
+
+
+def load_config(schema: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Read `path` (YAML), apply `key=value` overrides and return a typed `schema` instance."""
+    layers: list[DictConfig] = []
+    if path is not None:
+        layers.append(_read_yaml(Path(path)))
+    layers.append(_parse_overrides(overrides))
+    try:
+        data = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError("command line", list(overrides), "overrides that fit the YAML file",
+                          str(err).splitlines()[0]) from None
+    return to_typed(schema, data, prefix="")
+
+
+def to_typed(schema: type[T], data: Any, prefix: str) -> T:
+    """Merge `data` onto `schema`, resolve it and instantiate it; errors name `prefix.key`."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        OmegaConf.resolve(merged)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _translate(err, schema, prefix) from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(str(path), _NO_VALUE, "a path to an existing YAML file", "not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(where, _NO_VALUE, "valid YAML", f"cannot parse: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(str(path), type(raw).__name__, "a YAML mapping at the top level")
+    try:
+        return OmegaConf.create(raw)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(path), _NO_VALUE, "plain YAML values", str(err).splitlines()[0])
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                "command line", item, "key=value pairs such as model.n_layers=4",
+                "not a key=value override",
+            )
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError("command line", list(overrides), "key=value pairs", str(err)) from None
+
+
+def _translate(err: OmegaConfBaseException, schema: type, prefix: str) -> ConfigError:
+    """Turn omegaconf's multi-line exception into our one-line ConfigError."""
+    rel = getattr(err, "full_key", None) or ""
+    key = ".".join(part for part in (prefix, rel) if part) or (prefix or "<root>")
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ConfigKeyError):
+        fields = _fields_at(schema, rel)
+        wrong = rel.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(wrong, fields, n=1)
+        reason = f"unknown key; did you mean '{close[0]}'?" if close else "unknown key"
+        return ConfigError(key, _NO_VALUE, ", ".join(fields) or "no keys", reason)
+    if isinstance(err, MissingMandatoryValue):
+        return missing_key(key, "a value in the YAML file or as key=value on the command line")
+    if isinstance(err, InterpolationResolutionError):
+        return ConfigError(key, _NO_VALUE, "interpolations of existing keys", message)
+    value = getattr(err, "value", _NO_VALUE)
+    expected = _field_type_at(schema, rel)
+    return ConfigError(key, value, expected or "a value of the declared type", message)
+
+
+def _walk(schema: type, dotted: str) -> tuple[type | None, str]:
+    """Follow `dotted` through nested dataclass fields; return (owner class, last part)."""
+    parts = [p for p in dotted.split(".") if p]
+    owner: type | None = schema
+    for part in parts[:-1]:
+        field = _field(owner, part)
+        owner = field.type if field is not None and dataclasses.is_dataclass(field.type) else None
+    return owner, parts[-1] if parts else ""
+
+
+def _field(owner: type | None, name: str) -> dataclasses.Field | None:
+    if owner is None or not dataclasses.is_dataclass(owner):
+        return None
+    hints = {f.name: f for f in dataclasses.fields(owner)}
+    field = hints.get(name)
+    if field is not None and isinstance(field.type, str):
+        # Resolve postponed annotations so nested dataclasses can be followed.
+        import typing
+
+        field.type = typing.get_type_hints(owner).get(name, field.type)
+    return field
+
+
+def _fields_at(schema: type, dotted: str) -> list[str]:
+    owner, _ = _walk(schema, dotted)
+    if owner is None or not dataclasses.is_dataclass(owner):
+        return []
+    return [f.name for f in dataclasses.fields(owner)]
+
+
+def _field_type_at(schema: type, dotted: str) -> str:
+    owner, last = _walk(schema, dotted)
+    field = _field(owner, last)
+    if field is None:
+        return ""
+    kind = field.type
+    return f"a value of type {getattr(kind, '__name__', None) or str(kind).replace('typing.', '')}"

@@ -1,0 +1,1 @@
+"""The `stripes` command line and the torchrun / Slurm launchers."""

@@ -1,0 +1,42 @@
+"""`stripes`: the command line. Each subcommand lives in its own module; this file dispatches.
+
+Errors the user can fix (a bad config, a missing file) are printed as one line on stderr with
+exit status 2; a traceback means a bug in stripes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from stripes.core.config import ConfigError
+from stripes.launch import inspect_model
+
+# Subcommands that later work adds; listed in --help so users see where the tool is going.
+_PLANNED = "prepare, data, train, export, generate, eval, graft, launch, plot"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stripes",
+        description="Pretraining framework for hybrid LLMs (attention, Hyena, Mamba, retention).",
+        epilog=f"planned subcommands, not yet available: {_PLANNED}",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    inspect_model.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="stripes: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(f"stripes {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

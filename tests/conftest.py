@@ -1,0 +1,42 @@
+"""Shared fixtures. Nothing here may reach for a network: hub and wandb are forced offline."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+_TMP = tempfile.mkdtemp(prefix="stripes-tests-")
+for var, value in {
+    "HF_HOME": f"{_TMP}/hf",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_DIR": f"{_TMP}/wandb",
+    "WANDB_CACHE_DIR": f"{_TMP}/wandb-cache",
+    "WANDB_CONFIG_DIR": f"{_TMP}/wandb-config",
+}.items():
+    os.environ[var] = value
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "arch" / "tiny.yaml"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_cfg():
+    from stripes.arch import ArchFile
+    from stripes.core.config import load_config
+
+    return load_config(ArchFile, TINY).model

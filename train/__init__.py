@@ -1,0 +1,1 @@
+"""Trainer, parallel backends, checkpoints, stages, grafting, metrics."""
