@@ -64,7 +64,8 @@ class AttnConfig(MixerConfig):
                               "is even", "RoPE rotates pairs of channels")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ConfigError(f"{key}.n_kv_heads", self.n_kv_heads,
-                              f"a divisor of n_heads={self.n_heads}", "n_kv_heads must divide n_heads")
+                              f"a divisor of n_heads={self.n_heads}",
+                              "n_kv_heads must divide n_heads")
         if self.window is not None and self.window <= 0:
             raise ConfigError(f"{key}.window", self.window, "a positive number of tokens or null")
         if self.backend not in BACKENDS:
@@ -120,7 +121,8 @@ class Attention(Mixer):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta)
+        rope_dtype = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _sdpa(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -201,7 +203,8 @@ def _causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
 
 def _backend_context(backend: str, device: torch.device):
     if backend == "auto":
-        return sdpa_kernel(_AUTO_CUDA, set_priority=True) if device.type == "cuda" else nullcontext()
+        on_cuda = device.type == "cuda"
+        return sdpa_kernel(_AUTO_CUDA, set_priority=True) if on_cuda else nullcontext()
     return sdpa_kernel(_SDPA_BACKENDS[backend])
 
 

@@ -102,8 +102,8 @@ class ModelConfig:
         for index, name in self.overrides.items():
             where = f"{key}.overrides.{index}"
             if not -self.n_layers <= index < self.n_layers:
-                raise ConfigError(where, name, f"layer indices -{self.n_layers}..{self.n_layers - 1}",
-                                  "override index out of range")
+                allowed = f"layer indices -{self.n_layers}..{self.n_layers - 1}"
+                raise ConfigError(where, name, allowed, "override index out of range")
             self._base_kind(name, where, key)
             names[index] = name
         for name in self.mixers:  # settings for unused names must still be valid

@@ -89,7 +89,8 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         return OmegaConf.create(raw)
     except OmegaConfBaseException as err:
-        raise ConfigError(str(path), _NO_VALUE, "plain YAML values", str(err).splitlines()[0])
+        problem = str(err).splitlines()[0]
+        raise ConfigError(str(path), _NO_VALUE, "plain YAML values", problem) from None
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:

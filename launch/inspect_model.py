@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
-
-from stripes.arch.config import ArchFile
-from stripes.arch.model import StripedLM
-from stripes.arch.summary import Row, summarize
-from stripes.core.config import load_config
+if TYPE_CHECKING:
+    from stripes.arch.summary import Row
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # imported here so that `stripes --help` starts instantly
+
+    from stripes.arch.config import ArchFile
+    from stripes.arch.model import StripedLM
+    from stripes.arch.summary import summarize
+    from stripes.core.config import load_config
+
     cfg = load_config(ArchFile, args.config, args.overrides).model
     with torch.device("meta"):
         model = StripedLM(cfg)
@@ -44,7 +48,8 @@ def format_table(rows: list[Row]) -> str:
 
     def fmt(line):
         left = [line[0].rjust(widths[0]), line[1].ljust(widths[1])]
-        return "  ".join(left + [cell.rjust(w) for cell, w in zip(line[2:], widths[2:])])
+        right = [cell.rjust(w) for cell, w in zip(line[2:], widths[2:], strict=True)]
+        return "  ".join(left + right)
 
     rule = "-" * len(fmt(header))
     return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])

@@ -5,10 +5,11 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from conftest import TINY
 
 from stripes.arch import ArchFile, StripedLM
 from stripes.core.config import ConfigError, load_config
+
+from conftest import TINY
 
 
 def load(*overrides: str, path=TINY):
@@ -26,7 +27,8 @@ def test_tiny_expands_with_cycle_override_and_variant():
 
 
 def test_stripes_cycle_and_negative_override():
-    specs = load("model.n_layers=5", "model.stripes=[attn_local,attn]", "model.overrides={-1: attn_local}").expand()
+    specs = load("model.n_layers=5", "model.stripes=[attn_local,attn]",
+                 "model.overrides={-1: attn_local}").expand()
     assert [s.name for s in specs] == ["attn_local", "attn", "attn_local", "attn", "attn_local"]
 
 
