@@ -128,11 +128,15 @@ class Attention(Mixer):
     def _sdpa(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """q: [B, Tq, H, Dh], k/v: [B, Tk, H_kv, Dh], mask: bool, True = may attend."""
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, Dh]
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and (mask is not None or self.cfg.backend == "efficient"):
+            # The memory-efficient kernel, the fused one that takes masks, rejects
+            # `enable_gqa` (PyTorch 2.11, H100): give it K/V at the full head count.
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+            gqa = False
         with _backend_context(self.cfg.backend, q.device):
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=gqa)
         return y.transpose(1, 2)  # [B, Tq, H, Dh]
 
     # -- decoding ---------------------------------------------------------------------------

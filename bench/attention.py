@@ -1,7 +1,8 @@
 """Attention core on a GPU: stripes' SDPA path per backend vs the raw cuDNN anchor.
 
 Times `Attention._sdpa` (the exact call the mixer makes: GQA through `enable_gqa`, layout
-transposes included) for each explicit backend and `auto`, against the anchor: PyTorch SDPA
+transposes included) for each explicit backend and `auto`, and the masked path that packed
+documents take (FLOPs counted as for the full causal square), against the anchor: PyTorch SDPA
 on the cuDNN backend with K/V already expanded to all heads (MHA-shaped, as measured in
 ../shared/gpu/README.md). Shapes are the 1B configs': H=16, H_kv=4, Dh=128, B*T = 65,536.
 
@@ -58,6 +59,12 @@ def measure(T: int) -> list[dict]:
         attn = Attention(H * DH, AttnConfig(n_heads=H, n_kv_heads=KV, backend=backend))
         variants[f"stripes attn backend={backend}"] = (
             lambda a=attn: a._sdpa(q, k, v, None, causal=True))
+    # Packed rows (two documents each) need an explicit mask: what does that path cost?
+    pos = torch.arange(T, device="cuda")
+    doc = (pos >= T // 2).long()
+    mask = ((pos[:, None] >= pos[None, :]) & (doc[:, None] == doc[None, :]))[None, None]
+    auto = Attention(H * DH, AttnConfig(n_heads=H, n_kv_heads=KV))
+    variants["stripes attn auto, 2 docs/row mask"] = lambda: auto._sdpa(q, k, v, mask, False)
 
     rows, flops = [], causal_flops(B, T)
     for name, fn in variants.items():
