@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
+from stripes.arch.packing import document_starts
 from stripes.arch.registry import register_mixer
 from stripes.arch.rope import apply_rope, rope_angles
 from stripes.core.config import ConfigError
@@ -111,7 +112,8 @@ class Attention(Mixer):
             if doc_ids is not None or self.cfg.window is not None:
                 mask = _causal_mask(positions, positions, self.cfg.window)  # [T, T]
                 if doc_ids is not None:  # no attention across packed documents
-                    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
+                    doc = document_starts(doc_ids).cumsum(1)  # [B, T]: a change starts a doc
+                    same_doc = doc[:, :, None] == doc[:, None, :]  # [B, T, T]
                     mask = (mask & same_doc)[:, None]  # [B, 1, T, T]
             y = self._sdpa(q, k, v, mask, causal=mask is None)
         return self.out_proj(y.reshape(B, T, self.d_model))
@@ -231,10 +233,7 @@ def _flash_attn(q, k, v, window: int | None, doc_ids: torch.Tensor | None) -> to
     if doc_ids is None:
         return flash_attn_func(q, k, v, causal=True, window_size=window_size)
     B, T, H, Dh = q.shape
-    # A sequence starts at every row start and wherever the document index changes.
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    flat_starts = starts.flatten().nonzero().flatten()
+    flat_starts = document_starts(doc_ids).flatten().nonzero().flatten()
     cu_seqlens = torch.cat((flat_starts, flat_starts.new_tensor([B * T]))).to(torch.int32)
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     y = flash_attn_varlen_func(

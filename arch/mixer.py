@@ -51,8 +51,9 @@ class Mixer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, D]; doc_ids: optional [B, T] document index per token (packed rows:
-        no information may cross a change of document). Returns [B, T, D]."""
+        """x: [B, T, D]; doc_ids: optional [B, T] document index per token. Packed rows: a
+        document starts at each row start and wherever the index changes, and no
+        information may cross that boundary (`stripes.arch.packing`). Returns [B, T, D]."""
 
     @abc.abstractmethod
     def allocate_state(

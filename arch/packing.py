@@ -1,0 +1,36 @@
+"""Packed rows: several documents per row, told apart by a per-token document index.
+
+`doc_ids` is `[B, T]`; a new document starts at every row start and wherever the index
+changes. Attention masks across documents directly. Convolutional and recurrent mixers use
+`per_document`: each document becomes its own right-padded row, so convolutions and states
+start fresh at every boundary. Padding sits after each document's last token and causal
+mixers never look forward, so it cannot change real outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True where a document starts (each row start, each change of index)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def per_document(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 doc_ids: torch.Tensor) -> torch.Tensor:
+    """Apply `fn` ([N, L, C] -> [N, L, C']) to every document of x [B, T, C] separately."""
+    B, T, C = x.shape
+    starts = document_starts(doc_ids).flatten()  # [B*T]
+    segment = starts.cumsum(0) - 1  # document number of each token
+    first = starts.nonzero().flatten()  # flat index where each document starts
+    offset = torch.arange(B * T, device=x.device) - first[segment]  # position in document
+    n_docs, longest = first.numel(), int(offset.max()) + 1
+    padded = x.new_zeros(n_docs, longest, C)  # [N, L, C]
+    padded[segment, offset] = x.flatten(0, 1)
+    y = fn(padded)  # [N, L, C']
+    return y[segment, offset].view(B, T, -1)
