@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -131,35 +132,26 @@ def _walk(schema: type, dotted: str) -> tuple[type | None, str]:
     parts = [p for p in dotted.split(".") if p]
     owner: type | None = schema
     for part in parts[:-1]:
-        field = _field(owner, part)
-        owner = field.type if field is not None and dataclasses.is_dataclass(field.type) else None
+        kind = _field_types(owner).get(part)
+        owner = kind if dataclasses.is_dataclass(kind) else None
     return owner, parts[-1] if parts else ""
 
 
-def _field(owner: type | None, name: str) -> dataclasses.Field | None:
+def _field_types(owner: type | None) -> dict[str, Any]:
+    """Field name -> resolved annotation (postponed `from __future__` strings resolved)."""
     if owner is None or not dataclasses.is_dataclass(owner):
-        return None
-    hints = {f.name: f for f in dataclasses.fields(owner)}
-    field = hints.get(name)
-    if field is not None and isinstance(field.type, str):
-        # Resolve postponed annotations so nested dataclasses can be followed.
-        import typing
-
-        field.type = typing.get_type_hints(owner).get(name, field.type)
-    return field
+        return {}
+    hints = typing.get_type_hints(owner)
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(owner)}
 
 
 def _fields_at(schema: type, dotted: str) -> list[str]:
-    owner, _ = _walk(schema, dotted)
-    if owner is None or not dataclasses.is_dataclass(owner):
-        return []
-    return [f.name for f in dataclasses.fields(owner)]
+    return list(_field_types(_walk(schema, dotted)[0]))
 
 
 def _field_type_at(schema: type, dotted: str) -> str:
     owner, last = _walk(schema, dotted)
-    field = _field(owner, last)
-    if field is None:
+    kind = _field_types(owner).get(last)
+    if kind is None:
         return ""
-    kind = field.type
     return f"a value of type {getattr(kind, '__name__', None) or str(kind).replace('typing.', '')}"
