@@ -18,7 +18,8 @@ from stripes.arch.mixer import Mixer, MixerConfig
 from stripes.core.config import ConfigError
 
 # Modules whose import registers the built-in kinds.
-_BUILTIN_MODULES = ("stripes.arch.attention",)
+_BUILTIN_MODULES = ("stripes.arch.attention", "stripes.arch.mamba2", "stripes.arch.retention",
+                    "stripes.arch.hyena")
 
 
 @dataclass(frozen=True)

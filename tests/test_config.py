@@ -18,9 +18,10 @@ def load(*overrides: str, path=TINY):
 
 def test_tiny_expands_with_cycle_override_and_variant():
     specs = load().expand()
-    assert [s.name for s in specs] == ["attn", "attn_local", "attn", "attn_local"]
-    assert {s.kind for s in specs} == {"attn"}
-    local = specs[1]
+    assert [s.name for s in specs] == ["hyena_se", "mamba", "hyena_mr", "attn", "retention",
+                                       "hyena_li", "attn_local"]
+    assert specs[-1].kind == "attn" and specs[3].kind == "attn"
+    local = specs[-1]
     assert local.mixer.window == 8 and local.mixer.n_kv_heads == 1
     assert local.mlp.kind == "none"  # per-kind `mlp: none` shorthand
     assert specs[0].mlp.kind == "swiglu" and specs[0].mlp.hidden_size(64) == 128
@@ -58,7 +59,7 @@ def test_command_line_override_and_interpolation(tmp_path):
         (["model.mixers.attn.n_heads=many"], "model.mixers.attn.n_heads", "int"),
         (["model.mixers.attn.n_heads=3"], "model.mixers.attn.n_heads", "divisor of d_model=64"),
         (["model.mixers.attn.n_kv_heads=3"], "model.mixers.attn.n_kv_heads", "divisor of n_heads"),
-        (["model.overrides={9: attn}"], "model.overrides.9", "-4..3"),
+        (["model.overrides={9: attn}"], "model.overrides.9", "-7..6"),
         (["model.overrides={1: conv}"], "model.overrides.1", "unknown mixer kind"),
         (["model.stripes=[]"], "model.stripes", "non-empty"),
         (["model.mixers.bogus={n_heads: 2}"], "model.mixers.bogus", "attn"),

@@ -19,6 +19,11 @@ from numerics import rel_error
 KINDS = {
     "attn": {"n_heads": 4, "n_kv_heads": 2},
     "attn_window": {"kind": "attn", "n_heads": 4, "window": 5},
+    "hyena_se": {},
+    "hyena_mr": {"filter_len": 16},
+    "hyena_li": {"state_size": 8},
+    "mamba": {"d_state": 16, "head_dim": 16, "expand": 2, "chunk_size": 8},
+    "retention": {"n_heads": 4, "chunk_size": 8},
 }
 
 

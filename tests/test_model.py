@@ -79,7 +79,7 @@ def test_meta_build_then_init(tiny_cfg):
     model.init_weights()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
-    attn = model.blocks[0].mixer
+    attn = next(b.mixer for b in model.blocks if b.kind == "attn")
     # Residual-writing projections are depth-scaled: std / sqrt(2 * n_layers) = std / 2.83.
     ratio = attn.out_proj.weight.std() / attn.q_proj.weight.std()
     assert 0.25 < ratio < 0.45
@@ -126,5 +126,8 @@ def test_no_decay_names(tiny_cfg):
     names = set(model.no_decay_parameter_names())
     assert "embed.weight" in names and "norm.weight" in names
     assert "blocks.0.mixer_norm.weight" in names
-    assert "blocks.0.mixer.q_proj.weight" not in names
-    assert model.fp32_parameter_names() == []  # attention declares none
+    assert "blocks.3.mixer.q_proj.weight" not in names  # attn
+    assert "blocks.1.mixer.A_log" in names  # mamba declares it
+    fp32 = set(model.fp32_parameter_names())
+    assert {"blocks.1.mixer.A_log", "blocks.5.mixer.log_rate"} <= fp32
+    assert not any(name.startswith("blocks.3.") for name in fp32)  # attention declares none

@@ -73,7 +73,7 @@ def plugin(tmp_path, monkeypatch):
 
 def test_plugin_kind_builds_trains_and_decodes(plugin):
     cfg = load_config(ArchFile, TINY, [
-        f"model.plugins=[{plugin}]", "model.stripes=[running_mean,attn]",
+        f"model.plugins=[{plugin}]", "model.stripes=[running_mean,attn]", "model.n_layers=4",
         "model.mixers.running_mean={scale: 0.5}",
     ]).model
     model = StripedLM(cfg).double()

@@ -1,0 +1,358 @@
+"""`hyena_se`, `hyena_mr`, `hyena_li`: the StripedHyena 2 Hyena operator with three filters.
+
+One operator (Poli et al. 2023, "Hyena Hierarchy", order 2; Ku et al. 2025, StripedHyena 2),
+x: [B, T, D] -> [B, T, D]; every one of the D channels is its own "head" of size 1:
+
+    q, k, v = split(in_proj(x))                  [B, T, D] each
+    q, k, v = short causal conv of each          featurizer, `short_len` taps per channel
+    u = k * v;  y = h * u                        causal depthwise long convolution
+    out = out_proj(q * y)
+
+The kinds differ only in the long filter h ([C, L], tap j multiplies u[t - j]; the
+formulas and convolutions are in `hyena_filters`):
+  hyena_se  short explicit taps, `filter_len` (7); trained by direct conv: at 7 taps it
+            costs 14 FLOPs per channel and token, the FFT path ~186 at T = 2048 (13x),
+            and conv1d is one kernel with no 2T-long padded buffers.
+  hyena_mr  explicit taps times a learned decay exp(-a_c t), `filter_len` (128); by FFT.
+  hyena_li  modal filter Re(sum_n R_n p_n^t), `state_size` modes; by FFT in training, a
+            diagonal complex recurrence in decoding.
+The filter's tap 0 multiplies the current token, so it also plays the role of Hyena's
+per-channel skip term D * u; there is no separate one.
+
+Channels may share filters: `filter_groups` G filters for the D channels, channel c uses
+filter c // (D / G). Packed documents run as separate rows (`per_document`).
+
+Decoding state (`HyenaState`): the featurizer's last short_len-1 inputs, plus for SE/MR the
+last filter_len-1 values of u (FIR history), for LI the complex modal state [B, D, N].
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from stripes.arch.hyena_filters import (
+    decayed_filter,
+    direct_causal_conv,
+    fft_causal_conv,
+    fft_conv_flops,
+    fir_continue,
+    modal_chunk,
+    modal_filter,
+    modal_poles,
+    modal_recurrence,
+)
+from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
+from stripes.arch.packing import per_document
+from stripes.arch.registry import register_mixer
+from stripes.core.config import ConfigError
+
+
+def _positive(key: str, value: int, why: str) -> None:
+    if value < 1:
+        raise ConfigError(key, value, "a positive integer", why)
+
+
+@dataclass
+class HyenaConfig(MixerConfig):
+    short_len: int = 3  # taps of the featurizer's causal conv on q, k and v
+    filter_groups: int | None = None  # long filters shared by D/G channels each; None: D
+
+    def validate(self, d_model: int, key: str) -> None:
+        _positive(f"{key}.short_len", self.short_len, "the featurizer conv needs a tap")
+        groups = self.filter_groups
+        if groups is not None and (groups <= 0 or d_model % groups):
+            raise ConfigError(f"{key}.filter_groups", groups, f"a divisor of d_model={d_model}"
+                              " or null", "channels are split evenly among the filters")
+
+
+@dataclass
+class HyenaSEConfig(HyenaConfig):
+    filter_len: int = 7  # explicit taps of the long filter
+
+    def validate(self, d_model: int, key: str) -> None:
+        super().validate(d_model, key)
+        _positive(f"{key}.filter_len", self.filter_len, "the filter needs a tap")
+
+
+@dataclass
+class HyenaMRConfig(HyenaSEConfig):  # the SE settings, a longer default filter
+    filter_len: int = 128
+
+
+@dataclass
+class HyenaLIConfig(HyenaConfig):
+    state_size: int = 16  # modes (poles) per filter
+
+    def validate(self, d_model: int, key: str) -> None:
+        super().validate(d_model, key)
+        _positive(f"{key}.state_size", self.state_size, "the modal filter needs a pole")
+
+
+@dataclass
+class HyenaState:
+    short: torch.Tensor  # [B, short_len-1, 3D]: last in_proj outputs, the featurizer's FIR
+    long: torch.Tensor  # SE/MR: [B, filter_len-1, D] last u; LI: complex [B, D, N] modes
+
+
+class Hyena(Mixer):
+    """The shared operator. x: [B, T, D] -> [B, T, D]; channels are heads of size 1.
+
+    Subclasses give the long filter: its training convolution and its decoding state."""
+
+    def __init__(self, d_model: int, cfg: HyenaConfig) -> None:
+        super().__init__(d_model, cfg)
+        self.groups = cfg.filter_groups or d_model
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.short_filter = nn.Parameter(torch.empty(3 * d_model, cfg.short_len))  # [3D, K]
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if doc_ids is None:
+            return self._forward_fn(x)
+        return per_document(self._forward_fn, x, doc_ids)
+
+    def _forward_fn(self, x: torch.Tensor) -> torch.Tensor:
+        z = direct_causal_conv(self.in_proj(x), self.short_filter)  # [B, T, 3D]
+        q, k, v = z.chunk(3, dim=-1)  # [B, T, D] each
+        return self.out_proj(q * self.long_conv(k * v))
+
+    @abc.abstractmethod
+    def long_conv(self, u: torch.Tensor) -> torch.Tensor:
+        """y = h * u over the whole sequence, u: [B, T, D] -> [B, T, D]."""
+
+    def _per_channel(self, per_group: torch.Tensor) -> torch.Tensor:
+        """[G, ...] -> [D, ...]: channel c uses group c // (D / G)."""
+        return per_group.repeat_interleave(self.d_model // self.groups, dim=0)
+
+    # -- decoding ---------------------------------------------------------------------------
+    def allocate_state(self, batch_size, max_len, device, dtype) -> HyenaState:
+        """Constant in `max_len`. FIR histories hold activations, kept in `dtype` exactly."""
+        short = torch.zeros(batch_size, self.cfg.short_len - 1, 3 * self.d_model,
+                            device=device, dtype=dtype)
+        return HyenaState(short, self._allocate_long(batch_size, device, dtype))
+
+    def prefill(self, x: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        return self._decode(x, state, self._long_prefill)
+
+    def step(self, x: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        if x.shape[1] != 1:
+            raise ValueError(f"{type(self).__name__}.step takes one token, got {tuple(x.shape)}")
+        return self._decode(x, state, self._long_step)
+
+    def _decode(self, x: torch.Tensor, state: HyenaState, long_fn) -> torch.Tensor:
+        z, short = fir_continue(self.in_proj(x), state.short, self.short_filter,
+                                direct_causal_conv)  # [B, T, 3D]
+        state.short.copy_(short)
+        q, k, v = z.chunk(3, dim=-1)  # [B, T, D] each
+        return self.out_proj(q * long_fn(k * v, state))
+
+    @abc.abstractmethod
+    def _allocate_long(self, batch_size: int, device, dtype) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _long_prefill(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        """y = h * u for a chunk u [B, T, D] continuing `state.long`; advances it."""
+
+    @abc.abstractmethod
+    def _long_step(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        """As `_long_prefill` for one token u [B, 1, D]."""
+
+    # -- accounting -------------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> float:
+        """in_proj + out_proj, the featurizer (2 per tap and channel of 3D), the two gates
+        (one multiply per channel each) and the long conv (`_long_flops` per channel)."""
+        D = self.d_model
+        short = 2.0 * self.cfg.short_len * 3 * D
+        return linear_flops(self.in_proj, self.out_proj) + short + 2.0 * D \
+            + D * self._long_flops(seq_len)
+
+    @abc.abstractmethod
+    def _long_flops(self, seq_len: int) -> float:
+        """FLOPs per token and channel of the training long convolution."""
+
+    def state_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+        short = batch_size * (self.cfg.short_len - 1) * 3 * self.d_model * dtype.itemsize
+        return short + self._long_state_bytes(batch_size, dtype)
+
+    @abc.abstractmethod
+    def _long_state_bytes(self, batch_size: int, dtype: torch.dtype) -> int: ...
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Projections as every mixer. Featurizer: tap 0 = 1 plus N(0, 0.1) noise on every
+        tap, so the operator starts close to the plain gate q * (h * (k * v)) of the
+        projections and the look-back of the short conv is learned from there."""
+        super().init_weights(std, out_std)
+        nn.init.normal_(self.short_filter, std=0.1)
+        self.short_filter[:, 0] += 1.0
+        self._init_filter()
+
+    @abc.abstractmethod
+    def _init_filter(self) -> None: ...
+
+
+class _ExplicitHyena(Hyena):
+    """SE and MR: explicit taps `filter_taps` [G, L]; decoding keeps the last L-1 inputs."""
+
+    cfg: HyenaSEConfig
+    train_conv: ClassVar = staticmethod(direct_causal_conv)
+
+    def __init__(self, d_model: int, cfg: HyenaSEConfig) -> None:
+        super().__init__(d_model, cfg)
+        self.filter_taps = nn.Parameter(torch.empty(self.groups, cfg.filter_len))  # [G, L]
+
+    def filter(self) -> torch.Tensor:
+        """The long filter h: [G, L]."""
+        return self.filter_taps
+
+    def long_conv(self, u: torch.Tensor) -> torch.Tensor:
+        return self.train_conv(u, self._per_channel(self.filter()))
+
+    def _allocate_long(self, batch_size, device, dtype) -> torch.Tensor:
+        return torch.zeros(batch_size, self.cfg.filter_len - 1, self.d_model, device=device,
+                           dtype=dtype)
+
+    def _long_prefill(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        return self._fir(u, state, self.train_conv)  # the conv of training, same rounding
+
+    def _long_step(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        return self._fir(u, state, direct_causal_conv)  # L MACs per channel, no FFT
+
+    def _fir(self, u: torch.Tensor, state: HyenaState, conv) -> torch.Tensor:
+        y, history = fir_continue(u, state.long, self._per_channel(self.filter()), conv)
+        state.long.copy_(history)
+        return y
+
+    def _long_state_bytes(self, batch_size: int, dtype: torch.dtype) -> int:
+        return batch_size * (self.cfg.filter_len - 1) * self.d_model * dtype.itemsize
+
+    def _init_filter(self) -> None:
+        """Taps ~ N(0, 1/L): the expected energy sum_t h_t^2 is 1, so the conv starts
+        neither amplifying nor shrinking u."""
+        nn.init.normal_(self.filter_taps, std=1 / math.sqrt(self.cfg.filter_len))
+
+
+@register_mixer("hyena_se", HyenaSEConfig)
+class HyenaSE(_ExplicitHyena):
+    """Hyena-SE: short explicit filter (default 7 taps), direct convolution.
+    x: [B, T, D] -> [B, T, D]."""
+
+    def _long_flops(self, seq_len: int) -> float:
+        return 2.0 * self.cfg.filter_len
+
+
+@register_mixer("hyena_mr", HyenaMRConfig)
+class HyenaMR(_ExplicitHyena):
+    """Hyena-MR: explicit filter (default 128 taps) times exp(-a_c t), a_c = exp(log_decay),
+    FFT convolution in training. x: [B, T, D] -> [B, T, D]."""
+
+    fp32_params = ("log_decay",)
+    no_decay_params = ("log_decay",)  # weight decay would pull every a_c towards 1
+    train_conv: ClassVar = staticmethod(fft_causal_conv)
+
+    def __init__(self, d_model: int, cfg: HyenaMRConfig) -> None:
+        super().__init__(d_model, cfg)
+        self.log_decay = nn.Parameter(torch.empty(self.groups))  # [G], float32
+
+    def filter(self) -> torch.Tensor:
+        """h[g, t] = w[g, t] exp(-a_g t): [G, L] in float32 (float64 in a float64 model)."""
+        return decayed_filter(self.filter_taps, self.log_decay)
+
+    def _long_flops(self, seq_len: int) -> float:
+        return fft_conv_flops(seq_len)
+
+    def _init_filter(self) -> None:
+        """Decay lengths 1/a spread log-uniformly over the groups from 1 token to L, so some
+        filters stay local and some use all their taps. Taps ~ N(0, s_g^2) with
+        s_g^-2 = sum_t exp(-2 a_g t): expected energy 1 after the decay."""
+        L = self.cfg.filter_len
+        self.log_decay.copy_(torch.linspace(0.0, -math.log(L), self.groups))
+        t = torch.arange(L, dtype=torch.float64)
+        decay = self.log_decay.double().exp()[:, None]  # [G, 1]
+        scale = torch.exp(-2 * decay * t).sum(1, keepdim=True).rsqrt()  # [G, 1]
+        nn.init.normal_(self.filter_taps)
+        self.filter_taps.mul_(scale.to(self.filter_taps.dtype))
+
+
+@register_mixer("hyena_li", HyenaLIConfig)
+class HyenaLI(Hyena):
+    """Hyena-LI: modal filter h[t] = Re(sum_n R_n p_n^t), p_n = exp(-r_n + i theta_n),
+    r_n = exp(log_rate_n). FFT convolution in training, complex recurrence in decoding.
+    x: [B, T, D] -> [B, T, D]."""
+
+    cfg: HyenaLIConfig
+    # Weight decay would pull rates to 1 and residues to 0; bf16 would round p^t away.
+    fp32_params = ("log_rate", "theta", "residue_re", "residue_im")
+    no_decay_params = fp32_params
+
+    def __init__(self, d_model: int, cfg: HyenaLIConfig) -> None:
+        super().__init__(d_model, cfg)
+        shape = (self.groups, cfg.state_size)  # [G, N]
+        self.log_rate = nn.Parameter(torch.empty(shape))
+        self.theta = nn.Parameter(torch.empty(shape))
+        self.residue_re = nn.Parameter(torch.empty(shape))
+        self.residue_im = nn.Parameter(torch.empty(shape))
+
+    def residues(self) -> torch.Tensor:
+        """R: complex [G, N], in complex64 (complex128 in a float64 model)."""
+        dtype = torch.promote_types(self.residue_re.dtype, torch.float32)
+        return torch.complex(self.residue_re.to(dtype), self.residue_im.to(dtype))
+
+    def filter(self, length: int) -> torch.Tensor:
+        """h[g, t] for t < length: [G, length], float32 (float64 in a float64 model)."""
+        return modal_filter(self.log_rate, self.theta, self.residues(), length)
+
+    def long_conv(self, u: torch.Tensor) -> torch.Tensor:
+        return fft_causal_conv(u, self._per_channel(self.filter(u.shape[1])))
+
+    def _allocate_long(self, batch_size, device, dtype) -> torch.Tensor:
+        complex_dtype = torch.promote_types(dtype, torch.float32).to_complex()
+        return torch.zeros(batch_size, self.d_model, self.cfg.state_size, device=device,
+                           dtype=complex_dtype)  # [B, D, N]
+
+    def _long_prefill(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        y, modes = modal_chunk(u, self._per_channel(self.log_rate), self._per_channel(self.theta),
+                               self._per_channel(self.residues()), state.long)
+        state.long.copy_(modes)
+        return y
+
+    def _long_step(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        poles = modal_poles(self.log_rate, self.theta)  # [G, N]
+        y, modes = modal_recurrence(u, self._per_channel(poles),
+                                    self._per_channel(self.residues()), state.long)
+        state.long.copy_(modes)
+        return y
+
+    def _long_flops(self, seq_len: int) -> float:
+        return fft_conv_flops(seq_len)
+
+    def _long_state_bytes(self, batch_size: int, dtype: torch.dtype) -> int:
+        complex_dtype = torch.promote_types(dtype, torch.float32).to_complex()
+        return batch_size * self.d_model * self.cfg.state_size * complex_dtype.itemsize
+
+    def _init_filter(self) -> None:
+        """Rates r ~ log-uniform [1e-4, 1] (memory from 1 to 10^4 tokens) and frequencies
+        theta ~ log-uniform [1e-3, pi] (near-constant to alternating), so the modes span
+        short to long filters. Residues R ~ CN(0, 2 (1 - |p|^2) / N): each mode then has
+        expected energy sum_t Re(R p^t)^2 ~ 1/N and the filter ~ 1, slow modes included."""
+        _log_uniform_(self.log_rate, 1e-4, 1.0, log=True)
+        _log_uniform_(self.theta, 1e-3, math.pi, log=False)
+        modulus_sq = torch.exp(-2 * self.log_rate.double().exp())  # |p|^2
+        scale = ((1 - modulus_sq) / self.cfg.state_size).sqrt()  # per real/imag part
+        for part in (self.residue_re, self.residue_im):
+            nn.init.normal_(part)
+            part.mul_(scale.to(part.dtype))
+
+
+def _log_uniform_(param: torch.Tensor, low: float, high: float, log: bool) -> None:
+    """Fill with values log-uniform in [low, high]; with log=True store their logarithm."""
+    values = torch.empty_like(param, dtype=torch.float64).uniform_(math.log(low),
+                                                                    math.log(high))
+    param.copy_(values if log else values.exp())

@@ -1,0 +1,214 @@
+"""`retention`: RetNet multi-scale retention (Sun et al., 2023, arXiv:2307.08621, sec. 2.2).
+
+    q, k = RoPE(x W_Q), RoPE(x W_K) / sqrt(Dk)        [B, T, H, Dk]   (the paper's e^{i n theta})
+    v, g = x W_V, x W_G                                [B, T, H, Dv], [B, T, H Dv]
+    o    = Retention_gamma_h(q, k, v) per head h       [B, T, H, Dv]   (eq. 5-7)
+    y    = (silu(g) * GroupNorm_H(o)) W_O              [B, T, D]       (eq. 8-9)
+
+Multi-scale decays: head h uses gamma_h = 1 - 2^(-e_h). The paper sets e_h = 5 + h; that
+stops decaying in float32 for h >= 19 (1 - 2^-24 is the last float32 below 1), and with 32
+heads the slowest heads would in effect never forget. So the exponents follow the paper
+while 5 + (H - 1) <= `max_decay_exponent` (default 20: every head count the paper trains,
+up to 16) and are spread evenly over [5, max_decay_exponent] beyond. The LOG decays are
+computed from the config in float64 (log1p(-2^-e)) and kept as Python floats, not as a
+tensor: nothing to lose in meta-device construction, nothing for `.to(bf16)` to round.
+
+Training runs the form named by `form` (chunkwise by default); decoding keeps the state
+S [B, H, Dk, Dv] in promote_types(dtype, float32) plus the position for the rotation:
+`prefill` runs the chunkwise form from that state, `step` the recurrent form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stripes.arch.attention import RopeConfig
+from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
+from stripes.arch.packing import per_document
+from stripes.arch.registry import register_mixer
+from stripes.arch.retention_forms import (
+    TRAINING_FORMS,
+    retention_chunkwise,
+    retention_recurrent,
+)
+from stripes.arch.rope import apply_rope, rope_angles
+from stripes.core.config import ConfigError
+
+FASTEST_DECAY_EXPONENT = 5.0  # gamma = 1 - 2^-5 for head 0 (paper)
+# A one-step decay 1 - 2^-e must stay visible to a float32 state (relative spacing 2^-24 ..
+# 2^-23); e <= 20 keeps it at least 8 float32 steps below 1.
+SLOWEST_ALLOWED_EXPONENT = 20.0
+
+
+@dataclass
+class RetentionConfig(MixerConfig):
+    n_heads: int = 8
+    chunk_size: int = 64  # tokens per chunk of the chunkwise form
+    value_factor: float = 2.0  # value and gate width = value_factor * d_model (paper: 2)
+    form: str = "chunkwise"  # training form: one of TRAINING_FORMS
+    max_decay_exponent: float = 20.0  # slowest head decays by 1 - 2^-max at most
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    norm_eps: float = 1e-5  # of the per-head GroupNorm
+
+    def value_dim(self, d_model: int) -> int:
+        return round(self.value_factor * d_model)
+
+    def validate(self, d_model: int, key: str) -> None:
+        if self.n_heads <= 0 or d_model % self.n_heads:
+            raise ConfigError(f"{key}.n_heads", self.n_heads, f"a divisor of d_model={d_model}",
+                              "n_heads must divide d_model")
+        if (d_model // self.n_heads) % 2:
+            raise ConfigError(f"{key}.n_heads", self.n_heads, "a key head size d_model/n_heads "
+                              "that is even", "the rotation turns pairs of channels")
+        width = self.value_factor * d_model
+        if self.value_factor <= 0 or width != round(width) or round(width) % self.n_heads:
+            raise ConfigError(f"{key}.value_factor", self.value_factor,
+                              f"a positive number with value_factor * d_model a multiple of "
+                              f"n_heads={self.n_heads}", "values are split evenly into heads")
+        if self.chunk_size <= 0:
+            raise ConfigError(f"{key}.chunk_size", self.chunk_size, "a positive integer")
+        if self.form not in TRAINING_FORMS:
+            raise ConfigError(f"{key}.form", self.form, ", ".join(TRAINING_FORMS),
+                              "unknown training form")
+        if not FASTEST_DECAY_EXPONENT <= self.max_decay_exponent <= SLOWEST_ALLOWED_EXPONENT:
+            raise ConfigError(f"{key}.max_decay_exponent", self.max_decay_exponent,
+                              f"a number in [{FASTEST_DECAY_EXPONENT:g}, "
+                              f"{SLOWEST_ALLOWED_EXPONENT:g}]",
+                              "slower decays are lost in a float32 state")
+        if self.rope.theta <= 0:
+            raise ConfigError(f"{key}.rope.theta", self.rope.theta, "a positive number")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"{key}.norm_eps", self.norm_eps, "a positive number")
+
+
+def log_decays(n_heads: int, max_exponent: float) -> tuple[float, ...]:
+    """log gamma_h = log(1 - 2^-e_h) in float64 for h in [0, H): e_h = 5 + h (paper), with the
+    step shrunk below 1 when that would pass `max_exponent`. Every value is < 0."""
+    span = max_exponent - FASTEST_DECAY_EXPONENT
+    step = 1.0 if n_heads == 1 else min(1.0, span / (n_heads - 1))
+    return tuple(math.log1p(-(2.0 ** -(FASTEST_DECAY_EXPONENT + h * step)))
+                 for h in range(n_heads))
+
+
+@dataclass
+class RetentionState:
+    memory: torch.Tensor  # [B, H, Dk, Dv] S_t in promote_types(dtype, float32)
+    length: int = 0  # tokens seen so far = position of the next token (for the rotation)
+
+
+@register_mixer("retention", RetentionConfig)
+class Retention(Mixer):
+    """Multi-scale retention. x: [B, T, D] -> [B, T, D]; heads [B, T, H, Dk] (q, k) and
+    [B, T, H, Dv] (v), Dk = D / H, Dv = value_factor * D / H."""
+
+    cfg: RetentionConfig
+    fp32_params = ("norm_weight",)
+    no_decay_params = ("norm_weight",)
+
+    def __init__(self, d_model: int, cfg: RetentionConfig) -> None:
+        super().__init__(d_model, cfg)
+        self.n_heads = cfg.n_heads
+        self.value_dim = cfg.value_dim(d_model)
+        self.head_dim, self.head_value_dim = d_model // cfg.n_heads, self.value_dim // cfg.n_heads
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
+        self.norm_weight = nn.Parameter(torch.empty(self.value_dim))  # GroupNorm, per channel
+        self.log_decay = log_decays(cfg.n_heads, cfg.max_decay_exponent)  # H float64 floats
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        super().init_weights(std, out_std)
+        nn.init.ones_(self.norm_weight)
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if doc_ids is not None:  # each packed document starts from an empty state
+            return per_document(self._forward, x, doc_ids)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D], one document per row -> [B, T, D]."""
+        q, k, v, g = self._project(x, torch.arange(x.shape[1], device=x.device))
+        o = TRAINING_FORMS[self.cfg.form].run(q, k, v, self._log_decay(q), self.cfg.chunk_size)
+        return self._output(o, g)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x: [B, T, D] at `positions` [T] -> q, k [B, T, H, Dk], v [B, T, H, Dv], gate g
+        [B, T, H*Dv]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_value_dim)
+        rope_dtype = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
+        # The paper scales k by Dk^-1/2 (eq. 5); rotation keeps norms, so order is immaterial.
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin) * self.head_dim ** -0.5
+        return q, k, v, self.g_proj(x)
+
+    def _log_decay(self, like: torch.Tensor) -> torch.Tensor:
+        """[H] log decays in promote_types(dtype, float32), built from the float64 floats."""
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return torch.tensor(self.log_decay, dtype=dtype, device=like.device)
+
+    def _output(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """o: [B, T, H, Dv] retention; g: [B, T, H Dv] gate -> [B, T, D] (eq. 8-9)."""
+        B, T, H, Dv = o.shape
+        compute = torch.promote_types(o.dtype, torch.float32)
+        # GroupNorm with one group per head normalises each head's Dv vector, in float32.
+        flat = o.to(compute).reshape(B * T, H * Dv)  # [B*T, H*Dv]: group_norm's [N, C]
+        normed = F.group_norm(flat, H, self.norm_weight.to(compute), None, self.cfg.norm_eps)
+        gated = F.silu(g.to(compute)) * normed.view(B, T, H * Dv)  # swish gate (eq. 9)
+        return self.out_proj(gated.to(g.dtype))
+
+    # -- decoding ---------------------------------------------------------------------------
+    def allocate_state(self, batch_size, max_len, device, dtype) -> RetentionState:
+        """The state is [B, H, Dk, Dv] whatever max_len is: retention decodes in O(1) memory."""
+        shape = (batch_size, self.n_heads, self.head_dim, self.head_value_dim)
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        return RetentionState(torch.zeros(shape, device=device, dtype=state_dtype))
+
+    def prefill(self, x: torch.Tensor, state: RetentionState) -> torch.Tensor:
+        """x: [B, T, D]: the chunkwise form continuing from `state` (fresh or filled)."""
+        return self._decode(x, state, partial(retention_chunkwise,
+                                              chunk_size=self.cfg.chunk_size))
+
+    def step(self, x: torch.Tensor, state: RetentionState) -> torch.Tensor:
+        """x: [B, 1, D]: one recurrent update (eq. 6)."""
+        if x.shape[1] != 1:
+            raise ValueError(f"retention.step takes one token, got x of shape {tuple(x.shape)}")
+        return self._decode(x, state, retention_recurrent)
+
+    def _decode(self, x: torch.Tensor, state: RetentionState, form: Callable) -> torch.Tensor:
+        """x: [B, T, D] at the positions after `state.length`; `form` continues the state."""
+        T = x.shape[1]
+        positions = torch.arange(state.length, state.length + T, device=x.device)
+        q, k, v, g = self._project(x, positions)
+        o, memory = form(q, k, v, self._log_decay(q), initial_state=state.memory,
+                         return_state=True)
+        state.memory.copy_(memory)
+        state.length += T
+        return self._output(o, g)
+
+    # -- accounting -------------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections (q, k, v, gate, out) plus the training form's matmuls at `seq_len`:
+        chunkwise counts the dense C x C inside-chunk Q K^T and scores @ V, q R and K^T V
+        amortised per token; parallel the dense T x T products. Elementwise work (decays,
+        GroupNorm, gate) is not counted."""
+        proj = linear_flops(self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj)
+        form = TRAINING_FORMS[self.cfg.form]
+        per_head = form.flops(seq_len, self.cfg.chunk_size, self.head_dim, self.head_value_dim)
+        return proj + self.n_heads * per_head
+
+    def state_bytes(self, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+        elems = batch_size * self.n_heads * self.head_dim * self.head_value_dim
+        return elems * torch.promote_types(dtype, torch.float32).itemsize
