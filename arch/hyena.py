@@ -274,7 +274,7 @@ class HyenaMR(_ExplicitHyena):
         s_g^-2 = sum_t exp(-2 a_g t): expected energy 1 after the decay."""
         L = self.cfg.filter_len
         self.log_decay.copy_(torch.linspace(0.0, -math.log(L), self.groups))
-        t = torch.arange(L, dtype=torch.float64)
+        t = torch.arange(L, dtype=torch.float64, device=self.log_decay.device)
         decay = self.log_decay.double().exp()[:, None]  # [G, 1]
         scale = torch.exp(-2 * decay * t).sum(1, keepdim=True).rsqrt()  # [G, 1]
         nn.init.normal_(self.filter_taps)
