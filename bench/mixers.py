@@ -16,7 +16,7 @@ import json
 import torch
 from triton.testing import do_bench
 
-from stripes.arch import ModelConfig
+from stripes.arch import ModelConfig, get_mixer
 
 D = 2048
 SETTINGS = {
@@ -32,8 +32,6 @@ SETTINGS = {
 def mixers() -> dict[str, torch.nn.Module]:
     cfg = ModelConfig(d_model=D, n_layers=len(SETTINGS), vocab_size=32000,
                       stripes=list(SETTINGS), mixers=SETTINGS)
-    from stripes.arch.registry import get_mixer
-
     built = {}
     for spec in cfg.expand():
         module = get_mixer(spec.kind).module(D, spec.mixer).cuda()
