@@ -22,8 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_starts
 from stripes.arch.registry import register_mixer
-from stripes.arch.rope import apply_rope, rope_angles
-from stripes.core.config import ConfigError
+from stripes.arch.rope import RopeConfig, apply_rope, rope_angles
+from stripes.core.config import ConfigError, require_positive
 from stripes.core.log import note_once
 
 # Backends tried in order under `auto` on CUDA; on CPU PyTorch picks its own kernel.
@@ -36,11 +36,10 @@ _SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 BACKENDS = ("auto", *_SDPA_BACKENDS, "flash_attn")
-
-
-@dataclass
-class RopeConfig:
-    theta: float = 10000.0
+# Backends that run every call. The others (cuDNN and flash SDPA take no explicit mask, and
+# cuDNN rejects one-query GQA decoding; flash-attn is wired for training) serve unmasked
+# training calls, and their masked or decoding calls go to `auto`, said once in the log.
+_RUN_EVERYTHING = ("auto", "efficient", "math")
 
 
 @dataclass
@@ -71,8 +70,9 @@ class AttnConfig(MixerConfig):
             raise ConfigError(f"{key}.window", self.window, "a positive number of tokens or null")
         if self.backend not in BACKENDS:
             raise ConfigError(f"{key}.backend", self.backend, ", ".join(BACKENDS))
-        if self.rope.theta <= 0:
-            raise ConfigError(f"{key}.rope.theta", self.rope.theta, "a positive number")
+        if self.backend == "flash_attn":
+            _require_flash_attn(f"{key}.backend")
+        require_positive(f"{key}.rope.theta", self.rope.theta)
 
 
 @dataclass
@@ -97,8 +97,6 @@ class Attention(Mixer):
         self.k_proj = nn.Linear(d_model, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d_model, kv_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        if cfg.backend == "flash_attn":
-            _require_flash_attn()
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,16 +125,22 @@ class Attention(Mixer):
         cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _sdpa(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    def _sdpa(self, q, k, v, mask: torch.Tensor | None, causal: bool,
+              decoding: bool = False) -> torch.Tensor:
         """q: [B, Tq, H, Dh], k/v: [B, Tk, H_kv, Dh], mask: bool, True = may attend."""
+        backend = self.cfg.backend
+        if backend not in _RUN_EVERYTHING and (mask is not None or decoding):
+            note_once(f"attn: backend {backend} runs unmasked training calls; masked and "
+                      "decoding calls use auto")
+            backend = "auto"
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, Dh]
         gqa = self.n_kv_heads != self.n_heads
-        if gqa and (mask is not None or self.cfg.backend == "efficient"):
+        if gqa and (mask is not None or backend == "efficient"):
             # The memory-efficient kernel, the fused one that takes masks, rejects
             # `enable_gqa` (PyTorch 2.11, H100): give it K/V at the full head count.
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
             gqa = False
-        with _backend_context(self.cfg.backend, q.device):
+        with _backend_context(backend, q.device):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=gqa)
         return y.transpose(1, 2)  # [B, Tq, H, Dh]
@@ -151,15 +155,18 @@ class Attention(Mixer):
         """Extend the cache by T tokens (a prompt, or a further chunk of one)."""
         B, T, _ = x.shape
         slots, start = state.k.shape[1], state.length
-        if self.cfg.window is None and start + T > slots:
+        if self._ring_too_small(slots) and start + T > slots:
             raise ValueError(f"attn: decoding past the cache of {slots} tokens (max_len)")
         q_pos = torch.arange(start, start + T, device=x.device)
         q, k, v = self._qkv(x, q_pos)
         cached_pos = torch.arange(max(0, start - slots), start, device=x.device)
         k_all = torch.cat((state.k[:, cached_pos % slots], k), dim=1)  # [B, Tk, H_kv, Dh]
         v_all = torch.cat((state.v[:, cached_pos % slots], v), dim=1)
-        mask = _causal_mask(q_pos, torch.cat((cached_pos, q_pos)), self.cfg.window)
-        y = self._sdpa(q, k_all, v_all, mask, causal=False)
+        if start == 0 and (self.cfg.window is None or self.cfg.window >= T):
+            y = self._sdpa(q, k, v, None, causal=True, decoding=True)  # a fresh prompt
+        else:
+            mask = _causal_mask(q_pos, torch.cat((cached_pos, q_pos)), self.cfg.window)
+            y = self._sdpa(q, k_all, v_all, mask, causal=False, decoding=True)
         keep = q_pos[-slots:]  # only the newest `slots` positions survive in the ring
         state.k[:, keep % slots] = k[:, -slots:].to(state.k.dtype)
         state.v[:, keep % slots] = v[:, -slots:].to(state.v.dtype)
@@ -171,17 +178,22 @@ class Attention(Mixer):
         if T != 1:
             raise ValueError(f"attn.step takes one token, got x of shape {tuple(x.shape)}")
         slots, pos = state.k.shape[1], state.length
-        if self.cfg.window is None and pos >= slots:
+        if self._ring_too_small(slots) and pos >= slots:
             raise ValueError(f"attn: decoding past the cache of {slots} tokens (max_len)")
         q, k, v = self._qkv(x, torch.tensor([pos], device=x.device))
         state.k[:, pos % slots] = k[:, 0].to(state.k.dtype)
         state.v[:, pos % slots] = v[:, 0].to(state.v.dtype)
         state.length = pos + 1
         filled = min(pos + 1, slots)  # every filled slot lies inside the window
-        y = self._sdpa(q, state.k[:, :filled], state.v[:, :filled], None, causal=False)
+        y = self._sdpa(q, state.k[:, :filled], state.v[:, :filled], None, causal=False,
+                       decoding=True)
         return self.out_proj(y.reshape(B, 1, self.d_model))
 
     # -- accounting -------------------------------------------------------------------------
+    def _ring_too_small(self, slots: int) -> bool:
+        """True when the cache cannot wrap: no window, or fewer slots (max_len) than it."""
+        return self.cfg.window is None or slots < self.cfg.window
+
     def _cache_slots(self, max_len: int) -> int:
         return max_len if self.cfg.window is None else min(max_len, self.cfg.window)
 
@@ -214,11 +226,11 @@ def _backend_context(backend: str, device: torch.device):
     return sdpa_kernel(_SDPA_BACKENDS[backend])
 
 
-def _require_flash_attn() -> None:
+def _require_flash_attn(key: str) -> None:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        raise ConfigError("model.mixers.attn.backend", "flash_attn",
+        raise ConfigError(key, "flash_attn",
                           ", ".join(b for b in BACKENDS if b != "flash_attn")
                           + " (or install the extra: pip install 'stripes[flash]')",
                           "flash-attn is not installed") from None

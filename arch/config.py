@@ -23,11 +23,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from stripes.arch.mixer import MixerConfig
 from stripes.arch.registry import get_mixer, import_plugins, known_kinds
-from stripes.core.config import ConfigError, to_typed
+from stripes.core.config import ConfigError, require_positive, to_typed
 
 MLP_KINDS = ("swiglu", "gelu", "none")
 
@@ -48,12 +48,12 @@ class MLPConfig:
     def validate(self, key: str) -> None:
         if self.kind not in MLP_KINDS:
             raise ConfigError(f"{key}.kind", self.kind, ", ".join(MLP_KINDS), "unknown MLP kind")
-        if self.hidden is not None and self.hidden <= 0:
-            raise ConfigError(f"{key}.hidden", self.hidden, "a positive integer")
-        if self.hidden_mult <= 0:
-            raise ConfigError(f"{key}.hidden_mult", self.hidden_mult, "a positive number")
-        if self.multiple_of <= 0:
-            raise ConfigError(f"{key}.multiple_of", self.multiple_of, "a positive integer")
+        if self.hidden is not None:
+            require_positive(f"{key}.hidden", self.hidden, integer=True)
+        require_positive(f"{key}.hidden_mult", self.hidden_mult)
+        if self.hidden_mult > 1e4:
+            raise ConfigError(f"{key}.hidden_mult", self.hidden_mult, "at most 1e4")
+        require_positive(f"{key}.multiple_of", self.multiple_of, integer=True)
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,9 @@ class ModelConfig:
         """Validate the whole config and return one LayerSpec per layer."""
         import_plugins(self.plugins, f"{key}.plugins")
         for name in ("d_model", "n_layers", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{key}.{name}", getattr(self, name), "a positive integer")
+            require_positive(f"{key}.{name}", getattr(self, name), integer=True)
         for name in ("norm_eps", "init_std"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{key}.{name}", getattr(self, name), "a positive number")
+            require_positive(f"{key}.{name}", getattr(self, name))
         if not self.stripes:
             raise ConfigError(f"{key}.stripes", [], "a non-empty list of mixer kinds: "
                               + ", ".join(known_kinds()))
@@ -99,17 +97,23 @@ class ModelConfig:
         names = [self.stripes[i % len(self.stripes)] for i in range(self.n_layers)]
         for i, name in enumerate(self.stripes):
             self._base_kind(name, f"{key}.stripes[{i}]", key)
+        overridden: dict[int, int] = {}  # layer -> the index as written
         for index, name in self.overrides.items():
             where = f"{key}.overrides.{index}"
             if not -self.n_layers <= index < self.n_layers:
                 allowed = f"layer indices -{self.n_layers}..{self.n_layers - 1}"
                 raise ConfigError(where, name, allowed, "override index out of range")
+            layer = index % self.n_layers
+            if layer in overridden:
+                raise ConfigError(where, name, "one override per layer",
+                                  f"layer {layer} is also overridden as {overridden[layer]}")
+            overridden[layer] = index
             self._base_kind(name, where, key)
-            names[index] = name
-        for name in self.mixers:  # settings for unused names must still be valid
-            self._base_kind(str(name), f"{key}.mixers.{name}", key)
+            names[layer] = name
 
-        settings = {name: self._settings(name, key) for name in sorted(set(names))}
+        # Settings of every name are checked, also of names no layer uses (yet).
+        settings = {name: self._settings(name, key)
+                    for name in sorted(set(names) | {str(n) for n in self.mixers})}
         return [LayerSpec(i, name, *settings[name]) for i, name in enumerate(names)]
 
     def _base_kind(self, name: str, where: str, key: str) -> str:
@@ -135,10 +139,12 @@ class ModelConfig:
         mlp_raw = raw.pop("mlp", None) or {}
         if isinstance(mlp_raw, str):  # shorthand: `mlp: none` or `mlp: gelu`
             mlp_raw = {"kind": mlp_raw}
+        if not isinstance(mlp_raw, dict):
+            raise ConfigError(f"{where}.mlp", mlp_raw, "a mapping of MLP settings or a kind: "
+                              + ", ".join(MLP_KINDS))
         mixer_cfg = to_typed(get_mixer(kind).config, raw, prefix=where)
         mixer_cfg.validate(self.d_model, where)
-        mlp = to_typed(MLPConfig, OmegaConf.merge(dataclasses.asdict(self.mlp), mlp_raw),
-                       prefix=f"{where}.mlp")
+        mlp = to_typed(MLPConfig, dataclasses.asdict(self.mlp), mlp_raw, prefix=f"{where}.mlp")
         mlp.validate(f"{where}.mlp")
         return kind, mixer_cfg, mlp
 

@@ -13,7 +13,7 @@ from stripes.arch.config import MLPConfig
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (Zhang & Sennrich, 2019)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, in at least float32 (Zhang & Sennrich, 2019)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -21,7 +21,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        compute = torch.promote_types(x.dtype, torch.float32)  # float64 models stay float64
+        y = F.rms_norm(x.to(compute), (x.shape[-1],), self.weight.to(compute), self.eps)
         return y.to(x.dtype)
 
     def init_weights(self) -> None:

@@ -29,7 +29,7 @@ from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import per_document
 from stripes.arch.registry import register_mixer
 from stripes.arch.ssd import ssd_chunked, ssd_scan
-from stripes.core.config import ConfigError
+from stripes.core.config import ConfigError, require_positive
 
 
 @dataclass
@@ -50,8 +50,9 @@ class Mamba2Config(MixerConfig):
 
     def validate(self, d_model: int, key: str) -> None:
         for name in ("d_state", "expand", "head_dim", "n_groups", "d_conv", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{key}.{name}", getattr(self, name), "a positive integer")
+            require_positive(f"{key}.{name}", getattr(self, name), integer=True)
+        for name in ("dt_min", "dt_max", "dt_init_floor", "A_init_min", "A_init_max", "norm_eps"):
+            require_positive(f"{key}.{name}", getattr(self, name))
         d_inner = self.expand * d_model
         if d_inner % self.head_dim:
             raise ConfigError(f"{key}.head_dim", self.head_dim,
@@ -62,21 +63,14 @@ class Mamba2Config(MixerConfig):
             raise ConfigError(f"{key}.n_groups", self.n_groups,
                               f"a divisor of the number of heads {n_heads}",
                               "each group of B and C serves the same number of heads")
-        if self.dt_min <= 0:
-            raise ConfigError(f"{key}.dt_min", self.dt_min, "a positive number")
         if self.dt_max <= self.dt_min:
             raise ConfigError(f"{key}.dt_max", self.dt_max, f"a number > dt_min={self.dt_min}")
         if not 0 < self.dt_init_floor <= self.dt_max:
             raise ConfigError(f"{key}.dt_init_floor", self.dt_init_floor,
                               f"a number in (0, dt_max={self.dt_max}]")
-        if self.A_init_min <= 0:
-            raise ConfigError(f"{key}.A_init_min", self.A_init_min, "a positive number",
-                              "A = -exp(A_log) must start negative (a decaying state)")
         if self.A_init_max < self.A_init_min:
             raise ConfigError(f"{key}.A_init_max", self.A_init_max,
                               f"a number >= A_init_min={self.A_init_min}")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"{key}.norm_eps", self.norm_eps, "a positive number")
 
 
 @dataclass

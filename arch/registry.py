@@ -69,8 +69,9 @@ def import_plugins(modules: list[str], key: str) -> None:
     for i, name in enumerate(modules):
         try:
             importlib.import_module(name)
-        except ImportError as err:
-            raise ConfigError(f"{key}[{i}]", name, "an importable module", str(err)) from None
+        except Exception as err:  # any failure in user code: name the module, keep one line
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            raise ConfigError(f"{key}[{i}]", name, "an importable module", problem) from None
 
 
 def _load_builtins() -> None:

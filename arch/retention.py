@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stripes.arch.attention import RopeConfig
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import per_document
 from stripes.arch.registry import register_mixer
@@ -38,8 +37,8 @@ from stripes.arch.retention_forms import (
     retention_chunkwise,
     retention_recurrent,
 )
-from stripes.arch.rope import apply_rope, rope_angles
-from stripes.core.config import ConfigError
+from stripes.arch.rope import RopeConfig, apply_rope, rope_angles
+from stripes.core.config import ConfigError, require_positive
 
 FASTEST_DECAY_EXPONENT = 5.0  # gamma = 1 - 2^-5 for head 0 (paper)
 # A one-step decay 1 - 2^-e must stay visible to a float32 state (relative spacing 2^-24 ..
@@ -67,6 +66,7 @@ class RetentionConfig(MixerConfig):
         if (d_model // self.n_heads) % 2:
             raise ConfigError(f"{key}.n_heads", self.n_heads, "a key head size d_model/n_heads "
                               "that is even", "the rotation turns pairs of channels")
+        require_positive(f"{key}.value_factor", self.value_factor)
         width = self.value_factor * d_model
         if self.value_factor <= 0 or width != round(width) or round(width) % self.n_heads:
             raise ConfigError(f"{key}.value_factor", self.value_factor,
@@ -82,10 +82,8 @@ class RetentionConfig(MixerConfig):
                               f"a number in [{FASTEST_DECAY_EXPONENT:g}, "
                               f"{SLOWEST_ALLOWED_EXPONENT:g}]",
                               "slower decays are lost in a float32 state")
-        if self.rope.theta <= 0:
-            raise ConfigError(f"{key}.rope.theta", self.rope.theta, "a positive number")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"{key}.norm_eps", self.norm_eps, "a positive number")
+        require_positive(f"{key}.rope.theta", self.rope.theta)
+        require_positive(f"{key}.norm_eps", self.norm_eps)
 
 
 def log_decays(n_heads: int, max_exponent: float) -> tuple[float, ...]:

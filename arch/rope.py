@@ -9,7 +9,14 @@ rotation runs in at least float32: nothing depends on a maximum length stored in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0  # base of the frequencies theta^(-2i/Dh)
 
 
 def inv_frequencies(head_dim: int, theta: float,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +46,13 @@ class ConfigError(ValueError):
 _NO_VALUE = object()
 
 
+def require_positive(key: str, value: float, integer: bool = False) -> None:
+    """Raise unless `value` is a finite number > 0 (NaN and inf fail too)."""
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(key, value, "a positive integer" if integer else
+                          "a positive finite number")
+
+
 def missing_key(key: str, allowed: str) -> ConfigError:
     """Error for a required key that was not given."""
     return ConfigError(key, _NO_VALUE, allowed, "is required but missing")
@@ -55,18 +64,14 @@ def load_config(schema: type[T], path: str | Path | None, overrides: Sequence[st
     if path is not None:
         layers.append(_read_yaml(Path(path)))
     layers.append(_parse_overrides(overrides))
-    try:
-        data = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as err:
-        raise ConfigError("command line", list(overrides), "overrides that fit the YAML file",
-                          str(err).splitlines()[0]) from None
-    return to_typed(schema, data, prefix="")
+    return to_typed(schema, *layers, prefix="")
 
 
-def to_typed(schema: type[T], data: Any, prefix: str) -> T:
-    """Merge `data` onto `schema`, resolve it and instantiate it; errors name `prefix.key`."""
+def to_typed(schema: type[T], *data: Any, prefix: str) -> T:
+    """Merge each of `data` in turn onto `schema`, resolve the result and instantiate it;
+    errors name `prefix.key`."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *data)
         OmegaConf.resolve(merged)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
@@ -101,8 +106,25 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
                 "command line", item, "key=value pairs such as model.n_layers=4",
                 "not a key=value override",
             )
+    # Built by hand rather than by OmegaConf.from_dotlist so that integer path segments stay
+    # integers: `model.overrides.3=mamba` must address the int-keyed layer map.
+    tree: dict = {}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        parts = [int(p) if re.fullmatch(r"-?\d+", p) else p for p in key.split(".")]
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "invalid YAML"
+            raise ConfigError(key, text, "a YAML value", problem) from None
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, text, "one value per key", "conflicts with an override")
+        node[parts[-1]] = value
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.create(tree)
     except OmegaConfBaseException as err:
         raise ConfigError("command line", list(overrides), "key=value pairs", str(err)) from None
 

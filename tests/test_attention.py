@@ -90,6 +90,16 @@ def test_causal():
     assert not torch.allclose(y[:, 8:], y2[:, 8:])
 
 
+def test_ring_smaller_than_window_refuses_to_wrap():
+    attn = make(window=8)
+    state = attn.allocate_state(1, 4, torch.device("cpu"), torch.float64)  # 4 slots < window
+    x = torch.randn(1, 5, D, dtype=torch.float64)
+    attn.prefill(x[:, :3], state)
+    attn.step(x[:, 3:4], state)
+    with pytest.raises(ValueError, match="past the cache of 4"):
+        attn.step(x[:, 4:5], state)
+
+
 def test_explicit_math_backend_matches_auto():
     attn = make()
     x = torch.randn(2, 10, D, dtype=torch.float64)
@@ -108,7 +118,6 @@ def test_flops_count_attended_keys(window):
 
 
 def test_flash_attn_backend_without_package_is_a_config_error():
-    pytest.importorskip("torch")
     try:
         import flash_attn  # noqa: F401
     except ImportError:

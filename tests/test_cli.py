@@ -53,7 +53,7 @@ def test_inspect_transformer_1b_matches_analytic_count(capsys, monkeypatch):
     d, layers, vocab, ffn, kv = 2048, 16, 32000, 5632, 512
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d  # q,o + k,v + SwiGLU + 2 norms
     analytic = layers * per_layer + 2 * vocab * d + d  # + embed, head, final norm
-    assert abs(total_params(out.stdout) - analytic) / analytic < 0.01
+    assert total_params(out.stdout) == analytic  # the issue asks 1%; it is exact
 
 
 def test_inspect_applies_overrides(capsys):

@@ -72,6 +72,19 @@ def test_command_line_override_and_interpolation(tmp_path):
         (["model.vocab_size=${model.nothing}"], "model.vocab_size", "interpolation"),
         (["model.plugins=[no_such_module_xyz]"], "model.plugins[0]", "importable"),
         (["model.n_layers"], "command line", "key=value"),
+        (["model.overrides={-1: attn, 6: mamba}"], "model.overrides.6", "also overridden"),
+        (["model.norm_eps=nan"], "model.norm_eps", "finite"),
+        (["model.init_std=inf"], "model.init_std", "finite"),
+        (["model.mlp.hidden_mult=1e308"], "model.mlp.hidden_mult", "at most"),
+        (["model.mixers.mamba.mlp=5"], "model.mixers.mamba.mlp", "mapping"),
+        (["model.mixers.mamba.dt_min=nan"], "model.mixers.mamba.dt_min", "finite"),
+        (["model.mixers.retention.value_factor=nan"], "model.mixers.retention.value_factor",
+         "finite"),
+        (["model.mixers.attn.rope.theta=inf"], "model.mixers.attn.rope.theta", "finite"),
+        (["model.plugins=['']"], "model.plugins[0]", "importable"),
+        # settings of a name no layer uses are still checked
+        (["model.stripes=[attn]", "model.overrides={}", "model.mixers.retention.n_heads=5"],
+         "model.mixers.retention.n_heads", "divisor"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, key, hint):
@@ -81,6 +94,11 @@ def test_bad_config_is_one_line_naming_the_key(overrides, key, hint):
     assert "\n" not in message
     assert message.startswith(key), message
     assert hint in message, message
+
+
+def test_dotted_override_of_an_integer_keyed_map():
+    specs = load("model.overrides.2=retention").expand()
+    assert specs[2].name == "retention" and specs[-1].name == "attn_local"
 
 
 def test_missing_required_key(tmp_path):

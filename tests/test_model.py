@@ -57,7 +57,7 @@ def test_causal(tiny_cfg):
     changed = ids.clone()
     changed[:, 25:] = (changed[:, 25:] + 1) % tiny_cfg.vocab_size
     a, b = model(ids), model(changed)
-    assert torch.equal(a[:, :25], b[:, :25])
+    assert rel_error(a[:, :25], b[:, :25]) < 1e-14  # FFT convolutions mix in rounding only
     assert not torch.allclose(a[:, 25:], b[:, 25:])
 
 
@@ -75,9 +75,13 @@ def test_meta_build_then_init(tiny_cfg):
         model = StripedLM(tiny_cfg)
     assert all(p.is_meta for p in model.parameters())
     model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # whatever init_weights forgets stays NaN
     torch.manual_seed(0)
     model.init_weights()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), f"{name} is not set by init_weights"
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
     attn = next(b.mixer for b in model.blocks if b.kind == "attn")
     # Residual-writing projections are depth-scaled: std / sqrt(2 * n_layers) = std / 2.83.
