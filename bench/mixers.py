@@ -14,30 +14,8 @@ import argparse
 import json
 
 import torch
+from bench_mixers_settings import D, mixers
 from triton.testing import do_bench
-
-from stripes.arch import ModelConfig, get_mixer
-
-D = 2048
-SETTINGS = {
-    "attn": {"n_heads": 16, "n_kv_heads": 4},
-    "hyena_se": {"short_len": 3, "filter_len": 7},
-    "hyena_mr": {"short_len": 3, "filter_len": 128},
-    "hyena_li": {"short_len": 3, "state_size": 16},
-    "mamba": {"d_state": 128, "expand": 2, "head_dim": 64, "chunk_size": 256},
-    "retention": {"n_heads": 8, "chunk_size": 64, "value_factor": 1},
-}
-
-
-def mixers() -> dict[str, torch.nn.Module]:
-    cfg = ModelConfig(d_model=D, n_layers=len(SETTINGS), vocab_size=32000,
-                      stripes=list(SETTINGS), mixers=SETTINGS)
-    built = {}
-    for spec in cfg.expand():
-        module = get_mixer(spec.kind).module(D, spec.mixer).cuda()
-        module.init_weights(0.02, 0.02 / 4)
-        built[spec.name] = module
-    return built
 
 
 def measure(name: str, module: torch.nn.Module, T: int, tokens: int) -> dict:
@@ -77,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
-    for name, module in mixers().items():
+    for name, module in mixers("cuda").items():
         rows += [measure(name, module, T, args.tokens) for T in args.seq]
     anchor = {r["T"]: r for r in rows if r["kind"] == "attn"}
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
