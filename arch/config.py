@@ -25,11 +25,12 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from stripes.arch.layers import MLP_CLASSES
 from stripes.arch.mixer import MixerConfig
 from stripes.arch.registry import get_mixer, import_plugins, known_kinds
 from stripes.core.config import ConfigError, require_positive, to_typed
 
-MLP_KINDS = ("swiglu", "gelu", "none")
+MLP_KINDS = tuple(MLP_CLASSES)
 
 
 @dataclass

@@ -5,11 +5,14 @@ All modules take and return activations `[B, T, D]`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stripes.arch.config import MLPConfig
+if TYPE_CHECKING:  # layers must not import the config module: it imports MLP_CLASSES from here
+    from stripes.arch.config import MLPConfig
 
 
 class RMSNorm(nn.Module):
@@ -69,10 +72,11 @@ class GeluMLP(nn.Module):
         nn.init.normal_(self.down_proj.weight, std=out_std)
 
 
-_MLP_CLASSES: dict[str, type[nn.Module] | None] = {"swiglu": SwiGLU, "gelu": GeluMLP, "none": None}
+# The MLP kinds a config may name; "none" leaves the block without an MLP.
+MLP_CLASSES: dict[str, type[nn.Module] | None] = {"swiglu": SwiGLU, "gelu": GeluMLP, "none": None}
 
 
 def build_mlp(d_model: int, cfg: MLPConfig) -> nn.Module | None:
     """The MLP a block uses, or None when its kind says `none` (kinds validated at config)."""
-    cls = _MLP_CLASSES[cfg.kind]
+    cls = MLP_CLASSES[cfg.kind]
     return None if cls is None else cls(d_model, cfg.hidden_size(d_model))
