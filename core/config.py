@@ -76,6 +76,10 @@ def to_typed(schema: type[T], *data: Any, prefix: str) -> T:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise _translate(err, schema, prefix) from None
+    except (TypeError, ValueError) as err:  # omegaconf's own, for mismatched containers
+        problem = str(err).splitlines()[0]
+        raise ConfigError(prefix or "config", _NO_VALUE, "values shaped as the schema; to "
+                          "change one item of a list, give the whole list", problem) from None
 
 
 def _read_yaml(path: Path) -> DictConfig:

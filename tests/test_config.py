@@ -72,6 +72,7 @@ def test_command_line_override_and_interpolation(tmp_path):
         (["model.vocab_size=${model.nothing}"], "model.vocab_size", "interpolation"),
         (["model.plugins=[no_such_module_xyz]"], "model.plugins[0]", "importable"),
         (["model.n_layers"], "command line", "key=value"),
+        (["model.stripes.0=attn"], "config", "whole list"),
         (["model.overrides={-1: attn, 6: mamba}"], "model.overrides.6", "also overridden"),
         (["model.norm_eps=nan"], "model.norm_eps", "finite"),
         (["model.init_std=inf"], "model.init_std", "finite"),
