@@ -27,7 +27,10 @@ test: lint
 test-gpu: setup
 	$(VENV)/bin/pytest -q -m gpu
 
+# Until the trainer lands: prepare the bundled corpus, then show the tiny hybrid's layers.
 demo: setup
+	$(VENV)/bin/stripes prepare configs/data/demo.yaml
+	$(VENV)/bin/stripes data stats runs/data/demo
 	$(VENV)/bin/stripes inspect configs/arch/tiny.yaml
 
 clean:

@@ -11,10 +11,10 @@ import logging
 import sys
 
 from stripes.core.config import ConfigError
-from stripes.launch import inspect_model
+from stripes.launch import data_cmd, inspect_model, prepare_cmd
 
 # Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "prepare, data, train, export, generate, eval, graft, launch, plot"
+_PLANNED = "train, export, generate, eval, graft, launch, plot"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     inspect_model.add_parser(sub)
+    prepare_cmd.add_parser(sub)
+    data_cmd.add_parser(sub)
     return parser
 
 
