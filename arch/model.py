@@ -25,6 +25,14 @@ from stripes.arch.config import ModelConfig
 from stripes.arch.layers import RMSNorm
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] -> mean cross-entropy over non-ignored targets, fp32.
+
+    A free function so that wrapped models (DDP calls only `forward`) share it."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                           ignore_index=ignore_index)
+
+
 @dataclass
 class DecodeState:
     """Per-layer mixer states plus the shared position counter."""
@@ -56,9 +64,7 @@ class StripedLM(nn.Module):
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor,
              doc_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy in float32; targets [B, T], `ignore_index` skipped."""
-        logits = self(input_ids, doc_ids)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=ignore_index)
+        return lm_loss(self(input_ids, doc_ids), targets, ignore_index)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)

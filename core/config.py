@@ -62,8 +62,8 @@ def load_config(schema: type[T], path: str | Path | None, overrides: Sequence[st
     """Read `path` (YAML), apply `key=value` overrides and return a typed `schema` instance."""
     layers: list[DictConfig] = []
     if path is not None:
-        layers.append(_read_yaml(Path(path)))
-    layers.append(_parse_overrides(overrides))
+        layers.append(read_yaml(Path(path)))
+    layers.append(parse_overrides(overrides))
     return to_typed(schema, *layers, prefix="")
 
 
@@ -82,7 +82,7 @@ def to_typed(schema: type[T], *data: Any, prefix: str) -> T:
                           "change one item of a list, give the whole list", problem) from None
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(str(path), _NO_VALUE, "a path to an existing YAML file", "not found")
     try:
@@ -103,7 +103,7 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(str(path), _NO_VALUE, "plain YAML values", problem) from None
 
 
-def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(

@@ -11,10 +11,10 @@ import logging
 import sys
 
 from stripes.core.config import ConfigError
-from stripes.launch import data_cmd, inspect_model, prepare_cmd
+from stripes.launch import data_cmd, inspect_model, prepare_cmd, train_cmd
 
 # Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "train, export, generate, eval, graft, launch, plot"
+_PLANNED = "export, generate, eval, graft, launch, plot"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_model.add_parser(sub)
     prepare_cmd.add_parser(sub)
     data_cmd.add_parser(sub)
+    train_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""The training config: one typed tree, loaded by `core.config.load_config`.
+
+    arch: configs/arch/tiny.yaml        # optional: a model YAML merged under `model` first
+    model: {...}                        # or inline (overrides what `arch` gave)
+    data: {seq_len: 256, sources: [{path: runs/data/demo}]}
+    steps: 200
+    global_batch_tokens: 16384          # per optimizer step, over all ranks
+    micro_batch: 8                      # sequences per forward on one rank
+    optim: {lr: 3e-3, weight_decay: 0.1}
+    schedule: {kind: cosine, warmup_steps: 20, min_lr_ratio: 0.1}
+    checkpoint: {every_steps: 100, keep_last: 2}
+    output_dir: runs/demo
+
+Derived once (`TrainConfig.batch_plan`): sequences per global batch = global_batch_tokens /
+seq_len, and gradient accumulation = that / (micro_batch x world size); each must divide
+exactly, or the config is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING
+
+from stripes.arch.config import ModelConfig
+from stripes.core.config import (
+    ConfigError,
+    parse_overrides,
+    read_yaml,
+    require_positive,
+    to_typed,
+)
+from stripes.data.loader import LoaderConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+BACKENDS = ("auto", "single", "ddp", "fsdp")
+ACTIVATION_CHECKPOINTING = ("none", "block")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings, declared params
+    fused: bool | None = None  # None: fused AdamW on CUDA, the foreach one elsewhere
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 0  # linear from 0 to lr
+    min_lr_ratio: float = 0.1  # final lr = lr x min_lr_ratio (cosine, wsd)
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    every_minutes: float | None = None  # also save when this much time passed since the last
+    keep_last: int = 3  # older complete checkpoints are deleted
+    resume: str = "auto"  # auto: from output_dir/checkpoints/latest if any; never; or a path
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"  # auto | single | ddp | fsdp
+    activation_checkpointing: str = "none"  # none | block
+    compile: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: LoaderConfig = MISSING
+    steps: int = MISSING
+    global_batch_tokens: int = MISSING
+    micro_batch: int = 1
+    output_dir: str = MISSING
+    arch: str | None = None  # model YAML merged under `model` before the rest of this file
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: str = "auto"  # bf16: autocast over float32 weights; fp32; auto: bf16 on CUDA
+    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
+    seed: int = 0
+    log_every: int = 10
+    max_bad_steps: int = 5  # halt after this many non-finite steps in a row
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def validate(self) -> None:
+        self.model.expand("model")
+        self.data.validate("data")
+        for name in ("steps", "global_batch_tokens", "micro_batch", "log_every",
+                     "max_bad_steps"):
+            require_positive(name, getattr(self, name), integer=True)
+        require_positive("optim.lr", self.optim.lr)
+        require_positive("optim.eps", self.optim.eps)
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError("optim.betas", self.optim.betas, "two numbers in [0, 1)")
+        if not 0 <= self.optim.weight_decay < 1e3:
+            raise ConfigError("optim.weight_decay", self.optim.weight_decay, "a number >= 0")
+        _choice("schedule.kind", self.schedule.kind, SCHEDULES)
+        if not 0 <= self.schedule.warmup_steps <= self.steps:
+            raise ConfigError("schedule.warmup_steps", self.schedule.warmup_steps,
+                              f"0..steps={self.steps}")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ConfigError("schedule.min_lr_ratio", self.schedule.min_lr_ratio, "0..1")
+        if not 0 < self.schedule.decay_fraction <= 1:
+            raise ConfigError("schedule.decay_fraction", self.schedule.decay_fraction,
+                              "a number in (0, 1]")
+        require_positive("checkpoint.every_steps", self.checkpoint.every_steps, integer=True)
+        require_positive("checkpoint.keep_last", self.checkpoint.keep_last, integer=True)
+        if self.checkpoint.every_minutes is not None:
+            require_positive("checkpoint.every_minutes", self.checkpoint.every_minutes)
+        _choice("parallel.backend", self.parallel.backend, BACKENDS)
+        _choice("parallel.activation_checkpointing", self.parallel.activation_checkpointing,
+                ACTIVATION_CHECKPOINTING)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.grad_clip is not None:
+            require_positive("grad_clip", self.grad_clip)
+
+    def batch_plan(self, world_size: int) -> tuple[int, int]:
+        """(sequences per global batch, gradient-accumulation steps) for `world_size` ranks."""
+        seq_len = self.data.seq_len
+        if self.global_batch_tokens % seq_len:
+            raise ConfigError("global_batch_tokens", self.global_batch_tokens,
+                              f"a multiple of data.seq_len={seq_len}")
+        sequences = self.global_batch_tokens // seq_len
+        per_step = self.micro_batch * world_size
+        if sequences % per_step:
+            raise ConfigError("global_batch_tokens", self.global_batch_tokens,
+                              f"a multiple of seq_len x micro_batch x world size = "
+                              f"{seq_len} x {self.micro_batch} x {world_size}",
+                              f"{sequences} sequences do not split into micro-batches")
+        return sequences, sequences // per_step
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a training YAML: the file named by `arch` (from the file or the command line)
+    is merged under `model` first, then the file itself, then the overrides."""
+    file_cfg, cli_cfg = read_yaml(Path(path)), parse_overrides(overrides)
+    arch = cli_cfg.get("arch", file_cfg.get("arch"))
+    layers = [{"model": read_yaml(Path(arch)).get("model", {})}] if arch else []
+    cfg = to_typed(TrainConfig, *layers, file_cfg, cli_cfg, prefix="")
+    cfg.validate()
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, ", ".join(allowed))

@@ -1,0 +1,162 @@
+"""The training loop: the same for every backend.
+
+    world = init_world()                          # torchrun env, or a world of one
+    model = StripedLM on meta -> to_empty -> init_weights (same seed on every rank)
+    step_model = parallelize(model, ...)          # AC -> compile -> DDP/FSDP (train/parallel.py)
+    optimizer = AdamW(param groups)               # after wrapping: FSDP2 swaps parameters
+    resume from checkpoints/latest if any         # model, optimizer, loader, RNG, step
+    for step: lr(step) -> micro-batches (fwd, loss / accum, bwd) -> clip -> guard -> step
+
+A step whose loss or gradient norm is not finite is skipped (no update) and counted; after
+`max_bad_steps` in a row the run halts with a clear message. Everything a step depends on
+is restored on resume (the schedule is a function of the step), so on CPU a resumed run
+reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from stripes.arch.model import StripedLM, lm_loss
+from stripes.core.log import log
+from stripes.data.loader import DataLoader, TokenDataset
+from stripes.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from stripes.train.config import TrainConfig
+from stripes.train.distributed import World, all_reduce_mean, close_world, init_world
+from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
+from stripes.train.optim import build_optimizer
+from stripes.train.parallel import parallelize, resolve_backend
+from stripes.train.schedule import apply_lr, lr_at
+
+
+class TrainingHalted(RuntimeError):
+    """Too many non-finite steps in a row: the run stops rather than train on garbage."""
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: dict[int, float]  # step -> mean loss over the global batch (this run's steps)
+    skipped_steps: int
+    last_checkpoint: Path | None
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    world = init_world(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world()
+
+
+def _train(cfg: TrainConfig, world: World) -> TrainResult:
+    run_dir = Path(cfg.output_dir)
+    sequences, accum = cfg.batch_plan(world.world_size)
+    backend = resolve_backend(cfg.parallel.backend, world)
+    # CPUs without bf16 matrix units run bf16 autocast slower than float32.
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
+
+    dataset = TokenDataset(cfg.data)  # first: bad data paths fail before any heavy work
+    torch.manual_seed(cfg.seed)  # every rank initialises the same weights
+    with torch.device("meta"):
+        model = StripedLM(cfg.model)
+    model.to_empty(device=world.device)
+    model.init_weights()
+    step_model = parallelize(model, cfg.parallel, backend, world, bf16)
+    optimizer = build_optimizer(model, cfg.optim, world.device.type)
+    loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)
+
+    start, tokens_seen, skipped = 0, 0, 0
+    checkpoint = find_checkpoint(run_dir, cfg.checkpoint.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, seed=cfg.seed)
+        start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
+        loader.load_state_dict(state["data"])
+        log.info(f"resumed from {checkpoint} at step {start}")
+
+    metrics = MetricsLogger(run_dir, cfg.steps, world.rank, device=world.device)
+    throughput = Throughput()
+    flops_fwd, peak = model.flops_per_token(cfg.data.seq_len), peak_flops(world.device)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if bf16
+                else nullcontext())
+    losses: dict[int, float] = {}
+    bad_in_a_row, last_save, saved = 0, time.monotonic(), None
+
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg.schedule, cfg.optim.lr, cfg.steps)
+        apply_lr(optimizer, lr)
+        batch = next(loader)
+        loss_sum = torch.zeros((), device=world.device)
+        for micro in range(accum):
+            rows = slice(micro * cfg.micro_batch, (micro + 1) * cfg.micro_batch)
+            sync = _no_sync(step_model) if micro < accum - 1 else nullcontext()
+            with sync, autocast:
+                logits = step_model(batch["input_ids"][rows], batch["doc_ids"][rows])
+                loss = lm_loss(logits, batch["targets"][rows]) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = _clip(model, cfg.grad_clip)
+        loss_mean = float(all_reduce_mean(loss_sum))
+        tokens_seen += cfg.global_batch_tokens
+
+        if math.isfinite(loss_mean) and math.isfinite(grad_norm):
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            skipped += 1
+            metrics.log_event("bad_step", step=step, loss=loss_mean, grad_norm=grad_norm,
+                              samples=[loader.samples_consumed - sequences,
+                                       loader.samples_consumed])
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingHalted(f"{bad_in_a_row} steps in a row had a non-finite loss or "
+                                     f"gradient norm (last at step {step}); see "
+                                     f"{run_dir / 'metrics.jsonl'} for the batches")
+        optimizer.zero_grad(set_to_none=True)
+        losses[step] = loss_mean
+        throughput.update(cfg.global_batch_tokens)
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            rate = throughput.tokens_per_s()
+            metrics.log(step + 1, loss=loss_mean, lr=lr, grad_norm=grad_norm,
+                        tokens_per_s=rate, tokens_seen=tokens_seen, skipped_steps=skipped,
+                        step_time_s=throughput.step_time(),
+                        mfu=mfu(rate / world.world_size, flops_fwd, peak)
+                        if rate and peak else None)
+        minutes = cfg.checkpoint.every_minutes
+        due = ((step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps
+               or (minutes is not None and time.monotonic() - last_save > 60 * minutes))
+        if due:
+            trainer_state = {"tokens_seen": tokens_seen, "skipped_steps": skipped,
+                             "data": loader.state_dict()}
+            saved = save_checkpoint(run_dir, step + 1, model, optimizer, trainer_state,
+                                    config_yaml, cfg.checkpoint.keep_last)
+            metrics.log_event("checkpoint", step=step + 1, path=str(saved))
+            last_save = time.monotonic()
+            throughput.mark()  # the save is not training time
+    metrics.close()
+    return TrainResult(cfg.steps - start, losses, skipped, saved)
+
+
+def _no_sync(step_model: torch.nn.Module):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 and a single
+    process need nothing)."""
+    no_sync = getattr(step_model, "no_sync", None)
+    return no_sync() if no_sync is not None else nullcontext()
+
+
+def _clip(model: torch.nn.Module, max_norm: float | None) -> float:
+    """Global gradient norm (clipped to `max_norm` when set); DTensor-aware under FSDP2."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
