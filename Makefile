@@ -27,11 +27,12 @@ test: lint
 test-gpu: setup
 	$(VENV)/bin/pytest -q -m gpu
 
-# Until the trainer lands: prepare the bundled corpus, then show the tiny hybrid's layers.
+# Prepare the bundled corpus, then train a small hybrid of all four mixer families on it
+# (the demo run starts afresh each time: runs/demo is replaced).
 demo: setup
 	$(VENV)/bin/stripes prepare configs/data/demo.yaml
-	$(VENV)/bin/stripes data stats runs/data/demo
-	$(VENV)/bin/stripes inspect configs/arch/tiny.yaml
+	rm -rf runs/demo
+	$(VENV)/bin/stripes train configs/train/demo.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
