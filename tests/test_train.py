@@ -144,6 +144,15 @@ def test_missing_data_is_one_line(tmp_path):
     assert out.stderr.startswith("stripes train: error:") and "nowhere" in out.stderr
 
 
+def test_unwritable_output_dir_is_one_line(tmp_path, demo_data):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = run(train_cmd(blocker / "run", demo_data))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("stripes train: error: output_dir=")
+    assert blocker.read_text() == "not a directory"  # nothing lost
+
+
 def test_non_finite_steps_halt_the_run(tmp_path, demo_data):
     out = run(train_cmd(tmp_path / "run", demo_data, "optim.lr=1e30", "max_bad_steps=2",
                         "schedule.warmup_steps=0", "grad_clip=null"))

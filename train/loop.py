@@ -16,6 +16,7 @@ reproduces the uninterrupted run's losses exactly.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from stripes.arch.model import StripedLM, lm_loss
+from stripes.core.config import ConfigError
 from stripes.core.log import log
 from stripes.data.loader import DataLoader, TokenDataset
 from stripes.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -63,7 +65,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     # CPUs without bf16 matrix units run bf16 autocast slower than float32.
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
 
-    dataset = TokenDataset(cfg.data)  # first: bad data paths fail before any heavy work
+    _check_writable(run_dir)  # first: bad paths fail before any heavy work
+    dataset = TokenDataset(cfg.data)
     torch.manual_seed(cfg.seed)  # every rank initialises the same weights
     with torch.device("meta"):
         model = StripedLM(cfg.model)
@@ -144,6 +147,18 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             throughput.mark()  # the save is not training time
     metrics.close()
     return TrainResult(cfg.steps - start, losses, skipped, saved)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Create `run_dir` and prove a file can be written there, or fail in one line."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError("output_dir", str(run_dir), "a directory this process can write",
+                          err.strerror or type(err).__name__) from None
 
 
 def _no_sync(step_model: torch.nn.Module):
