@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_starts
 from stripes.arch.registry import register_mixer
-from stripes.arch.rope import RopeConfig, apply_rope, rope_angles
+from stripes.arch.rope import RopeConfig, apply_rope, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
 from stripes.core.log import note_once
 
@@ -56,12 +56,7 @@ class AttnConfig(MixerConfig):
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def validate(self, d_model: int, key: str) -> None:
-        if self.n_heads <= 0 or d_model % self.n_heads:
-            raise ConfigError(f"{key}.n_heads", self.n_heads, f"a divisor of d_model={d_model}",
-                              "n_heads must divide d_model")
-        if (d_model // self.n_heads) % 2:
-            raise ConfigError(f"{key}.n_heads", self.n_heads, "a head size d_model/n_heads that "
-                              "is even", "RoPE rotates pairs of channels")
+        check_rotary_heads(f"{key}.n_heads", self.n_heads, d_model)
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ConfigError(f"{key}.n_kv_heads", self.n_kv_heads,
                               f"a divisor of n_heads={self.n_heads}",

@@ -37,7 +37,7 @@ from stripes.arch.retention_forms import (
     retention_chunkwise,
     retention_recurrent,
 )
-from stripes.arch.rope import RopeConfig, apply_rope, rope_angles
+from stripes.arch.rope import RopeConfig, apply_rope, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
 
 FASTEST_DECAY_EXPONENT = 5.0  # gamma = 1 - 2^-5 for head 0 (paper)
@@ -60,12 +60,7 @@ class RetentionConfig(MixerConfig):
         return round(self.value_factor * d_model)
 
     def validate(self, d_model: int, key: str) -> None:
-        if self.n_heads <= 0 or d_model % self.n_heads:
-            raise ConfigError(f"{key}.n_heads", self.n_heads, f"a divisor of d_model={d_model}",
-                              "n_heads must divide d_model")
-        if (d_model // self.n_heads) % 2:
-            raise ConfigError(f"{key}.n_heads", self.n_heads, "a key head size d_model/n_heads "
-                              "that is even", "the rotation turns pairs of channels")
+        check_rotary_heads(f"{key}.n_heads", self.n_heads, d_model)
         require_positive(f"{key}.value_factor", self.value_factor)
         width = self.value_factor * d_model
         if self.value_factor <= 0 or width != round(width) or round(width) % self.n_heads:

@@ -13,10 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
+from stripes.core.config import ConfigError
+
 
 @dataclass
 class RopeConfig:
     theta: float = 10000.0  # base of the frequencies theta^(-2i/Dh)
+
+
+def check_rotary_heads(key: str, n_heads: int, d_model: int) -> None:
+    """`n_heads` must split d_model into heads of even size (RoPE turns pairs of channels)."""
+    if n_heads <= 0 or d_model % n_heads:
+        raise ConfigError(key, n_heads, f"a divisor of d_model={d_model}",
+                          "heads split d_model evenly")
+    if (d_model // n_heads) % 2:
+        raise ConfigError(key, n_heads, "a head size d_model/n_heads that is even",
+                          "RoPE rotates pairs of channels")
 
 
 def inv_frequencies(head_dim: int, theta: float,
