@@ -11,10 +11,10 @@ import logging
 import sys
 
 from stripes.core.config import ConfigError
-from stripes.launch import data_cmd, inspect_model, prepare_cmd, train_cmd
+from stripes.launch import data_cmd, export_cmd, inspect_model, prepare_cmd, train_cmd
 
 # Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "export, generate, eval, graft, launch, plot"
+_PLANNED = "generate, eval, graft, launch, plot"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_cmd.add_parser(sub)
     data_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
     return parser
 
 

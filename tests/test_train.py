@@ -11,9 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from stripes.arch import StripedLM
 from stripes.core.config import ConfigError
+from stripes.train.checkpoint import load_checkpoint
 from stripes.train.config import load_train_config
+from stripes.train.export import export_checkpoint, load_exported
 
 from conftest import ROOT
 
@@ -114,6 +118,14 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, demo_data, backend,
                 "steps=4", *flat]
     done = run(torchrun, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    # The 2-rank checkpoint exports to one file holding the same weights a 1-process load gets.
+    sharded = two / "checkpoints" / "step-000004"
+    exported = load_exported(export_checkpoint(sharded, tmp_path / "export"))
+    reference = StripedLM(exported.cfg)
+    load_checkpoint(sharded, reference, optimizer=None)
+    for (name, a), b in zip(exported.state_dict().items(), reference.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
     # The 2-rank checkpoint at step 4 resumes in one process, to step 8.
     resumed = run(train_cmd(two, demo_data, *flat))
     assert resumed.returncode == 0, resumed.stderr
