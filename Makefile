@@ -33,6 +33,7 @@ demo: setup
 	$(VENV)/bin/stripes prepare configs/data/demo.yaml
 	rm -rf runs/demo
 	$(VENV)/bin/stripes train configs/train/demo.yaml
+	$(VENV)/bin/stripes generate runs/demo --prompt "HACKER, n." --max-new-tokens 48
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

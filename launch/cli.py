@@ -11,10 +11,17 @@ import logging
 import sys
 
 from stripes.core.config import ConfigError
-from stripes.launch import data_cmd, export_cmd, inspect_model, prepare_cmd, train_cmd
+from stripes.launch import (
+    data_cmd,
+    export_cmd,
+    generate_cmd,
+    inspect_model,
+    prepare_cmd,
+    train_cmd,
+)
 
 # Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "generate, eval, graft, launch, plot"
+_PLANNED = "eval, graft, launch, plot"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.add_parser(sub)
     train_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
+    generate_cmd.add_parser(sub)
     return parser
 
 

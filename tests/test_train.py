@@ -66,6 +66,11 @@ def test_loss_falls(tmp_path, demo_data):
     assert sorted(losses) == list(range(1, 25))
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
     assert last < first - 0.5, (first, last)
+    # The trained run decodes a sample through `stripes generate` (tokenizer from its data).
+    out = run([sys.executable, "-m", "stripes.launch.cli", "generate", str(tmp_path / "run"),
+               "--prompt", "LISP, n.", "--max-new-tokens", "8"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("LISP, n.") and len(out.stdout.strip()) > len("LISP, n.")
 
 
 def test_resume_after_sigkill_reproduces_losses_exactly(tmp_path, demo_data):
