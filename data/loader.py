@@ -25,6 +25,9 @@ replays nothing. A global batch at step t is samples [t*GB, (t+1)*GB) after the 
 rank r of W reads the contiguous slice [r*GB/W, (r+1)*GB/W). Every sample of a stream is seen
 exactly once per epoch of that stream, whatever the number of ranks.
 
+Held out. With `heldout: f`, the last ceil(f x windows) windows of each stream are never
+sampled for training (n_samples counts the rest); train/evaluate.py reads them by index.
+
 State. {samples_consumed (global), seed, fingerprint, components}: the same on every rank, so
 a run saved on 2 ranks resumes on 1 or 4 with the same global order. The fingerprint covers
 each directory's `Manifest.fingerprint()`, the sources, their slots per mixture block, the
@@ -44,6 +47,7 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +81,7 @@ class LoaderConfig:
     mix_block: int = 1000  # samples per mixture block: shares are exact to 1/mix_block
     verify: bool = True  # hash every shard on open (sizes are always checked)
     allow_changed_data: bool = False  # resume even if data, mixture, seq_len or seed changed
+    heldout: float = 0.0  # fraction of each source's windows, at its end, never trained on
 
     def validate(self, prefix: str = "data") -> None:
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -88,18 +93,24 @@ class LoaderConfig:
                               "a non-empty list of {path, source, weight}")
         for i, entry in enumerate(self.sources):
             require_positive(f"{prefix}.sources.{i}.weight", entry.weight)
+        if not isinstance(self.heldout, (int, float)) or not 0 <= self.heldout < 1:
+            raise ConfigError(f"{prefix}.heldout", self.heldout, "a fraction in [0, 1)")
 
 
 class _Stream:
     """One mixture component: shards read as one token sequence, plus its document starts."""
 
     def __init__(self, directory: Path, shards: list[fmt.ShardEntry], dtype: np.dtype,
-                 seq_len: int, files: _OpenFiles) -> None:
+                 seq_len: int, files: _OpenFiles, heldout: float) -> None:
         self.directory, self.dtype, self.files = directory, dtype, files
         self.shards = [s for s in shards if s.tokens > 0]  # an empty shard adds nothing
         self.offsets = np.cumsum([0] + [s.tokens for s in self.shards]).tolist()
         self.tokens = self.offsets[-1]
-        self.n_samples = (self.tokens - 1) // seq_len
+        self.n_windows = (self.tokens - 1) // seq_len
+        # Windows [n_samples, n_windows) are held out: the stream's tail, at least one window
+        # when any fraction is asked for. Training samples only [0, n_samples).
+        self.n_heldout = math.ceil(heldout * self.n_windows) if heldout > 0 else 0
+        self.n_samples = self.n_windows - self.n_heldout
 
     def read(self, start: int, seq_len: int, tokens_out: np.ndarray,
              starts_out: np.ndarray) -> None:
@@ -180,10 +191,11 @@ class TokenDataset:
                 if (directory, shard.tokens_file) not in verified:
                     self._check_shard(key, entry.path, directory, shard, dtype, cfg.verify)
                     verified.add((directory, shard.tokens_file))
-            stream = _Stream(directory, shards, dtype, cfg.seq_len, self._files)
+            stream = _Stream(directory, shards, dtype, cfg.seq_len, self._files, cfg.heldout)
             if stream.n_samples < 1:
+                held = f" once data.heldout={cfg.heldout} is set aside" if cfg.heldout else ""
                 raise ConfigError(f"{key}.source", entry.source, f"a source with at least "
-                                  f"seq_len + 1 = {cfg.seq_len + 1} tokens",
+                                  f"seq_len + 1 = {cfg.seq_len + 1} tokens{held}",
                                   f"{entry.path} has {stream.tokens} tokens there")
             self.streams.append(stream)
             streams_info.append({"path": str(entry.path), "source": entry.source,
@@ -197,7 +209,7 @@ class TokenDataset:
                                   "larger mix_block", "it gets no sample in a mixture block")
             streams_info[i]["slots"] = int(slots)
         self.components = {"seq_len": cfg.seq_len, "mix_block": cfg.mix_block,
-                           "streams": streams_info}
+                           "heldout": cfg.heldout, "streams": streams_info}
         self.fingerprint = fingerprint(self.components)
         self._n_samples = np.array([s.n_samples for s in self.streams], dtype=np.int64)
         self._keys: dict[tuple[int, int], np.ndarray] = {}
@@ -262,10 +274,16 @@ class TokenDataset:
     def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Global samples start .. start + count - 1 as int64 (tokens [count, T + 1],
         doc_ids [count, T]); inputs are tokens[:, :-1], targets tokens[:, 1:]."""
-        T = self.seq_len
+        return self.read_windows(*self.locate(start, count))
+
+    def read_windows(self, streams: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray,
+                                                                               np.ndarray]:
+        """Window windows[i] of stream streams[i], for each i: (tokens [n, T + 1], doc_ids
+        [n, T]), int64. Held-out windows are those >= the stream's `n_samples`."""
+        T, count = self.seq_len, len(windows)
         tokens = np.empty((count, T + 1), dtype=np.int64)
         starts = np.zeros((count, T), dtype=np.int64)
-        for row, (s, w) in enumerate(zip(*self.locate(start, count), strict=True)):
+        for row, (s, w) in enumerate(zip(streams, windows, strict=True)):
             self.streams[s].read(int(w) * T, T, tokens[row], starts[row])
         return tokens, np.cumsum(starts, axis=1, out=starts)
 
@@ -301,6 +319,7 @@ def fingerprint(components: dict[str, Any]) -> str:
     """sha256 over what fixes the sample order: data, sources, slots, block and seq_len (not the
     directories' paths, nor weights whose rounding gives the same slots)."""
     fixed = {"seq_len": components["seq_len"], "mix_block": components["mix_block"],
+             **({"heldout": components["heldout"]} if components.get("heldout") else {}),
              "streams": [{k: s[k] for k in ("data", "source", "slots")}
                          for s in components["streams"]]}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
@@ -314,9 +333,9 @@ def describe_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
     if saved["fingerprint"] == now["fingerprint"]:
         return "; ".join(changes)
     old, new = saved["components"], now["components"]
-    for key in ("seq_len", "mix_block"):
-        if old.get(key) != new[key]:
-            changes.append(f"{key} {old.get(key)} -> {new[key]}")
+    for key, default in (("seq_len", None), ("mix_block", None), ("heldout", 0.0)):
+        if old.get(key, default) != new[key]:
+            changes.append(f"{key} {old.get(key, default)} -> {new[key]}")
     old_streams, new_streams = old.get("streams", []), new["streams"]
     if len(old_streams) != len(new_streams):
         changes.append(f"{len(old_streams)} sources -> {len(new_streams)}")

@@ -92,6 +92,8 @@ def test_resume_after_sigkill_reproduces_losses_exactly(tmp_path, demo_data):
 
     want, got = step_losses(straight), step_losses(killed)
     assert sorted(got) == list(range(1, 9))
+    events = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "resumed"] == [4]
     assert all(got[s] == want[s] for s in range(1, 9)), (got, want)  # bit-exact on CPU
     state = json.loads((killed / "checkpoints" / "step-000008" / "trainer.json").read_text())
     ref = json.loads((straight / "checkpoints" / "step-000008" / "trainer.json").read_text())
@@ -100,21 +102,28 @@ def test_resume_after_sigkill_reproduces_losses_exactly(tmp_path, demo_data):
 
 
 # A constant schedule, so that a 4-step run on 2 ranks and its 8-step continuation see the
-# learning rates of the 8-step reference.
-FLAT = ["schedule.kind=constant", "schedule.warmup_steps=0"]
+# learning rates of the 8-step reference; held-out evaluation at steps 4 and 8.
+FLAT = ["schedule.kind=constant", "schedule.warmup_steps=0", "data.heldout=0.02",
+        "eval.every_steps=4", "eval.samples=5", "eval.micro_batch=2"]
+
+
+def eval_losses(run_dir: Path) -> dict[int, dict]:
+    """step -> the last eval record of that step."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r.get("event") == "eval"}
 
 
 @pytest.fixture(scope="module")
-def single_process_losses(tmp_path_factory, demo_data) -> dict[int, float]:
+def single_process_run(tmp_path_factory, demo_data) -> Path:
     run_dir = tmp_path_factory.mktemp("single")
     assert run(train_cmd(run_dir, demo_data, *FLAT)).returncode == 0
-    return step_losses(run_dir)
+    return run_dir
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 def test_two_processes_match_one_and_resume_on_one(tmp_path, demo_data, backend,
-                                                   single_process_losses):
+                                                   single_process_run):
     flat = FLAT
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -134,9 +143,17 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, demo_data, backend,
     # The 2-rank checkpoint at step 4 resumes in one process, to step 8.
     resumed = run(train_cmd(two, demo_data, *flat))
     assert resumed.returncode == 0, resumed.stderr
-    want, got = single_process_losses, step_losses(two)
+    want, got = step_losses(single_process_run), step_losses(two)
     for step in range(1, 9):
         assert abs(got[step] - want[step]) < 1e-4 * abs(want[step]), (step, got, want)
+    # Held-out losses at step 4 from 2 ranks (10 windows, 5 each: micro-batches of 2, 2, 1)
+    # and at step 8 from 1 rank equal the single-process run's.
+    want, got = eval_losses(single_process_run), eval_losses(two)
+    assert sorted(got) == sorted(want) == [4, 8]
+    for step in (4, 8):
+        for name in ("devil", "jargon"):
+            a, b = got[step]["per_source"][name], want[step]["per_source"][name]
+            assert abs(a - b) < 1e-4 * b, (step, name, a, b)
 
 
 def test_bad_configs_are_one_line(tmp_path, demo_data):
@@ -147,6 +164,8 @@ def test_bad_configs_are_one_line(tmp_path, demo_data):
         (["stepz=3"], "stepz"),
         (["schedule.kind=linear"], "schedule.kind='linear'"),
         (["optim.lr=-1"], "optim.lr=-1"),
+        (["eval.every_steps=2"], "eval.sources=None"),
+        (["data.heldout=1.5"], "data.heldout=1.5"),
     ]
     for overrides, expected in cases:
         with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):

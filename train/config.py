@@ -9,6 +9,7 @@
     optim: {lr: 3e-3, weight_decay: 0.1}
     schedule: {kind: cosine, warmup_steps: 20, min_lr_ratio: 0.1}
     checkpoint: {every_steps: 100, keep_last: 2}
+    eval: {every_steps: 100}            # on data.heldout's tail of each source (train/evaluate.py)
     output_dir: runs/demo
 
 Derived once (`TrainConfig.batch_plan`): sequences per global batch = global_batch_tokens /
@@ -32,7 +33,7 @@ from stripes.core.config import (
     require_positive,
     to_typed,
 )
-from stripes.data.loader import LoaderConfig
+from stripes.data.loader import LoaderConfig, SourceWeight
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -66,6 +67,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: never; also after the last step when > 0
+    samples: int = 64  # windows per source: the same ones at every evaluation
+    micro_batch: int | None = None  # None: the training micro_batch
+    sources: list[SourceWeight] | None = None  # None: the held-out tail of data.sources
+
+
+@dataclass
 class ParallelConfig:
     backend: str = "auto"  # auto | single | ddp | fsdp
     activation_checkpointing: str = "none"  # none | block
@@ -85,6 +94,8 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    document_masking: bool = True  # attention and mixers do not cross packed documents
     precision: str = "auto"  # bf16: autocast over float32 weights; fp32; auto: bf16 on CUDA
     grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
     seed: int = 0
@@ -121,8 +132,23 @@ class TrainConfig:
         _choice("parallel.activation_checkpointing", self.parallel.activation_checkpointing,
                 ACTIVATION_CHECKPOINTING)
         _choice("precision", self.precision, PRECISIONS)
+        self._validate_eval()
         if self.grad_clip is not None:
             require_positive("grad_clip", self.grad_clip)
+
+    def _validate_eval(self) -> None:
+        if not isinstance(self.eval.every_steps, int) or self.eval.every_steps < 0:
+            raise ConfigError("eval.every_steps", self.eval.every_steps, "an integer >= 0 "
+                              "(0: never)")
+        require_positive("eval.samples", self.eval.samples, integer=True)
+        if self.eval.micro_batch is not None:
+            require_positive("eval.micro_batch", self.eval.micro_batch, integer=True)
+        if self.eval.sources is not None:
+            LoaderConfig(seq_len=self.data.seq_len, sources=self.eval.sources).validate("eval")
+        elif self.eval.every_steps and not self.data.heldout:
+            raise ConfigError("eval.sources", None, "a list of {path, source} to evaluate on, "
+                              "or data.heldout > 0 to hold out the tail of data.sources",
+                              "eval.every_steps is set but nothing is held out")
 
     def batch_plan(self, world_size: int) -> tuple[int, int]:
         """(sequences per global batch, gradient-accumulation steps) for `world_size` ranks."""

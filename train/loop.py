@@ -6,6 +6,7 @@
     optimizer = AdamW(param groups)               # after wrapping: FSDP2 swaps parameters
     resume from checkpoints/latest if any         # model, optimizer, loader, RNG, step
     for step: lr(step) -> micro-batches (fwd, loss / accum, bwd) -> clip -> guard -> step
+              -> log -> evaluate (held out) -> checkpoint
 
 A step whose loss or gradient norm is not finite is skipped (no update) and counted; after
 `max_bad_steps` in a row the run halts with a clear message. Everything a step depends on
@@ -32,6 +33,7 @@ from stripes.data.loader import DataLoader, TokenDataset
 from stripes.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World, all_reduce_mean, close_world, init_world
+from stripes.train.evaluate import build_eval_set, evaluate
 from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
 from stripes.train.optim import build_optimizer
 from stripes.train.parallel import parallelize, resolve_backend
@@ -75,6 +77,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     step_model = parallelize(model, cfg.parallel, backend, world, bf16)
     optimizer = build_optimizer(model, cfg.optim, world.device.type)
     loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)
+    eval_set = (build_eval_set(dataset, cfg.eval.sources, cfg.eval.samples)
+                if cfg.eval.every_steps else None)
 
     start, tokens_seen, skipped = 0, 0, 0
     checkpoint = find_checkpoint(run_dir, cfg.checkpoint.resume)
@@ -85,6 +89,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         log.info(f"resumed from {checkpoint} at step {start}")
 
     metrics = MetricsLogger(run_dir, cfg.steps, world.rank, device=world.device)
+    if checkpoint is not None:
+        metrics.log_event("resumed", step=start, path=str(checkpoint))
     throughput = Throughput()
     flops_fwd, peak = model.flops_per_token(cfg.data.seq_len), peak_flops(world.device)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -102,7 +108,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             rows = slice(micro * cfg.micro_batch, (micro + 1) * cfg.micro_batch)
             sync = _no_sync(step_model) if micro < accum - 1 else nullcontext()
             with sync, autocast:
-                logits = step_model(batch["input_ids"][rows], batch["doc_ids"][rows])
+                doc_ids = batch["doc_ids"][rows] if cfg.document_masking else None
+                logits = step_model(batch["input_ids"][rows], doc_ids)
                 loss = lm_loss(logits, batch["targets"][rows]) / accum
             loss.backward()
             loss_sum += loss.detach()
@@ -116,12 +123,12 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         else:
             bad_in_a_row += 1
             skipped += 1
-            metrics.log_event("bad_step", step=step, loss=loss_mean, grad_norm=grad_norm,
+            metrics.log_event("bad_step", step=step + 1, loss=loss_mean, grad_norm=grad_norm,
                               samples=[loader.samples_consumed - sequences,
                                        loader.samples_consumed])
             if bad_in_a_row >= cfg.max_bad_steps:
                 raise TrainingHalted(f"{bad_in_a_row} steps in a row had a non-finite loss or "
-                                     f"gradient norm (last at step {step}); see "
+                                     f"gradient norm (last at step {step + 1}); see "
                                      f"{run_dir / 'metrics.jsonl'} for the batches")
         optimizer.zero_grad(set_to_none=True)
         losses[step] = loss_mean
@@ -134,6 +141,13 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                         step_time_s=throughput.step_time(),
                         mfu=mfu(rate / world.world_size, flops_fwd, peak)
                         if rate and peak else None)
+        if eval_set is not None and ((step + 1) % cfg.eval.every_steps == 0
+                                     or step + 1 == cfg.steps):
+            losses_eval = evaluate(step_model, eval_set, cfg.eval.micro_batch or cfg.micro_batch,
+                                   world.rank, world.world_size, world.device, autocast,
+                                   cfg.document_masking)
+            metrics.log_eval(step + 1, losses_eval)
+            throughput.mark()  # evaluation is not training time
         minutes = cfg.checkpoint.every_minutes
         due = ((step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps
                or (minutes is not None and time.monotonic() - last_save > 60 * minutes))

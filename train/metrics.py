@@ -222,6 +222,22 @@ class MetricsLogger:
         if not self.quiet:
             self._print(progress_parts(record, self.total_steps))
 
+    def log_eval(self, step: int, losses: dict[str, float]) -> None:
+        """Held-out losses after `step`: {"loss": mixture mean, <source>: loss, ...}, written as
+        {"event": "eval", "step", "loss", "per_source": {...}}; wandb gets eval/<name>."""
+        if self._file is None:
+            return
+        per_source = {k: float(v) for k, v in losses.items() if k != "loss"}
+        self._write({"event": "eval", "step": int(step), "loss": float(losses["loss"]),
+                     "per_source": per_source, "time": time.time()})
+        if self._wandb_run is not None:
+            self._wandb_run.log({f"eval/{k}": float(v) for k, v in losses.items()},
+                                step=int(step))
+        if not self.quiet:
+            sources = "".join(f" | {k} {v:.4f}" for k, v in per_source.items())
+            self._print([(f"eval {step}/{self.total_steps}", "bold"),
+                         (f" | loss {losses['loss']:.4f}", "cyan"), (sources, "")])
+
     def log_event(self, kind: str, **fields: Any) -> None:
         """A non-step event (checkpoint_saved, resumed, bad_step_skipped) with its fields."""
         if self._file is None:
@@ -276,6 +292,8 @@ def _finite(value: Any) -> Any:
     """NaN and infinities become "nan", "inf", "-inf": strict JSON has no such numbers."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
     return value
 
 

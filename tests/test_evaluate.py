@@ -1,0 +1,107 @@
+"""Held-out evaluation: the held-out tail is never trained on, evaluation equals a direct
+computation of the loss, and splitting it over ranks changes nothing."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+from test_loader import doc_lengths, write_data
+
+from stripes.arch import StripedLM
+from stripes.core.config import ConfigError
+from stripes.data.loader import LoaderConfig, SourceWeight, TokenDataset
+from stripes.train.evaluate import build_eval_set, evaluate, loss_sums
+
+T = 8
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(3)
+    layout = {"web": [doc_lengths(rng, n) for n in (301, 250)], "code": [doc_lengths(rng, 173)]}
+    write_data(tmp_path / "d", layout, vocab=64)
+    return tmp_path / "d"
+
+
+def dataset(directory, heldout=0.1, **kw) -> TokenDataset:
+    sources = [SourceWeight(str(directory), "web", 3.0), SourceWeight(str(directory), "code")]
+    return TokenDataset(LoaderConfig(seq_len=T, sources=sources, heldout=heldout, **kw))
+
+
+def test_heldout_tail_is_never_sampled_for_training(data):
+    ds = dataset(data)
+    web, code = ds.streams
+    assert (web.n_windows, web.n_heldout, web.n_samples) == (68, 7, 61)  # ceil(6.8)
+    assert (code.n_windows, code.n_heldout, code.n_samples) == (21, 3, 18)
+    streams, windows = ds.locate(0, 5000)  # many epochs of both streams
+    for s, stream in enumerate(ds.streams):
+        assert set(windows[streams == s].tolist()) == set(range(stream.n_samples))
+    eval_set = build_eval_set(ds, None, samples=5)
+    assert eval_set.names == ["web", "code"]
+    assert eval_set.windows.tolist() == [61, 62, 63, 64, 65, 18, 19, 20]  # capped at 3 held out
+    # Held-out windows read like any other: token offsets continue past the trained ones.
+    tokens, _ = ds.read_windows(np.array([0]), np.array([61]))
+    whole, _ = dataset(data, heldout=0.0).read_windows(np.array([0]), np.array([61]))
+    np.testing.assert_array_equal(tokens, whole)
+
+
+def test_heldout_is_part_of_the_data_fingerprint(data):
+    before = dataset(data, heldout=0.0)
+    after = dataset(data, heldout=0.1)
+    assert before.fingerprint != after.fingerprint
+    with pytest.raises(ConfigError, match=r"heldout 0.0 -> 0.1"):
+        after.resume_point(before.state(10))
+    with pytest.raises(ConfigError, match=r"data.heldout=1.0"):
+        dataset(data, heldout=1.0)
+
+
+def reference(model, ds, eval_set) -> dict[str, float]:
+    """Per-source mean token loss, one window at a time, in float64."""
+    model64 = model.double()
+    out = {}
+    for s, name in enumerate(eval_set.names):
+        windows = eval_set.windows[eval_set.streams == s]
+        tokens, doc_ids = ds.read_windows(np.full(len(windows), s), windows)
+        tokens, doc_ids = torch.from_numpy(tokens), torch.from_numpy(doc_ids)
+        with torch.no_grad():
+            out[name] = float(model64.loss(tokens[:, :-1], tokens[:, 1:], doc_ids))
+    model.float()
+    return out
+
+
+def test_evaluation_matches_direct_loss_and_any_split_over_ranks(data, tiny_cfg):
+    tiny_cfg.vocab_size = 64
+    torch.manual_seed(0)
+    model = StripedLM(tiny_cfg)
+    model.init_weights()
+    ds = dataset(data)
+    eval_set = build_eval_set(ds, None, samples=5)  # 8 windows: 5 web + 3 code
+    args = (torch.device("cpu"), nullcontext(), True)
+    got = evaluate(model, eval_set, 3, 0, 1, *args)
+    want = reference(model, ds, eval_set)
+    for name in ("web", "code"):
+        assert abs(got[name] - want[name]) < 1e-5 * want[name], (name, got, want)
+    assert got["loss"] == pytest.approx((3 * got["web"] + got["code"]) / 4, rel=1e-12)
+    # 3 ranks over 8 windows: one rank pads a row that must weigh nothing.
+    one_rank = loss_sums(model, eval_set, 3, 0, 1, *args)
+    split = [loss_sums(model, eval_set, 2, r, 3, *args) for r in range(3)]
+    for i in range(2):
+        total = sum(part[i] for part in split)
+        torch.testing.assert_close(total, one_rank[i], rtol=1e-6, atol=0)
+    assert model.training  # restored after evaluation
+
+
+def test_separate_eval_sources_and_their_errors(data, tmp_path):
+    ds = dataset(data, heldout=0.0)
+    eval_set = build_eval_set(ds, [SourceWeight(str(data), "code")], samples=100)
+    assert eval_set.names == ["code"] and eval_set.windows.tolist() == list(range(21))
+    rng = np.random.default_rng(4)
+    write_data(tmp_path / "other", {"x": [doc_lengths(rng, 100)]}, vocab=64,
+               tokenizer=b"another tokenizer")
+    with pytest.raises(ConfigError, match=r"eval.sources=.*tokenizer"):
+        build_eval_set(ds, [SourceWeight(str(tmp_path / "other"), "x")], samples=4)
+    with pytest.raises(ConfigError, match=r"eval.sources.0.source='nope'"):
+        build_eval_set(ds, [SourceWeight(str(data), "nope")], samples=4)

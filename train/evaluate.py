@@ -1,0 +1,129 @@
+"""Held-out evaluation: mean next-token loss per source on windows training never reads.
+
+    data: {heldout: 0.01, ...}  # the last 1% of each source's windows are never trained on
+    eval:
+      every_steps: 100          # 0: never
+      samples: 64               # windows per source (fewer if fewer are held out)
+      sources: null             # null: the held-out tail of data.sources; or a list of
+                                # {path, source, weight} of separately prepared data
+
+Each source's evaluation set is fixed for the whole run (its first `samples` held-out windows in
+stream order), so every evaluation reads the same tokens and the curve compares point to point.
+The reported `loss` is the sources' losses averaged with the mixture weights, so it estimates
+the training mixture's held-out loss; each source's own loss is reported beside it.
+
+Windows are dealt to ranks round-robin and every rank runs the same number of micro-batches
+(padding rows weigh zero): FSDP all-gathers inside each forward, so a rank that stopped early
+would leave the others waiting. Token-loss sums and counts are all-reduced, so the numbers do
+not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from stripes.core.config import ConfigError
+from stripes.data.loader import LoaderConfig, SourceWeight, TokenDataset
+
+
+@dataclass
+class EvalSet:
+    dataset: TokenDataset
+    names: list[str]  # one per source, unique
+    weights: list[float]  # mixture weights, for the averaged loss
+    streams: np.ndarray  # [n] stream of each evaluation window
+    windows: np.ndarray  # [n] window index within its stream
+
+
+def build_eval_set(train_data: TokenDataset, sources: list[SourceWeight] | None,
+                   samples: int) -> EvalSet:
+    """The held-out tail of the training streams (`sources` None) or the whole of `sources`."""
+    if sources is None:
+        dataset, entries = train_data, train_data.cfg.sources
+        ranges = [(s.n_samples, s.n_windows) for s in dataset.streams]
+    else:
+        cfg = LoaderConfig(seq_len=train_data.seq_len, sources=sources,
+                           verify=train_data.cfg.verify)
+        dataset, entries = TokenDataset(cfg, prefix="eval"), sources
+        if dataset.tokenizer.sha256 != train_data.tokenizer.sha256:
+            raise ConfigError("eval.sources", sources[0].path, "data prepared with the training "
+                              "data's tokenizer", "its tokenizer.model differs")
+        ranges = [(0, s.n_windows) for s in dataset.streams]
+    streams, windows = [], []
+    for i, (lo, hi) in enumerate(ranges):
+        count = min(samples, hi - lo)
+        streams.append(np.full(count, i, dtype=np.int64))
+        windows.append(np.arange(lo, lo + count, dtype=np.int64))
+    return EvalSet(dataset, _unique_names(entries), [float(e.weight) for e in entries],
+                   np.concatenate(streams), np.concatenate(windows))
+
+
+def evaluate(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
+             world_size: int, device: torch.device, autocast: AbstractContextManager,
+             document_masking: bool) -> dict[str, float]:
+    """{"loss": weighted mean, <source name>: mean loss, ...} over the evaluation windows.
+    Every rank calls it (collectives inside) and gets the same numbers."""
+    loss_sum, token_count = loss_sums(model, eval_set, micro_batch, rank, world_size, device,
+                                      autocast, document_masking)
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(token_count)
+    per_source = (loss_sum / token_count).tolist()
+    weights = eval_set.weights
+    result = {"loss": sum(w * x for w, x in zip(weights, per_source, strict=True)) / sum(weights)}
+    result.update(zip(eval_set.names, per_source, strict=True))
+    return result
+
+
+@torch.no_grad()
+def loss_sums(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
+              world_size: int, device: torch.device, autocast: AbstractContextManager,
+              document_masking: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (token-loss sum, token count) per source, float64 [n_sources] each."""
+    n_sources = len(eval_set.names)
+    mine = np.arange(rank, len(eval_set.windows), world_size)  # round-robin over ranks
+    per_rank = math.ceil(len(eval_set.windows) / world_size)
+    rows = np.resize(mine, per_rank) if len(mine) else np.zeros(per_rank, dtype=np.int64)
+    real = np.arange(per_rank) < len(mine)  # np.resize repeats rows to pad; they weigh 0
+    loss_sum = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    token_count = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for start in range(0, per_rank, micro_batch):
+        chunk = rows[start:start + micro_batch]
+        tokens, doc_ids = eval_set.dataset.read_windows(eval_set.streams[chunk],
+                                                        eval_set.windows[chunk])
+        tokens_t = torch.from_numpy(tokens).to(device)
+        docs = torch.from_numpy(doc_ids).to(device) if document_masking else None
+        with autocast:
+            logits = model(tokens_t[:, :-1], docs)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens_t[:, 1:].flatten(),
+                                 reduction="none").view(len(chunk), -1)
+        weight = torch.from_numpy(real[start:start + micro_batch]).to(device).double()
+        source = torch.from_numpy(eval_set.streams[chunk]).to(device)
+        loss_sum.index_add_(0, source, losses.sum(1).double() * weight)
+        token_count.index_add_(0, source, weight * losses.shape[1])
+    model.train(was_training)
+    return loss_sum, token_count
+
+
+def _unique_names(entries: list[SourceWeight]) -> list[str]:
+    """`source`, else the directory's name; repeated names get #2, #3, ..."""
+    names: list[str] = []
+    for entry in entries:
+        base = entry.source or Path(entry.path).name
+        name, k = base, 1
+        while name in names or name == "loss":
+            k += 1
+            name = f"{base}#{k}"
+        names.append(name)
+    return names
