@@ -16,12 +16,13 @@ from stripes.launch import (
     export_cmd,
     generate_cmd,
     inspect_model,
+    plot_cmd,
     prepare_cmd,
     train_cmd,
 )
 
 # Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "eval, graft, launch, plot"
+_PLANNED = "eval, graft, launch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
+    plot_cmd.add_parser(sub)
     return parser
 
 
