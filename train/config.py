@@ -38,7 +38,7 @@ from stripes.data.loader import LoaderConfig, SourceWeight
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("auto", "single", "ddp", "fsdp")
-ACTIVATION_CHECKPOINTING = ("none", "block")
+ACTIVATION_CHECKPOINTING = ("none", "block", "selective")  # train/recompute.py
 
 
 @dataclass
@@ -77,7 +77,7 @@ class EvalConfig:
 @dataclass
 class ParallelConfig:
     backend: str = "auto"  # auto | single | ddp | fsdp
-    activation_checkpointing: str = "none"  # none | block
+    activation_checkpointing: str = "none"  # none | block | selective
     compile: bool = False
 
 

@@ -1,6 +1,7 @@
 """Wrap an unmodified StripedLM for training, from outside, in one documented order:
 
-    1. activation checkpointing   per block (recompute the block's activations in backward)
+    1. activation checkpointing   per block: `block` recomputes the whole block in backward,
+                                  `selective` only its cheap ops (train/recompute.py)
     2. torch.compile              per block (small graphs, compiled once, reused by every block
                                   of the same kind and shape)
     3. data parallelism           `ddp`: DistributedDataParallel over the whole model;
@@ -18,13 +19,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.nn.parallel import DistributedDataParallel
 
 from stripes.arch.model import StripedLM
 from stripes.core.log import note_once
 from stripes.train.config import ParallelConfig
 from stripes.train.distributed import World
+from stripes.train.recompute import apply_activation_checkpointing
 
 
 def resolve_backend(requested: str, world: World) -> str:
@@ -40,9 +41,7 @@ def parallelize(model: StripedLM, cfg: ParallelConfig, backend: str, world: Worl
     if backend == "single" and world.world_size > 1:
         raise ValueError(f"parallel.backend=single with {world.world_size} processes: use "
                          "ddp or fsdp (or auto)")
-    if cfg.activation_checkpointing == "block":
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         for block in model.blocks:
             block.compile()
