@@ -92,6 +92,9 @@ def test_evaluation_matches_direct_loss_and_any_split_over_ranks(data, tiny_cfg)
         total = sum(part[i] for part in split)
         torch.testing.assert_close(total, one_rank[i], rtol=1e-6, atol=0)
     assert model.training  # restored after evaluation
+    # Without document masking the model sees across packed documents: other numbers.
+    unmasked = evaluate(model, eval_set, 3, 0, 1, torch.device("cpu"), nullcontext(), False)
+    assert abs(unmasked["web"] - got["web"]) > 1e-4
 
 
 def test_separate_eval_sources_and_their_errors(data, tmp_path):
