@@ -56,7 +56,7 @@ def _load(path):
     from stripes.arch.config import ModelConfig
     from stripes.arch.model import StripedLM
     from stripes.core.config import ConfigError, to_typed
-    from stripes.train.checkpoint import find_checkpoint, load_checkpoint
+    from stripes.train.checkpoint import DcpStates, find_checkpoint, load_checkpoint
     from stripes.train.export import MODEL_YAML, load_exported
 
     if (path / MODEL_YAML).is_file():
@@ -72,7 +72,7 @@ def _load(path):
     with torch.device("meta"):
         model = StripedLM(to_typed(ModelConfig, config["model"], prefix="model"))
     model.to_empty(device="cpu")
-    load_checkpoint(path, model, optimizer=None)
+    load_checkpoint(path, DcpStates(model, None))
     return model, config
 
 

@@ -30,6 +30,7 @@ from stripes.core.config import ConfigError, load_config
 from stripes.train import rng
 from stripes.train.checkpoint import (
     CheckpointMismatch,
+    DcpStates,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -90,7 +91,7 @@ def test_round_trip_is_exact_and_resumes_the_same_trajectory(tmp_path):
     for _ in range(2):
         train_step(model, optimizer)
     state = {"tokens_seen": 64, "loader": {"samples_consumed": 4, "seed": 1}, "skipped": 0}
-    path = save_checkpoint(tmp_path, 2, model, optimizer, state, CONFIG, keep_last=2)
+    path = save_checkpoint(tmp_path, 2, DcpStates(model, optimizer), state, CONFIG, keep_last=2)
     saved = snapshot(model, optimizer)
     train_step(model, optimizer)  # the run that never stopped: its next batch, then moves on
     continued, expected_draws = snapshot(model, optimizer), draws()
@@ -100,7 +101,7 @@ def test_round_trip_is_exact_and_resumes_the_same_trajectory(tmp_path):
     random.seed(99)
     np.random.seed(99)
     torch.manual_seed(99)
-    returned = load_checkpoint(path, resumed, resumed_opt)
+    returned = load_checkpoint(path, DcpStates(resumed, resumed_opt))
 
     assert returned == {**state, "step": 2}
     assert_identical(snapshot(resumed, resumed_opt), saved)
@@ -117,9 +118,9 @@ def test_model_only_load_leaves_no_optimizer_needed(tmp_path):
     model = linear(0)
     optimizer = torch.optim.AdamW(model.parameters())
     train_step(model, optimizer)
-    path = save_checkpoint(tmp_path, 1, model, optimizer, {}, {"seed": 1}, keep_last=1)
+    path = save_checkpoint(tmp_path, 1, DcpStates(model, optimizer), {}, {"seed": 1}, keep_last=1)
     other = linear(1)
-    assert load_checkpoint(path, other, None) == {"step": 1}
+    assert load_checkpoint(path, DcpStates(other, None)) == {"step": 1}
     assert_identical(list(other.state_dict().values()), list(model.state_dict().values()))
 
 
@@ -128,7 +129,7 @@ def test_keep_last_latest_and_stale_tmp(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     root = tmp_path / "checkpoints"
     for step in (100, 200, 300):
-        save_checkpoint(tmp_path, step, model, optimizer, {}, CONFIG, keep_last=2)
+        save_checkpoint(tmp_path, step, DcpStates(model, optimizer), {}, CONFIG, keep_last=2)
     stale = root / "step-000400.tmp"
     (stale / "model").mkdir(parents=True)
     (root / ".latest.tmp-12345").write_text("step-000400\n")
@@ -136,7 +137,7 @@ def test_keep_last_latest_and_stale_tmp(tmp_path):
     with pytest.raises(ConfigError, match="unfinished save"):
         find_checkpoint(tmp_path, str(stale))
 
-    save_checkpoint(tmp_path, 1000000, model, optimizer, {}, CONFIG, keep_last=2)
+    save_checkpoint(tmp_path, 1000000, DcpStates(model, optimizer), {}, CONFIG, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000300", "step-1000000"]
     assert (root / "latest").read_text().strip() == "step-1000000"
     assert find_checkpoint(tmp_path, "auto") == root / "step-1000000"
@@ -151,9 +152,10 @@ def test_keep_last_latest_and_stale_tmp(tmp_path):
 def test_same_step_saved_again_replaces_it(tmp_path):
     model = linear(0)
     optimizer = torch.optim.AdamW(model.parameters())
-    save_checkpoint(tmp_path, 5, model, optimizer, {"run": 1}, CONFIG, keep_last=3)
-    path = save_checkpoint(tmp_path, 5, model, optimizer, {"run": 2}, CONFIG, keep_last=3)
-    assert load_checkpoint(path, linear(1), None)["run"] == 2
+    save_checkpoint(tmp_path, 5, DcpStates(model, optimizer), {"run": 1}, CONFIG, keep_last=3)
+    path = save_checkpoint(tmp_path, 5, DcpStates(model, optimizer),
+                           {"run": 2}, CONFIG, keep_last=3)
+    assert load_checkpoint(path, DcpStates(linear(1), None))["run"] == 2
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest", "step-000005"]
 
 
@@ -161,20 +163,21 @@ def test_bad_trainer_state_writes_nothing(tmp_path):
     model = linear(0)
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="not JSON-serialisable"):
-        save_checkpoint(tmp_path, 1, model, optimizer, {"t": object()}, CONFIG, keep_last=1)
+        save_checkpoint(tmp_path, 1, DcpStates(model, optimizer),
+                        {"t": object()}, CONFIG, keep_last=1)
     with pytest.raises(ValueError, match="step=3 differs"):
-        save_checkpoint(tmp_path, 1, model, optimizer, {"step": 3}, CONFIG, keep_last=1)
+        save_checkpoint(tmp_path, 1, DcpStates(model, optimizer), {"step": 3}, CONFIG, keep_last=1)
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_other_architecture_is_refused_in_one_line(tmp_path):
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters())
-    path = save_checkpoint(tmp_path, 1, model, optimizer, {}, CONFIG, keep_last=1)
+    path = save_checkpoint(tmp_path, 1, DcpStates(model, optimizer), {}, CONFIG, keep_last=1)
     other = tiny_model("model.d_model=32", "model.n_layers=5")
     before = [t.clone() for t in other.state_dict().values()]
     with pytest.raises(CheckpointMismatch) as err:
-        load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
+        load_checkpoint(path, DcpStates(other, torch.optim.AdamW(other.parameters())))
     message = str(err.value)
     assert "\n" not in message and "does not fit this model" in message
     assert re.search(r"unexpected \d+ \(blocks\.4\.", message)  # retention there, not attn
@@ -188,10 +191,11 @@ def test_other_optimizer_is_refused(tmp_path):
     model = linear(0)
     optimizer = torch.optim.AdamW(model.parameters())
     train_step(model, optimizer)
-    path = save_checkpoint(tmp_path, 1, model, optimizer, {}, CONFIG, keep_last=1)
+    path = save_checkpoint(tmp_path, 1, DcpStates(model, optimizer), {}, CONFIG, keep_last=1)
     other = linear(1)
     with pytest.raises(CheckpointMismatch, match="optimizer: missing 4 .*momentum_buffer"):
-        load_checkpoint(path, other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9))
+        sgd = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+        load_checkpoint(path, DcpStates(other, sgd))
 
 
 # -- a save killed in the middle -----------------------------------------------------------------
@@ -209,7 +213,8 @@ CHILD = textwrap.dedent("""
     setattr(ck, phase, stall)
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
-    ck.save_checkpoint(run_dir, 2, model, torch.optim.AdamW(model.parameters()), {"n": 2},
+    ck.save_checkpoint(run_dir, 2, ck.DcpStates(model, torch.optim.AdamW(model.parameters())),
+                       {"n": 2},
                        "seed: 7\\n", keep_last=1)
 """)
 
@@ -222,7 +227,7 @@ CHILD = textwrap.dedent("""
 ])
 def test_killed_save_leaves_a_loadable_latest(tmp_path, phase, survivor):
     model = linear(1)
-    save_checkpoint(tmp_path, 1, model, torch.optim.AdamW(model.parameters()), {"n": 1},
+    save_checkpoint(tmp_path, 1, DcpStates(model, torch.optim.AdamW(model.parameters())), {"n": 1},
                     CONFIG, keep_last=1)
     marker = tmp_path / "stalled"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), phase, str(marker)],
@@ -238,11 +243,11 @@ def test_killed_save_leaves_a_loadable_latest(tmp_path, phase, survivor):
     found = find_checkpoint(tmp_path, "auto")
     assert found == tmp_path / "checkpoints" / f"step-{survivor:06d}"
     loaded = linear(3)
-    assert load_checkpoint(found, loaded, torch.optim.AdamW(loaded.parameters()))["n"] == survivor
+    states = DcpStates(loaded, torch.optim.AdamW(loaded.parameters()))
+    assert load_checkpoint(found, states)["n"] == survivor
     assert_identical(list(loaded.state_dict().values()),
                      list(linear(survivor).state_dict().values()))
-    save_checkpoint(tmp_path, 3, loaded, torch.optim.AdamW(loaded.parameters()), {}, CONFIG,
-                    keep_last=1)
+    save_checkpoint(tmp_path, 3, states, {}, CONFIG, keep_last=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "latest", "step-000003"]
 
@@ -291,10 +296,11 @@ def _worker(rank: int, world_size: int, port: int, run_dir: str, wrap: str) -> N
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        state = load_checkpoint(find_checkpoint(run_dir, "auto"), model, optimizer)
+        state = load_checkpoint(find_checkpoint(run_dir, "auto"), DcpStates(model, optimizer))
         torch.manual_seed(100 + rank)  # each rank its own batch
         train_step(model, optimizer)
-        save_checkpoint(run_dir, 2, model, optimizer, {**state, "step": 2}, CONFIG, keep_last=5)
+        save_checkpoint(run_dir, 2, DcpStates(model, optimizer),
+                        {**state, "step": 2}, CONFIG, keep_last=5)
         if wrap == "fsdp":
             from torch.distributed.tensor import DTensor
             full = {k: v.full_tensor() if isinstance(v, DTensor) else v
@@ -314,7 +320,8 @@ def test_two_rank_checkpoint_loads_in_one_process_and_back(tmp_path, wrap, caplo
     model = tiny_model(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_step(model, optimizer)
-    save_checkpoint(tmp_path, 1, model, optimizer, {"tokens_seen": 32}, CONFIG, keep_last=5)
+    save_checkpoint(tmp_path, 1, DcpStates(model, optimizer),
+                    {"tokens_seen": 32}, CONFIG, keep_last=5)
 
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path), wrap), nprocs=2, join=True)
 
@@ -325,7 +332,7 @@ def test_two_rank_checkpoint_loads_in_one_process_and_back(tmp_path, wrap, caplo
     single = tiny_model(seed=9)
     single_opt = torch.optim.AdamW(single.parameters())
     with caplog.at_level(logging.INFO, logger="stripes"):
-        state = load_checkpoint(path, single, single_opt)
+        state = load_checkpoint(path, DcpStates(single, single_opt))
     assert state == {"tokens_seen": 32, "step": 2}
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     assert expected.keys() == single.state_dict().keys()

@@ -10,7 +10,7 @@ import yaml
 from stripes.arch import ArchFile, StripedLM
 from stripes.core.config import load_config
 from stripes.launch.cli import main
-from stripes.train.checkpoint import save_checkpoint
+from stripes.train.checkpoint import DcpStates, save_checkpoint
 from stripes.train.export import load_exported
 
 from conftest import TINY
@@ -26,7 +26,7 @@ def trained_checkpoint(run_dir):
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
     optimizer.step()
     config = {"model": dataclasses.asdict(cfg), "seed": 0}
-    path = save_checkpoint(run_dir, 1, model, optimizer, {"tokens_seen": 32},
+    path = save_checkpoint(run_dir, 1, DcpStates(model, optimizer), {"tokens_seen": 32},
                            yaml.safe_dump(config), keep_last=1)
     return model, path, ids
 

@@ -15,7 +15,7 @@ import torch
 
 from stripes.arch import StripedLM
 from stripes.core.config import ConfigError
-from stripes.train.checkpoint import load_checkpoint
+from stripes.train.checkpoint import DcpStates, load_checkpoint
 from stripes.train.config import load_train_config
 from stripes.train.export import export_checkpoint, load_exported
 
@@ -137,7 +137,7 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, demo_data, backend,
     sharded = two / "checkpoints" / "step-000004"
     exported = load_exported(export_checkpoint(sharded, tmp_path / "export"))
     reference = StripedLM(exported.cfg)
-    load_checkpoint(sharded, reference, optimizer=None)
+    load_checkpoint(sharded, DcpStates(reference, None))
     for (name, a), b in zip(exported.state_dict().items(), reference.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name

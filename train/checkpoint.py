@@ -22,14 +22,20 @@ checkpoint: a directory without `.tmp` is complete by construction. Deletion ren
 every `*.tmp` left behind, and loading never looks at one. All ranks must see one shared
 filesystem (true on one node; on several, OUT must be on shared storage).
 
-    path = save_checkpoint(out, step, model, optimizer, trainer_state, config_yaml, keep_last)
-    found = find_checkpoint(out, cfg.checkpoint.resume)      # None: start from scratch
-    trainer_state = load_checkpoint(found, model, optimizer)  # also restores this rank's RNG
+    states = DcpStates(model, optimizer)   # or the DeepSpeed engine's (train/deepspeed.py)
+    path = save_checkpoint(out, step, states, trainer_state, config_yaml, keep_last)
+    found = find_checkpoint(out, cfg.checkpoint.resume)   # None: start from scratch
+    trainer_state = load_checkpoint(found, states)        # also restores this rank's RNG
+
+`states` writes and reads the model and optimizer part: `DcpStates` below for single, DDP
+and FSDP; DeepSpeed's own format for its engine. trainer.json records which (`states`), so a
+checkpoint is never read by the wrong reader.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -38,7 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -58,6 +64,7 @@ from torch.distributed.checkpoint.state_dict import (
 from stripes.core.config import ConfigError, require_positive
 from stripes.core.log import log
 from stripes.data.format import write_atomic
+from stripes.train.optim import canonical_name
 from stripes.train.rng import load_rng, save_rng
 
 FORMAT = "stripes-checkpoint/1"
@@ -69,6 +76,17 @@ _OPTIONS = StateDictOptions(full_state_dict=False)
 _MAX_NAMED = 5  # tensors named per kind in a mismatch message; the rest are counted
 
 
+class States(Protocol):
+    """The model and optimizer part of a checkpoint, written into / read from a directory by
+    every rank (collective). `kind` names the format in trainer.json."""
+
+    kind: str
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path, saved_kind: str) -> None: ...
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint's tensors do not fit the model; `str(err)` is one line naming them."""
 
@@ -77,9 +95,9 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: Mapping[str, Any],
-                    config_yaml: str | Mapping[str, Any], keep_last: int) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, states: States,
+                    trainer_state: Mapping[str, Any], config_yaml: str | Mapping[str, Any],
+                    keep_last: int) -> Path:
     """Save on every rank (collective when a process group exists); returns the published
     directory. `trainer_state`: JSON-serialisable caller state (tokens seen, data-loader
     state, counters...); `config_yaml`: the resolved config as YAML text or a mapping."""
@@ -87,7 +105,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
     rank, world_size = _rank_world()
     # Serialised on every rank before anything is written or any barrier is entered, so bad
     # input fails the same way everywhere instead of leaving the other ranks waiting.
-    trainer_json = _trainer_json(step, trainer_state, world_size)
+    trainer_json = _trainer_json(step, trainer_state, world_size, states.kind)
     config_text = _config_text(config_yaml)
     root = Path(run_dir) / CHECKPOINTS
     name = checkpoint_name(step)
@@ -100,11 +118,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         write_atomic(tmp / "trainer.json", trainer_json.encode())
         write_atomic(tmp / "config.yaml", config_text.encode())
     _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
-    with _single_process_quiet():
-        no_dist = not dist.is_initialized()
-        dcp.save(model_state, checkpoint_id=tmp / "model", no_dist=no_dist)
-        dcp.save(optim_state, checkpoint_id=tmp / "optim", no_dist=no_dist)
+    states.save(tmp)
     save_rng(tmp / "rng", rank)
     _barrier()
     if rank == 0:
@@ -131,10 +145,8 @@ def find_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None,
-                    seed: int | None = None) -> dict[str, Any]:
-    """Load model (and optimizer, unless None) state in place on every rank, restore this
+def load_checkpoint(path: str | Path, states: States, seed: int | None = None) -> dict[str, Any]:
+    """Load the model (and optimizer) state through `states` on every rank, restore this
     rank's RNG, and return the caller's trainer state with `step` added.
 
     `seed`: for ranks the checkpoint has no RNG state for (resuming on more ranks); None
@@ -149,8 +161,7 @@ def load_checkpoint(path: str | Path, model: nn.Module,
         raise ValueError(f"{path / 'trainer.json'}: format {saved.get('format')!r}, "
                          f"expected {FORMAT!r}")
     rank, world_size = _rank_world()
-    with _single_process_quiet():
-        _load_states(path, model, optimizer, no_dist=not dist.is_initialized())
+    states.load(path, saved.get("states", DcpStates.kind))
     if seed is None:
         config = yaml.safe_load((path / "config.yaml").read_text())
         seed = config.get("seed") if isinstance(config, dict) else None
@@ -160,11 +171,12 @@ def load_checkpoint(path: str | Path, model: nn.Module,
 
 
 # -- saving -----------------------------------------------------------------------------------
-def _trainer_json(step: int, trainer_state: Mapping[str, Any], world_size: int) -> str:
+def _trainer_json(step: int, trainer_state: Mapping[str, Any], world_size: int,
+                  kind: str) -> str:
     if trainer_state.get("step", step) != step:
         raise ValueError(f"trainer_state step={trainer_state['step']} differs from the "
                          f"checkpoint's step={step}")
-    record = {"format": FORMAT, "step": step, "world_size": world_size,
+    record = {"format": FORMAT, "step": step, "world_size": world_size, "states": kind,
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "trainer": dict(trainer_state)}
     try:
@@ -269,30 +281,106 @@ def _incomplete(path: Path) -> str:
         return "no such directory"
     if path.name.endswith(TMP):
         return "an unfinished save (*.tmp)"
-    needed = ("trainer.json", "config.yaml", "model/.metadata", "optim/.metadata", "rng")
+    needed = ["trainer.json", "config.yaml", "rng"]
+    if (path / "trainer.json").is_file():
+        kind = json.loads((path / "trainer.json").read_text()).get("states", DcpStates.kind)
+        needed += _STATE_PARTS.get(kind, [])
     missing = [part for part in needed if not (path / part).exists()]
     return f"not a complete checkpoint (missing {', '.join(missing)})" if missing else ""
 
 
-def _load_states(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 no_dist: bool) -> None:
-    """Check that the saved tensors fit, then load them in place (DCP reshards as needed)."""
-    if optimizer is None:
-        model_state = get_model_state_dict(model, options=_OPTIONS)
-        _check_fits(path, "model", model_state)
-        dcp.load(model_state, checkpoint_id=path / "model", no_dist=no_dist)
-        set_model_state_dict(model, model_state, options=_OPTIONS)
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
-        _check_fits(path, "model", model_state)
-        _check_fits(path, "optim", _optimizer_tensors(optim_state))
-        dcp.load(model_state, checkpoint_id=path / "model", no_dist=no_dist)
-        # Partial: a hyperparameter key that this torch version adds to param_groups but the
-        # saving version lacked keeps its default; every state tensor was checked above.
-        dcp.load(optim_state, checkpoint_id=path / "optim", no_dist=no_dist,
-                 planner=DefaultLoadPlanner(allow_partial_load=True))
-        set_state_dict(model, optimizer, model_state_dict=model_state,
-                       optim_state_dict=optim_state, options=_OPTIONS)
+# What each kind of States writes, by the `states` key of trainer.json.
+_STATE_PARTS = {"dcp": ["model/.metadata", "optim/.metadata"], "deepspeed": ["deepspeed"]}
+
+
+class DcpStates:
+    """Model (and optimizer, unless None) as torch.distributed.checkpoint directories `model/`
+    and `optim/`: plain modules, DDP and FSDP2 alike, loadable on any world size."""
+
+    kind = "dcp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def save(self, directory: Path) -> None:
+        if self.optimizer is None:
+            raise ValueError("saving a checkpoint needs the optimizer")
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
+        with _single_process_quiet():
+            no_dist = not dist.is_initialized()
+            dcp.save(model_state, checkpoint_id=directory / "model", no_dist=no_dist)
+            dcp.save(optim_state, checkpoint_id=directory / "optim", no_dist=no_dist)
+
+    def load(self, directory: Path, saved_kind: str) -> None:
+        """Check that the saved tensors fit, then load them in place (DCP reshards). From a
+        DeepSpeed checkpoint: its consolidated weights, and a fresh optimizer."""
+        model, optimizer = self.model, self.optimizer
+        if saved_kind == "deepspeed":
+            _load_full_weights(model, _deepspeed_weights(directory), directory)
+            if optimizer is not None:
+                log.info("%s: a deepspeed checkpoint: weights loaded, the optimizer starts "
+                         "fresh", directory)
+            return
+        if saved_kind != self.kind:
+            raise CheckpointMismatch(f"{directory}: a {saved_kind!r} checkpoint, which this "
+                                     "backend cannot read")
+        with _single_process_quiet():
+            no_dist = not dist.is_initialized()
+            if optimizer is None:
+                model_state = get_model_state_dict(model, options=_OPTIONS)
+                _check_fits(directory, "model", model_state)
+                dcp.load(model_state, checkpoint_id=directory / "model", no_dist=no_dist)
+                set_model_state_dict(model, model_state, options=_OPTIONS)
+                return
+            model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+            _check_fits(directory, "model", model_state)
+            _check_fits(directory, "optim", _optimizer_tensors(optim_state))
+            dcp.load(model_state, checkpoint_id=directory / "model", no_dist=no_dist)
+            # Partial: a hyperparameter key that this torch version adds to param_groups but
+            # the saving version lacked keeps its default; every state tensor was checked.
+            dcp.load(optim_state, checkpoint_id=directory / "optim", no_dist=no_dist,
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+            set_state_dict(model, optimizer, model_state_dict=model_state,
+                           optim_state_dict=optim_state, options=_OPTIONS)
+
+
+def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full model tensors of a DCP checkpoint, by name, on the CPU of every rank."""
+    metadata = dcp.FileSystemReader(str(directory / "model")).read_metadata()
+    weights = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+               for key, entry in metadata.state_dict_metadata.items()
+               if isinstance(entry, TensorStorageMetadata)}
+    with _single_process_quiet():
+        dcp.load(weights, checkpoint_id=directory / "model", no_dist=not dist.is_initialized())
+    return weights
+
+
+def _deepspeed_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The consolidated float32 weights of a DeepSpeed checkpoint (any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # It prints a line per file and a progress bar; errors still raise.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="deepspeed")
+    return {canonical_name(name): tensor for name, tensor in weights.items()}
+
+
+def _load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor],
+                       directory: Path) -> None:
+    """Full tensors into `model` (plain, DDP or FSDP2-sharded), refusing a misfit by name."""
+    expected = get_model_state_dict(model, options=_OPTIONS)
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    shapes = [f"{k} saved {list(weights[k].shape)} vs {list(expected[k].shape)}"
+              for k in sorted(expected.keys() & weights.keys())
+              if tuple(weights[k].shape) != tuple(expected[k].shape)]
+    problems = [f"{label} {len(names)} ({_capped(names)})" for label, names in
+                (("missing", missing), ("unexpected", unexpected),
+                 ("shape-mismatched", shapes)) if names]
+    if problems:
+        raise CheckpointMismatch(f"{directory}: checkpoint does not fit this model: "
+                                 + "; ".join(problems))
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def _optimizer_tensors(optim_state: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from stripes.data.loader import LoaderConfig, SourceWeight
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-BACKENDS = ("auto", "single", "ddp", "fsdp")
+BACKENDS = ("auto", "single", "ddp", "fsdp", "deepspeed")
 ACTIVATION_CHECKPOINTING = ("none", "block", "selective")  # train/recompute.py
 
 
@@ -75,10 +75,20 @@ class EvalConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """`parallel.backend: deepspeed` (train/deepspeed_engine.py)."""
+
+    zero_stage: int = 2  # 1: optimizer state sharded; 2: + gradients; 3: + parameters
+    offload_optimizer: bool = False  # optimizer state and step in CPU memory
+    config: str | None = None  # a DeepSpeed JSON merged over the generated config (wins)
+
+
+@dataclass
 class ParallelConfig:
-    backend: str = "auto"  # auto | single | ddp | fsdp
+    backend: str = "auto"  # auto | single | ddp | fsdp | deepspeed
     activation_checkpointing: str = "none"  # none | block | selective
     compile: bool = False
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -132,6 +142,9 @@ class TrainConfig:
         _choice("parallel.activation_checkpointing", self.parallel.activation_checkpointing,
                 ACTIVATION_CHECKPOINTING)
         _choice("precision", self.precision, PRECISIONS)
+        if self.parallel.deepspeed.zero_stage not in (1, 2, 3):
+            raise ConfigError("parallel.deepspeed.zero_stage", self.parallel.deepspeed.zero_stage,
+                              "1, 2 or 3")
         self._validate_eval()
         if self.grad_clip is not None:
             require_positive("grad_clip", self.grad_clip)

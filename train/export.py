@@ -20,7 +20,7 @@ from stripes.arch.config import ArchFile, ModelConfig
 from stripes.arch.model import StripedLM
 from stripes.core.config import load_config, to_typed
 from stripes.data.format import write_atomic
-from stripes.train.checkpoint import load_checkpoint
+from stripes.train.checkpoint import DcpStates, load_checkpoint
 
 WEIGHTS, MODEL_YAML = "model.safetensors", "model.yaml"
 
@@ -36,7 +36,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     with torch.device("meta"):
         model = StripedLM(cfg)
     model.to_empty(device="cpu")
-    load_checkpoint(checkpoint, model, optimizer=None)
+    load_checkpoint(checkpoint, DcpStates(model, None))
     step = json.loads((checkpoint / "trainer.json").read_text())["step"]
 
     out_dir.mkdir(parents=True, exist_ok=True)

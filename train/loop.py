@@ -2,8 +2,7 @@
 
     world = init_world()                          # torchrun env, or a world of one
     model = StripedLM on meta -> to_empty -> init_weights (same seed on every rank)
-    step_model = parallelize(model, ...)          # AC -> compile -> DDP/FSDP (train/parallel.py)
-    optimizer = AdamW(param groups)               # after wrapping: FSDP2 swaps parameters
+    engine = build_engine(...)                    # wrap + optimizer (train/engine.py)
     resume from checkpoints/latest if any         # model, optimizer, loader, RNG, step
     for step: lr(step) -> micro-batches (fwd, loss / accum, bwd) -> clip -> guard -> step
               -> log -> evaluate (held out) -> checkpoint
@@ -33,11 +32,11 @@ from stripes.data.loader import DataLoader, TokenDataset
 from stripes.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World, all_reduce_mean, close_world, init_world
+from stripes.train.engine import build_engine
 from stripes.train.evaluate import build_eval_set, evaluate
 from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
-from stripes.train.optim import build_optimizer
-from stripes.train.parallel import parallelize, resolve_backend
-from stripes.train.schedule import apply_lr, lr_at
+from stripes.train.parallel import resolve_backend
+from stripes.train.schedule import lr_at
 
 
 class TrainingHalted(RuntimeError):
@@ -74,8 +73,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         model = StripedLM(cfg.model)
     model.to_empty(device=world.device)
     model.init_weights()
-    step_model = parallelize(model, cfg.parallel, backend, world, bf16)
-    optimizer = build_optimizer(model, cfg.optim, world.device.type)
+    engine = build_engine(model, cfg, backend, world, accum, bf16)
     loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)
     eval_set = (build_eval_set(dataset, cfg.eval.sources, cfg.eval.samples)
                 if cfg.eval.every_steps else None)
@@ -83,7 +81,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     start, tokens_seen, skipped = 0, 0, 0
     checkpoint = find_checkpoint(run_dir, cfg.checkpoint.resume)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, seed=cfg.seed)
+        state = load_checkpoint(checkpoint, engine.states, seed=cfg.seed)
         start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         loader.load_state_dict(state["data"])
         log.info(f"resumed from {checkpoint} at step {start}")
@@ -101,24 +99,22 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
 
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg.schedule, cfg.optim.lr, cfg.steps)
-        apply_lr(optimizer, lr)
         batch = next(loader)
         loss_sum = torch.zeros((), device=world.device)
         for micro in range(accum):
             rows = slice(micro * cfg.micro_batch, (micro + 1) * cfg.micro_batch)
-            sync = _no_sync(step_model) if micro < accum - 1 else nullcontext()
-            with sync, autocast:
-                doc_ids = batch["doc_ids"][rows] if cfg.document_masking else None
-                logits = step_model(batch["input_ids"][rows], doc_ids)
-                loss = lm_loss(logits, batch["targets"][rows]) / accum
-            loss.backward()
+            with engine.accumulating(last=micro == accum - 1):
+                with autocast:
+                    doc_ids = batch["doc_ids"][rows] if cfg.document_masking else None
+                    logits = engine.module(batch["input_ids"][rows], doc_ids)
+                    loss = lm_loss(logits, batch["targets"][rows]) / accum
+                engine.backward(loss)
             loss_sum += loss.detach()
-        grad_norm = _clip(model, cfg.grad_clip)
         loss_mean = float(all_reduce_mean(loss_sum))
+        grad_norm, applied = engine.step(lr, math.isfinite(loss_mean))
         tokens_seen += cfg.global_batch_tokens
 
-        if math.isfinite(loss_mean) and math.isfinite(grad_norm):
-            optimizer.step()
+        if applied:
             bad_in_a_row = 0
         else:
             bad_in_a_row += 1
@@ -130,7 +126,6 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                 raise TrainingHalted(f"{bad_in_a_row} steps in a row had a non-finite loss or "
                                      f"gradient norm (last at step {step + 1}); see "
                                      f"{run_dir / 'metrics.jsonl'} for the batches")
-        optimizer.zero_grad(set_to_none=True)
         losses[step] = loss_mean
         throughput.update(cfg.global_batch_tokens)
 
@@ -143,7 +138,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                         if rate and peak else None)
         if eval_set is not None and ((step + 1) % cfg.eval.every_steps == 0
                                      or step + 1 == cfg.steps):
-            losses_eval = evaluate(step_model, eval_set, cfg.eval.micro_batch or cfg.micro_batch,
+            losses_eval = evaluate(engine.module, eval_set, cfg.eval.micro_batch or cfg.micro_batch,
                                    world.rank, world.world_size, world.device, autocast,
                                    cfg.document_masking)
             metrics.log_eval(step + 1, losses_eval)
@@ -154,7 +149,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         if due:
             trainer_state = {"tokens_seen": tokens_seen, "skipped_steps": skipped,
                              "data": loader.state_dict()}
-            saved = save_checkpoint(run_dir, step + 1, model, optimizer, trainer_state,
+            saved = save_checkpoint(run_dir, step + 1, engine.states, trainer_state,
                                     config_yaml, cfg.checkpoint.keep_last)
             metrics.log_event("checkpoint", step=step + 1, path=str(saved))
             last_save = time.monotonic()
@@ -173,19 +168,3 @@ def _check_writable(run_dir: Path) -> None:
     except OSError as err:
         raise ConfigError("output_dir", str(run_dir), "a directory this process can write",
                           err.strerror or type(err).__name__) from None
-
-
-def _no_sync(step_model: torch.nn.Module):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 and a single
-    process need nothing)."""
-    no_sync = getattr(step_model, "no_sync", None)
-    return no_sync() if no_sync is not None else nullcontext()
-
-
-def _clip(model: torch.nn.Module, max_norm: float | None) -> float:
-    """Global gradient norm (clipped to `max_norm` when set); DTensor-aware under FSDP2."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
-        norm = norm.full_tensor()
-    return float(norm)

@@ -41,15 +41,20 @@ def parallelize(model: StripedLM, cfg: ParallelConfig, backend: str, world: Worl
     if backend == "single" and world.world_size > 1:
         raise ValueError(f"parallel.backend=single with {world.world_size} processes: use "
                          "ddp or fsdp (or auto)")
-    apply_activation_checkpointing(model, cfg.activation_checkpointing)
-    if cfg.compile:
-        for block in model.blocks:
-            block.compile()
+    prepare_blocks(model, cfg)
     wrap = _WRAPPERS[backend]
     wrapped = wrap(model, world, bf16)
     note_once(f"parallel: backend={backend}, world={world.world_size}, "
               f"activation_checkpointing={cfg.activation_checkpointing}, compile={cfg.compile}")
     return wrapped
+
+
+def prepare_blocks(model: StripedLM, cfg: ParallelConfig) -> None:
+    """Steps 1 and 2, in place: activation checkpointing, then compile, per block."""
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.compile:
+        for block in model.blocks:
+            block.compile()
 
 
 def _single(model: StripedLM, world: World, bf16: bool) -> nn.Module:

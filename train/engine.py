@@ -1,0 +1,104 @@
+"""What the training loop drives: one interface over every backend.
+
+    engine = build_engine(model, cfg, backend, world, accum, bf16)
+    for each micro-batch:
+        with engine.accumulating(last=...):      # DDP no_sync / DeepSpeed's boundary
+            loss = lm_loss(engine.module(ids, doc_ids), targets) / accum
+            engine.backward(loss)
+    grad_norm, applied = engine.step(lr, loss_finite)   # clip, guard, update, zero grads
+    save_checkpoint(..., engine.states, ...)            # the backend's checkpoint format
+
+`TorchEngine` serves single, ddp and fsdp (train/parallel.py wraps the model; a torch AdamW
+steps it; DCP checkpoints). `DeepSpeedEngine` (train/deepspeed_engine.py) serves ZeRO 1-3.
+The loop knows nothing else about either, so a backend is one class here and one entry in
+`ENGINES`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from stripes.arch.model import StripedLM
+from stripes.train.checkpoint import DcpStates, States
+from stripes.train.config import TrainConfig
+from stripes.train.distributed import World
+from stripes.train.optim import build_optimizer
+from stripes.train.parallel import parallelize
+from stripes.train.schedule import apply_lr
+
+
+class Engine(Protocol):
+    model: StripedLM  # the bare model: FLOPs, parameter names
+    module: nn.Module  # what the forward calls
+    states: States  # its checkpoint format
+
+    def accumulating(self, last: bool) -> AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, lr: float, loss_finite: bool) -> tuple[float, bool]:
+        """Apply the accumulated gradients at `lr` unless the loss or the gradient norm is not
+        finite; always clear them. Returns (global gradient norm before clipping, applied)."""
+        ...
+
+
+class TorchEngine:
+    """single, ddp, fsdp: the model wrapped by train/parallel.py and a torch AdamW."""
+
+    def __init__(self, model: StripedLM, cfg: TrainConfig, backend: str, world: World,
+                 accum: int, bf16: bool) -> None:
+        self.model = model
+        self.module = parallelize(model, cfg.parallel, backend, world, bf16)
+        # After wrapping: FSDP2 swaps the parameters for sharded ones.
+        self.optimizer = build_optimizer(model, cfg.optim, world.device.type)
+        self.states = DcpStates(model, self.optimizer)
+        self.grad_clip = cfg.grad_clip
+
+    def accumulating(self, last: bool) -> AbstractContextManager:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 and a single
+        process need nothing)."""
+        no_sync = getattr(self.module, "no_sync", None)
+        return no_sync() if no_sync is not None and not last else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float, loss_finite: bool) -> tuple[float, bool]:
+        apply_lr(self.optimizer, lr)
+        grad_norm = _clip(self.model, self.grad_clip)
+        applied = loss_finite and math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, applied
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> float:
+    """Global gradient norm (clipped to `max_norm` when set); DTensor-aware under FSDP2."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _deepspeed(model: StripedLM, cfg: TrainConfig, backend: str, world: World, accum: int,
+               bf16: bool) -> Engine:
+    from stripes.train.deepspeed_engine import DeepSpeedEngine  # deepspeed is optional
+
+    return DeepSpeedEngine(model, cfg, world, accum, bf16)
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {
+    "single": TorchEngine, "ddp": TorchEngine, "fsdp": TorchEngine, "deepspeed": _deepspeed}
+
+
+def build_engine(model: StripedLM, cfg: TrainConfig, backend: str, world: World, accum: int,
+                 bf16: bool) -> Engine:
+    return ENGINES[backend](model, cfg, backend, world, accum, bf16)
