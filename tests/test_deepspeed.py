@@ -111,16 +111,17 @@ def test_generated_config_and_user_json(tmp_path, demo_data):
                                           "parallel.deepspeed.offload_optimizer=true",
                                           f"parallel.deepspeed.config={user}"])
     sequences, accum = cfg.batch_plan(2)
-    ds = deepspeed_config(cfg, 2, accum)
+    ds = deepspeed_config(cfg, 2, accum, bf16=True)
     assert ds["train_batch_size"] == sequences == 8 and ds["gradient_accumulation_steps"] == 1
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000,
                                        "offload_optimizer": {"device": "cpu",
                                                              "pin_memory": True}}
     assert ds["gradient_clipping"] == 0.5  # the user's file wins
+    assert ds["torch_autocast"]["enabled"] and not ds["bf16"]["enabled"]
     cfg.parallel.deepspeed.config = str(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match=r"parallel.deepspeed.config=.*missing.json"):
-        deepspeed_config(cfg, 2, accum)
+        deepspeed_config(cfg, 2, accum, bf16=False)
 
 
 def test_bad_stage_and_missing_deepspeed_are_one_line(tmp_path, demo_data, monkeypatch):
@@ -130,3 +131,4 @@ def test_bad_stage_and_missing_deepspeed_are_one_line(tmp_path, demo_data, monke
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'stripes\[deepspeed\]'"):
         import_deepspeed(cpu=True)
+

@@ -10,10 +10,10 @@ A user's JSON (`config:`) is merged over it, key by key, and wins. What stays st
 - the optimizer: stripes' torch AdamW (parameter groups, fused on CUDA), handed to DeepSpeed,
   so nothing is compiled at start-up;
 - the learning rate: set on the optimizer's groups every step from stripes' schedule;
-- precision: DeepSpeed's own bf16/fp16 modes are off and the loop's bf16 autocast runs over
-  float32 parameters, exactly as for the other backends. So parameters that mixers declare
-  float32 stay float32, with float32 gradient reduction; the price is float32 all-gathers
-  under ZeRO-3, where FSDP gathers most blocks in bf16;
+- precision: DeepSpeed's own bf16/fp16 modes are off; its `torch_autocast` runs the forward
+  in bf16 autocast over float32 parameters, as the other backends do. So parameters that
+  mixers declare float32 stay float32, with float32 gradient reduction; the price is
+  float32 all-gathers under ZeRO-3, where FSDP gathers most blocks in bf16;
 - activation checkpointing and compile: applied to the blocks before DeepSpeed wraps them.
 
 The guard: DeepSpeed checks the gradients for inf/NaN before each update and skips the update
@@ -63,7 +63,8 @@ def import_deepspeed(cpu: bool) -> Any:
     return deepspeed
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int,
+                     bf16: bool) -> dict[str, Any]:
     """The DeepSpeed JSON for `cfg` on `world_size` ranks, the user's file merged over it."""
     ds = cfg.parallel.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -75,8 +76,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict[str,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.grad_clip or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": False},  # the loop's autocast does mixed precision
+        "bf16": {"enabled": False},  # DeepSpeed's bf16 mode would cast the parameters
         "fp16": {"enabled": False},
+        # The engine's forward replaces any outer autocast with this one (off unless enabled),
+        # so the loop's bf16 autocast must be declared here. No module is listed as safe for
+        # lower-precision communication: gradients reduce in float32, as under FSDP.
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,  # a torch AdamW under ZeRO
         "steps_per_print": 2**31 - 1,  # stripes logs
     }
@@ -113,7 +119,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("LOCAL_RANK", str(world.local_rank))  # DeepSpeed reads it
         prepare_blocks(model, cfg.parallel)
         optimizer = build_optimizer(model, cfg.optim, world.device.type)
-        config = deepspeed_config(cfg, world.world_size, accum)
+        config = deepspeed_config(cfg, world.world_size, accum, bf16)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                dist_init_required=False)
         self.model, self.module, self._engine = model, engine, engine
