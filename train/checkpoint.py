@@ -369,17 +369,8 @@ def _load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor],
                        directory: Path) -> None:
     """Full tensors into `model` (plain, DDP or FSDP2-sharded), refusing a misfit by name."""
     expected = get_model_state_dict(model, options=_OPTIONS)
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    shapes = [f"{k} saved {list(weights[k].shape)} vs {list(expected[k].shape)}"
-              for k in sorted(expected.keys() & weights.keys())
-              if tuple(weights[k].shape) != tuple(expected[k].shape)]
-    problems = [f"{label} {len(names)} ({_capped(names)})" for label, names in
-                (("missing", missing), ("unexpected", unexpected),
-                 ("shape-mismatched", shapes)) if names]
-    if problems:
-        raise CheckpointMismatch(f"{directory}: checkpoint does not fit this model: "
-                                 + "; ".join(problems))
+    check_shapes(directory, "model", {k: tuple(v.shape) for k, v in weights.items()},
+                 {k: tuple(v.shape) for k, v in expected.items()})
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
@@ -399,18 +390,20 @@ def _check_fits(path: Path, part: str, expected: Mapping[str, Any]) -> None:
              and (part == "model" or key.startswith("state."))}
     wanted = {key: tuple(value.shape) for key, value in expected.items()
               if isinstance(value, torch.Tensor)}
-    problems = []
-    for label, names in (("missing", sorted(wanted.keys() - saved.keys())),
-                         ("unexpected", sorted(saved.keys() - wanted.keys()))):
-        if names:
-            problems.append(f"{label} {len(names)} ({_capped(names)})")
+    check_shapes(path / part, "model" if part == "model" else "optimizer", saved, wanted)
+
+
+def check_shapes(where: Path, what: str, saved: Mapping[str, tuple[int, ...]],
+                 wanted: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise CheckpointMismatch naming the tensors missing, unexpected or shaped otherwise."""
     shapes = [f"{key} saved {list(saved[key])} vs {list(wanted[key])}"
               for key in sorted(saved.keys() & wanted.keys()) if saved[key] != wanted[key]]
-    if shapes:
-        problems.append(f"shape-mismatched {len(shapes)} ({_capped(shapes)})")
+    problems = [f"{label} {len(names)} ({_capped(names)})" for label, names in
+                (("missing", sorted(wanted.keys() - saved.keys())),
+                 ("unexpected", sorted(saved.keys() - wanted.keys())),
+                 ("shape-mismatched", shapes)) if names]
     if problems:
-        raise CheckpointMismatch(f"{path / part}: checkpoint does not fit this "
-                                 f"{'model' if part == 'model' else 'optimizer'}: "
+        raise CheckpointMismatch(f"{where}: checkpoint does not fit this {what}: "
                                  + "; ".join(problems))
 
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from stripes.arch.model import StripedLM
 from stripes.core.config import ConfigError
 from stripes.core.log import log
-from stripes.train.checkpoint import CheckpointMismatch, read_dcp_weights
+from stripes.train.checkpoint import CheckpointMismatch, check_shapes, read_dcp_weights
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World
 from stripes.train.optim import build_optimizer, canonical_name
@@ -122,7 +122,7 @@ class DeepSpeedEngine:
         config = deepspeed_config(cfg, world.world_size, accum, bf16)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                dist_init_required=False)
-        self.model, self.module, self._engine = model, engine, engine
+        self.model, self.module = model, engine
         self.states = DeepSpeedStates(engine, cfg.parallel.deepspeed.zero_stage)
         log.info("deepspeed: ZeRO stage %d%s, %d micro-batches per step, autocast %s",
                  cfg.parallel.deepspeed.zero_stage,
@@ -130,17 +130,17 @@ class DeepSpeedEngine:
                  else "", accum, "bf16" if bf16 else "off")
 
     def accumulating(self, last: bool) -> AbstractContextManager:
-        self._engine.set_gradient_accumulation_boundary(last)
+        self.module.set_gradient_accumulation_boundary(last)
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self._engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by accum
+        self.module.backward(loss, scale_wrt_gas=False)  # the loop already divided by accum
 
     def step(self, lr: float, loss_finite: bool) -> tuple[float, bool]:
-        apply_lr(self._engine.optimizer, lr)
-        self._engine.step()
-        norm = self._engine.get_global_grad_norm()
-        return (float("nan") if norm is None else float(norm)), self._engine.was_step_applied()
+        apply_lr(self.module.optimizer, lr)
+        self.module.step()
+        norm = self.module.get_global_grad_norm()
+        return (float("nan") if norm is None else float(norm)), self.module.was_step_applied()
 
 
 class DeepSpeedStates:
@@ -175,16 +175,12 @@ class DeepSpeedStates:
         import deepspeed
 
         params = {canonical_name(n): p for n, p in self.engine.module.named_parameters()}
-        missing = sorted(params.keys() - weights.keys())
-        if missing:
-            raise CheckpointMismatch(f"checkpoint lacks {len(missing)} parameters of this "
-                                     f"model ({', '.join(missing[:5])})")
+        # Under ZeRO-3 a parameter's own shape is its empty local stub; ds_shape is the full one.
+        check_shapes(TAG, "model", {k: tuple(v.shape) for k, v in weights.items()},
+                     {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in params.items()})
         gathered = (deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
                     if self.zero_stage == 3 else nullcontext())
         with gathered, torch.no_grad():
             for name, param in params.items():
-                if tuple(param.shape) != tuple(weights[name].shape):
-                    raise CheckpointMismatch(f"{name}: saved {list(weights[name].shape)} vs "
-                                             f"{list(param.shape)}")
                 param.copy_(weights[name])
         self.engine.optimizer.refresh_fp32_params()
