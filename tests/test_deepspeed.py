@@ -102,6 +102,26 @@ def test_zero_3_resumes_exports_and_crosses_backends(tmp_path, demo_data, single
     assert sorted(step_losses(ds)) == list(range(1, 11))
 
 
+@pytest.mark.multiprocess
+def test_bf16_curves_of_zero_2_and_fsdp_are_the_single_process_one(tmp_path, demo_data):
+    """bf16 autocast over float32 weights is one definition across backends: ZeRO-2 (here
+    accumulating 2 micro-batches per step) and FSDP2 reproduce the single-process bf16 loss at
+    step 1 to float32 rounding, and stay within reduction-order noise after. FSDP2 with
+    `bf16_params` (bf16 parameter copies) is measurably off from step 1, which this tells apart."""
+    bf16 = ["precision=bf16", "steps=4", "checkpoint.every_steps=4"]
+    single = run(train_cmd(tmp_path / "single", demo_data, *FLAT, *bf16))
+    assert single.returncode == 0, single.stderr
+    want = step_losses(tmp_path / "single")
+    for name, extra in [("zero2", ["parallel.deepspeed.zero_stage=2", "micro_batch=2"]),
+                        ("fsdp", ["parallel.backend=fsdp"])]:
+        done = run([*torchrun(tmp_path / name, demo_data, *bf16), *extra], env=ENV)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = step_losses(tmp_path / name)
+        assert abs(got[1] - want[1]) < 1e-6 * want[1], (name, got, want)
+        for step in range(2, 5):
+            assert abs(got[step] - want[step]) < 5e-5 * want[step], (name, step, got, want)
+
+
 def test_generated_config_and_user_json(tmp_path, demo_data):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000},

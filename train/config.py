@@ -84,10 +84,21 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """`parallel.backend: fsdp` (train/parallel.py)."""
+
+    # false: blocks compute under bf16 autocast over all-gathered float32 parameters, the same
+    # numbers as single/ddp/deepspeed. true: all-gather bf16 copies (half the traffic), so the
+    # residual stream and norms run in bf16; measured to learn hybrid-1b worse (BENCHMARKS.md).
+    bf16_params: bool = False
+
+
+@dataclass
 class ParallelConfig:
     backend: str = "auto"  # auto | single | ddp | fsdp | deepspeed
     activation_checkpointing: str = "none"  # none | block | selective
     compile: bool = False
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 

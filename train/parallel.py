@@ -10,9 +10,11 @@
 The order matters: checkpointing wraps the eager block so that compile sees the recompute
 region, and FSDP goes last so that its all-gathers surround the compiled, checkpointed block.
 
-Precision under FSDP: with bf16 autocast, blocks whose mixer declares float32 parameters
-(poles, decays, A_log) all-gather their parameters in float32; the others in bf16.
-Gradients are reduced in float32 in both cases.
+Precision under FSDP: by default parameters are all-gathered in float32 and the loop's bf16
+autocast does the casting, exactly as in one process. `parallel.fsdp.bf16_params: true`
+all-gathers bf16 copies instead (half the traffic; blocks whose mixer declares float32
+parameters, such as poles, decays and A_log, stay float32), which also puts the residual
+stream and the norms in bf16. Gradients are reduced in float32 either way.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def parallelize(model: StripedLM, cfg: ParallelConfig, backend: str, world: Worl
                          "ddp or fsdp (or auto)")
     prepare_blocks(model, cfg)
     wrap = _WRAPPERS[backend]
-    wrapped = wrap(model, world, bf16)
+    wrapped = wrap(model, cfg, world, bf16)
     note_once(f"parallel: backend={backend}, world={world.world_size}, "
               f"activation_checkpointing={cfg.activation_checkpointing}, compile={cfg.compile}")
     return wrapped
@@ -57,20 +59,21 @@ def prepare_blocks(model: StripedLM, cfg: ParallelConfig) -> None:
             block.compile()
 
 
-def _single(model: StripedLM, world: World, bf16: bool) -> nn.Module:
+def _single(model: StripedLM, cfg: ParallelConfig, world: World, bf16: bool) -> nn.Module:
     return model
 
 
-def _ddp(model: StripedLM, world: World, bf16: bool) -> nn.Module:
+def _ddp(model: StripedLM, cfg: ParallelConfig, world: World, bf16: bool) -> nn.Module:
     ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def _fsdp(model: StripedLM, world: World, bf16: bool) -> nn.Module:
+def _fsdp(model: StripedLM, cfg: ParallelConfig, world: World, bf16: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     def policy(keep_fp32: bool) -> MixedPrecisionPolicy:
-        param_dtype = torch.bfloat16 if bf16 and not keep_fp32 else None
+        cast = bf16 and cfg.fsdp.bf16_params and not keep_fp32
+        param_dtype = torch.bfloat16 if cast else None
         return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
     for block in model.blocks:
