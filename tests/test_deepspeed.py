@@ -22,6 +22,7 @@ from test_train import (  # noqa: F401
     data_overrides,
     demo_data,
     eval_losses,
+    kill_after_checkpoint,
     run,
     single_process_run,
     step_losses,
@@ -67,14 +68,17 @@ def test_zero_1_and_2_follow_the_single_process_curve(tmp_path, demo_data, stage
 
 
 @pytest.mark.multiprocess
-def test_zero_3_resumes_exports_and_crosses_backends(tmp_path, demo_data, single_process_run):
+def test_zero_3_resumes_after_sigkill_exports_and_crosses_backends(tmp_path, demo_data,
+                                                                  single_process_run):
     ds = tmp_path / "ds"
-    first = run(torchrun(ds, demo_data, "parallel.deepspeed.zero_stage=3", "steps=4"), env=ENV)
-    assert first.returncode == 0, first.stderr[-3000:]
-    # Resumed from its own checkpoint (model, optimizer and ZeRO partitions) to step 8: the
-    # whole curve, evaluation included, is the single-process one.
+    kill_after_checkpoint(torchrun(ds, demo_data, "parallel.deepspeed.zero_stage=3"), ds,
+                          "step-000004", env=ENV)
+    # Killed after its step-4 checkpoint, resumed from it (model, optimizer and ZeRO
+    # partitions) to step 8: the whole curve, evaluation included, is the single-process one.
     second = run(torchrun(ds, demo_data, "parallel.deepspeed.zero_stage=3"), env=ENV)
     assert second.returncode == 0, second.stderr[-3000:]
+    events = [json.loads(line) for line in (ds / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "resumed"] == [4]
     want = step_losses(single_process_run)
     assert_close_losses(step_losses(ds), want, range(1, 9))
     got_eval, want_eval = eval_losses(ds), eval_losses(single_process_run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,20 +74,46 @@ def test_loss_falls(tmp_path, demo_data):
     assert out.stdout.startswith("LISP, n.") and len(out.stdout.strip()) > len("LISP, n.")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from /proc (torchrun starts its workers in sessions of
+    their own, so a process-group kill misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while listing
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, checkpoint: str, **kw) -> None:
+    """Start a run and SIGKILL it, with every process it started (torchrun's workers), as soon
+    as `checkpoint` is the latest: no clean shutdown anywhere."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            **kw)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and latest.read_text().strip() == checkpoint):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no {checkpoint}"
+        time.sleep(0.05)
+    for pid in [*descendants(proc.pid), proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_sigkill_reproduces_losses_exactly(tmp_path, demo_data):
     straight = tmp_path / "straight"
     assert run(train_cmd(straight, demo_data)).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, demo_data), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.exists() and latest.read_text().strip() == "step-000004"):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 4"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # no clean shutdown
-    proc.wait()
+    kill_after_checkpoint(train_cmd(killed, demo_data), killed, "step-000004")
     resumed = run(train_cmd(killed, demo_data))
     assert resumed.returncode == 0, resumed.stderr
 
