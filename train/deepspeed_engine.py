@@ -39,8 +39,8 @@ import torch.distributed as dist
 from stripes.arch.model import StripedLM
 from stripes.core.config import ConfigError
 from stripes.core.log import log
-from stripes.train.checkpoint import CheckpointMismatch, check_shapes, read_dcp_weights
 from stripes.train.config import TrainConfig
+from stripes.train.dcp_states import CheckpointMismatch, check_shapes, read_dcp_weights
 from stripes.train.distributed import World
 from stripes.train.optim import build_optimizer, canonical_name
 from stripes.train.parallel import prepare_blocks
