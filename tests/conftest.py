@@ -21,6 +21,11 @@ for var, value in {
 }.items():
     os.environ[var] = value
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The flag is read
+# when a kernel module is imported, so it is set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "arch" / "tiny.yaml"
 

@@ -1,0 +1,183 @@
+"""Fused linear + cross-entropy: tokens in chunks, so the [N, V] logits never exist at once.
+
+For each chunk of C rows the host loop does
+    logits = x_c @ W^T                       torch matmul, x's dtype      [C, V]
+    _cross_entropy_rows_kernel               one program per row:
+        pass 1  online max / sum-exp over the row in BLOCK_V blocks (float32) -> lse,
+                loss_row = lse - logit[target]
+        pass 2  logits <- softmax - onehot(target) (zero for ignored rows), in place
+    grad_x_c  = scale * dlogits @ W          written straight into grad_x  [C, D]
+    grad_W   += scale * dlogits^T @ x_c      accumulated in float32        [V, D]
+(scale = 1/count for "mean", 1 for "sum", applied as the matmuls' alpha in float32), so
+the whole backward is done during the forward: the loss needs a full pass over the logits
+anyway, and their gradient costs one more read and write of a row that is still in L2.
+Autograd's backward then only multiplies the saved gradients by grad_output.
+
+The weight gradient is summed over every chunk, so it is accumulated in float32: bf16
+accumulation of many chunk products drifts. On CUDA a bf16 x bf16 product is added into the
+float32 buffer by one cuBLAS call (addmm with out_dtype=float32, torch >= 2.8); on CPU
+(interpreter tests) the operands are upcast instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from stripes.kernels.linear_ce.reference import check_inputs
+
+# Largest block of a row that one program loads at a time; rows longer than this loop.
+# Tests lower it so that small vocabularies still cross several blocks.
+MAX_BLOCK_V = 4096
+# Default chunk: at most this many bytes of logits live at once (see default_chunk_tokens).
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, V, stride_row, ignore_index,
+                               BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: C * V can pass 2^31 for large vocabularies
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    counted = target != ignore_index
+    cols = tl.arange(0, BLOCK_V)  # [BLOCK_V]
+
+    # Pass 1: running max m and sum of exp(z - m), rescaled whenever the max grows.
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    # Ignored rows read column 0 instead of an out-of-range index, and count zero.
+    z_target = tl.load(row_ptr + tl.where(counted, target, 0)).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(counted, lse - z_target, 0.0))
+
+    # Pass 2: d loss_row / d logits = softmax - onehot(target), zero for an ignored row,
+    # written over the logits themselves (they are not needed again). The reduction's scale
+    # (1/count for "mean") is left to the matmuls' alpha: scaled here, a bf16 row would keep
+    # its precision but an fp16 row's small probabilities would underflow to zero.
+    if WRITE_GRAD:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0)
+            grad = tl.where(counted, grad, 0.0)
+            tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def default_chunk_tokens(n: int, vocab: int, itemsize: int) -> int:
+    """Rows per chunk: as many as keep one chunk's logits within LOGITS_BUDGET_BYTES (256 MiB),
+    rounded down to a multiple of 256 when that many fit (keeps the matmuls' M dimension
+    tile-aligned), at least 1 and at most n. E.g. V = 32,000 in bf16 -> 4,096 rows."""
+    rows = LOGITS_BUDGET_BYTES // (vocab * itemsize)
+    if rows >= 256:
+        rows -= rows % 256
+    return max(1, min(n, rows))
+
+
+def _launch_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): a whole row in one block up to MAX_BLOCK_V, ~16 values a thread."""
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    return block, max(1, min(16, block // 512))
+
+
+def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """acc += alpha * a @ b with the product formed in acc's precision (float32, or float64)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+    elif a.is_cuda:  # bf16/fp16 operands, float32 accumulate and output in one cuBLAS call
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
+    else:  # CPU has no out_dtype kernels
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
+
+
+def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 ignore_index: int, reduction: str, chunk_tokens: int | None,
+                                 grad_x_needed: bool, grad_w_needed: bool):
+    """Loss and, where asked, its gradients (for grad_output = 1; backward scales them).
+
+    Returns (loss float32 scalar, grad_x [N, D] in x's dtype or None,
+    grad_w [V, D] float32 (float64 for float64 inputs) or None).
+    """
+    count = check_inputs(x, weight, targets, ignore_index, reduction, chunk_tokens)
+    x, weight, targets = x.contiguous(), weight.contiguous(), targets.contiguous()
+    n, d = x.shape
+    vocab = weight.shape[0]
+    scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+    chunk = min(chunk_tokens or default_chunk_tokens(n, vocab, x.element_size()), max(n, 1))
+    write_grad = grad_x_needed or grad_w_needed
+    block_v, num_warps = _launch_config(vocab)
+
+    losses = torch.empty(n, dtype=torch.float32, device=x.device)  # [N]
+    logits_buf = torch.empty(chunk, vocab, dtype=x.dtype, device=x.device)  # [C, V], reused
+    grad_x = torch.empty(n, d, dtype=x.dtype, device=x.device) if grad_x_needed else None
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    grad_w = (torch.zeros(vocab, d, dtype=acc_dtype, device=x.device)
+              if grad_w_needed else None)  # [V, D]
+
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        x_c = x[start:end]  # [c, D]
+        logits = logits_buf[: end - start]  # [c, V], contiguous prefix of the buffer
+        torch.mm(x_c, weight.t(), out=logits)
+        _cross_entropy_rows_kernel[(end - start,)](
+            logits, targets[start:end], losses[start:end], vocab, logits.stride(0),
+            ignore_index, BLOCK_V=block_v, WRITE_GRAD=write_grad, num_warps=num_warps)
+        if grad_x_needed:  # scale * [c, V] @ [V, D], rounded once; beta=0 never reads grad_x
+            grad_x_c = grad_x[start:end]
+            torch.addmm(grad_x_c, logits, weight, beta=0, alpha=scale, out=grad_x_c)
+        if grad_w_needed:
+            _accumulate_f32(grad_w, logits.t(), x_c, scale)  # += scale * [V, c] @ [c, D]
+
+    loss = losses.sum()
+    if reduction == "mean":
+        loss = loss / max(count, 1)
+    return loss, grad_x, grad_w
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Forward computes the loss and both gradients; backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_tokens, grad_x_needed,
+                grad_w_needed):
+        with torch.autocast(x.device.type, enabled=False):  # matmuls stay in x's dtype
+            loss, grad_x, grad_w = linear_cross_entropy_forward(
+                x, weight, targets, ignore_index, reduction, chunk_tokens,
+                grad_x_needed, grad_w_needed)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_x, grad_w = ctx.saved_tensors
+        # Out of place, so a retained graph can run backward twice.
+        dx = grad_x * grad_output if grad_x is not None else None  # stays in x's dtype
+        dw = None
+        if grad_w is not None:  # scaled in float32 and rounded once, with no float32 temporary
+            dw = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
+            torch.mul(grad_w, grad_output, out=dw)
+        return dx, dw, None, None, None, None, None, None
+
+
+def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                ignore_index: int = -100, reduction: str = "mean",
+                                chunk_tokens: int | None = None) -> torch.Tensor:
+    """The Triton path of stripes.kernels.linear_ce.linear_cross_entropy (same contract).
+
+    Autocast casting is the public function's job: called directly, this computes in the
+    dtype x and weight already have."""
+    # ctx.needs_input_grad ignores no_grad mode, so decide here: under no_grad (evaluation)
+    # the kernel skips its gradient pass and neither gradient matmul runs.
+    grad_enabled = torch.is_grad_enabled()
+    return LinearCrossEntropyFunction.apply(x, weight, targets, ignore_index, reduction,
+                                            chunk_tokens, grad_enabled and x.requires_grad,
+                                            grad_enabled and weight.requires_grad)
