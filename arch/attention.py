@@ -22,9 +22,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_starts
 from stripes.arch.registry import register_mixer
-from stripes.arch.rope import RopeConfig, apply_rope, check_rotary_heads, rope_angles
+from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
 from stripes.core.log import note_once
+from stripes.kernels.rotary import apply_rotary
 
 # Backends tried in order under `auto` on CUDA; on CPU PyTorch picks its own kernel.
 _AUTO_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -118,7 +119,7 @@ class Attention(Mixer):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         rope_dtype = torch.promote_types(q.dtype, torch.float32)
         cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def _sdpa(self, q, k, v, mask: torch.Tensor | None, causal: bool,
               decoding: bool = False) -> torch.Tensor:

@@ -26,23 +26,24 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d_model, norm_eps) if self.mlp is not None else None
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), doc_ids)
-        return self._mlp(x)
+        return self._mlp(x, self.mixer(self.mixer_norm(x), doc_ids))
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """x + mixed, then x + mlp(norm(x)); the first add is fused into the norm."""
         if self.mlp is None:
-            return x
-        return x + self.mlp(self.mlp_norm(x))
+            return x + mixed
+        y, x = self.mlp_norm(mixed, residual=x)
+        return x + self.mlp(y)
 
     # -- decoding: the mixer's protocol, with the same residual wiring -----------------------
     def allocate_state(self, batch_size: int, max_len: int, device, dtype) -> Any:
         return self.mixer.allocate_state(batch_size, max_len, device, dtype)
 
     def prefill(self, x: torch.Tensor, state: Any) -> torch.Tensor:
-        return self._mlp(x + self.mixer.prefill(self.mixer_norm(x), state))
+        return self._mlp(x, self.mixer.prefill(self.mixer_norm(x), state))
 
     def step(self, x: torch.Tensor, state: Any) -> torch.Tensor:
-        return self._mlp(x + self.mixer.step(self.mixer_norm(x), state))
+        return self._mlp(x, self.mixer.step(self.mixer_norm(x), state))
 
     # -- accounting -------------------------------------------------------------------------
     def init_weights(self, std: float, out_std: float) -> None:

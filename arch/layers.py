@@ -11,22 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stripes.kernels.rmsnorm import rms_norm
+from stripes.kernels.swiglu import swiglu
+
 if TYPE_CHECKING:  # layers must not import the config module: it imports MLP_CLASSES from here
     from stripes.arch.config import MLPConfig
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, in at least float32 (Zhang & Sennrich, 2019)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, in at least float32 (Zhang & Sennrich, 2019).
+
+    Given `residual`, it first adds x to the residual stream and returns (norm(h), h) with
+    h = residual + x: the pre-norm block's add-then-normalise in one pass (kernels/rmsnorm).
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)  # float64 models stay float64
-        y = F.rms_norm(x.to(compute), (x.shape[-1],), self.weight.to(compute), self.eps)
-        return y.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
@@ -42,7 +48,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def flops_per_token(self) -> float:
         return 2.0 * 3 * self.gate_proj.in_features * self.gate_proj.out_features

@@ -1,6 +1,8 @@
 """StripedLM: embedding -> blocks from the expanded stripe pattern -> RMSNorm -> LM head.
 
-Inputs are token ids `[B, T]`; activations `[B, T, D]`; logits `[B, T, V]`.
+Inputs are token ids `[B, T]`; activations `[B, T, D]`; logits `[B, T, V]`. Given targets,
+the forward returns the loss instead, through a fused linear + cross-entropy that never
+holds the [B*T, V] logits (kernels/linear_ce).
 The model is written for one device; parallelism is applied from outside by `train/`.
 Build it on the meta device and materialise it with `to_empty` + `init_weights()`:
 
@@ -23,6 +25,7 @@ from torch import nn
 from stripes.arch.block import Block
 from stripes.arch.config import ModelConfig
 from stripes.arch.layers import RMSNorm
+from stripes.kernels.linear_ce import linear_cross_entropy
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -54,22 +57,29 @@ class StripedLM(nn.Module):
                                                                  bias=False)
 
     # -- training ---------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: [B, T]; doc_ids: optional [B, T] document index. Returns logits [B, T, V]."""
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [B, T]; doc_ids: optional [B, T] document index. Returns logits
+        [B, T, V]; or, given targets [B, T], the mean next-token cross-entropy (float32
+        scalar, targets equal to -100 skipped) without materialising the logits."""
         x = self.embed(input_ids)  # [B, T, D]
         for block in self.blocks:
             x = block(x, doc_ids)
-        return self._logits(x)
+        x = self.norm(x)
+        if targets is None:
+            return F.linear(x, self._head_weight())  # [B, T, V]
+        return linear_cross_entropy(x.flatten(0, 1), self._head_weight(), targets.flatten())
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor,
-             doc_ids: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy in float32; targets [B, T], `ignore_index` skipped."""
-        return lm_loss(self(input_ids, doc_ids), targets, ignore_index)
+             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy in float32; targets [B, T], -100 skipped."""
+        return self(input_ids, doc_ids, targets)
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, D]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)  # [B, T, V]
+        return F.linear(self.norm(x), self._head_weight())  # [B, T, V]
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -3,7 +3,8 @@
 Pairs are (x[i], x[i + Dh/2]), the layout of Hugging Face Llama checkpoints, so grafted
 q/k projections need no permutation. Angles are computed in float64 for the positions at
 hand (a float32 position x frequency product is off by ~0.1 rad at position 10^6) and the
-rotation runs in at least float32: nothing depends on a maximum length stored in the model.
+rotation (kernels/rotary: `apply_rotary`) runs in at least float32: nothing depends on a
+maximum length stored in the model.
 `inv_frequencies` is the one place a frequency-scaling rule (long-context extension) plugs in.
 """
 
@@ -43,12 +44,3 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
     """positions: [T] integer positions -> (cos, sin), each [T, Dh/2] in `dtype`."""
     freqs = torch.outer(positions.double(), inv_frequencies(head_dim, theta, positions.device))
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, Dh]; cos, sin: [T, Dh/2]. Rotates each (x1, x2) pair by its angle."""
-    compute = torch.promote_types(x.dtype, cos.dtype)
-    x1, x2 = x.to(compute).chunk(2, dim=-1)  # each [B, T, H, Dh/2]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, Dh/2], broadcast over B and H
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)

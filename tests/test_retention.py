@@ -16,8 +16,9 @@ from stripes.arch.retention_forms import (
     retention_parallel,
     retention_recurrent,
 )
-from stripes.arch.rope import apply_rope, rope_angles
+from stripes.arch.rope import rope_angles
 from stripes.core.config import ConfigError
+from stripes.kernels.rotary.reference import apply_rotary
 
 from numerics import rel_error
 
@@ -144,7 +145,7 @@ def reference(mixer: Retention, x: torch.Tensor) -> torch.Tensor:
     k = (x @ mixer.k_proj.weight.T).view(B_, T_, H_, dk)
     v = (x @ mixer.v_proj.weight.T).view(B_, T_, H_, dv)
     cos, sin = rope_angles(torch.arange(T_), dk, mixer.cfg.rope.theta, torch.float64)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin) / math.sqrt(dk)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin) / math.sqrt(dk)
     log_decay = torch.tensor([math.log1p(-(2.0 ** (-5 - h))) for h in range(H_)],
                              dtype=torch.float64)
     o = definition(q, k, v, log_decay, torch.zeros(B_, H_, dk, dv, dtype=torch.float64))

@@ -3,7 +3,7 @@
     engine = build_engine(model, cfg, backend, world, accum, bf16)
     for each micro-batch:
         with engine.accumulating(last=...):      # DDP no_sync / DeepSpeed's boundary
-            loss = lm_loss(engine.module(ids, doc_ids), targets) / accum
+            loss = engine.module(ids, doc_ids, targets) / accum   # fused head + loss
             engine.backward(loss)
     grad_norm, applied = engine.step(lr, loss_finite)   # clip, guard, update, zero grads
     save_checkpoint(..., engine.states, ...)            # the backend's checkpoint format

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from stripes.arch.model import StripedLM, lm_loss
+from stripes.arch.model import StripedLM
 from stripes.core.config import ConfigError
 from stripes.core.log import log
 from stripes.data.loader import DataLoader, TokenDataset
@@ -106,8 +106,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             with engine.accumulating(last=micro == accum - 1):
                 with autocast:
                     doc_ids = batch["doc_ids"][rows] if cfg.document_masking else None
-                    logits = engine.module(batch["input_ids"][rows], doc_ids)
-                    loss = lm_loss(logits, batch["targets"][rows]) / accum
+                    loss = engine.module(batch["input_ids"][rows], doc_ids,
+                                         batch["targets"][rows]) / accum
                 engine.backward(loss)
             loss_sum += loss.detach()
         loss_mean = float(all_reduce_mean(loss_sum))
