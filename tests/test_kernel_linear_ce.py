@@ -169,8 +169,33 @@ def test_bad_inputs_raise_value_error(fn):
 
 
 def test_default_chunk_keeps_logits_within_budget():
-    assert default_chunk_tokens(65536, 32000, 2) == 4096  # 250 MiB of bf16 logits
-    assert default_chunk_tokens(65536, 32000, 4) == 2048
+    budget = kernel.LOGITS_BUDGET_BYTES
+    for itemsize in (2, 4):
+        rows = default_chunk_tokens(65536, 32000, itemsize)
+        assert rows % 256 == 0  # tile-aligned
+        assert rows * 32000 * itemsize <= budget < (rows + 256) * 32000 * itemsize
     assert default_chunk_tokens(100, 32000, 2) == 100  # never more rows than there are
-    assert default_chunk_tokens(65536, 2**20, 4) == 64  # huge vocabulary: fewer rows
+    huge = default_chunk_tokens(65536, 2**20, 4)  # huge vocabulary: fewer rows, unaligned
+    assert huge * 2**22 <= budget < (huge + 1) * 2**22
     assert default_chunk_tokens(8, 2**30, 4) == 1
+
+
+def test_single_block_rows_match_looped_rows(block_v):
+    """A row that fits one block is read once (pass 2 reuses it); it must agree with the
+    looping path on the same inputs."""
+    x, weight, targets = inputs(9, 40, 8, ignored=(2,))
+    block_v(64)
+    one = loss_and_grads(linear_cross_entropy_triton, x, weight, targets)
+    block_v(16)
+    looped = loss_and_grads(linear_cross_entropy_triton, x, weight, targets)
+    for a, b in zip(one, looped, strict=True):
+        assert rel_error(a, b) < 1e-6
+
+
+def test_second_backward_over_one_forward_is_refused():
+    """The saved gradients are scaled in place by the first backward."""
+    x, weight, targets = inputs(5, 11, 4)
+    loss = linear_cross_entropy_triton(x, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

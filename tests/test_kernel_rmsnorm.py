@@ -155,3 +155,17 @@ def test_bad_shapes_raise(fn):
 def test_triton_rejects_float64():
     with pytest.raises(ValueError, match="float64"):
         rms_norm_triton(torch.randn(2, 8, dtype=torch.float64), torch.ones(8), EPS)
+
+
+@pytest.mark.parametrize("block_r, stages", [(1, 1), (2, 2), (4, 1)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_every_backward_row_blocking_matches(monkeypatch, block_r, stages, residual):
+    """Rows taken several at a time, with a tail shorter than the block (13 rows, 4 programs
+    of 4 rows: the last has 1), give the same gradients as the reference."""
+    from stripes.kernels.rmsnorm import kernel
+
+    config = kernel.BackwardConfig(block_r=block_r, num_warps=1, programs_per_sm=1,
+                                   num_stages=stages)
+    monkeypatch.setattr(kernel, "backward_config", lambda d, itemsize: config)
+    x, w, r = make_inputs((13, 33), residual)
+    check_against_float64(x, w, r, EPS, 1e-5)

@@ -43,16 +43,18 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     CUDA tensors run the Triton path (stripes.kernels.linear_ce.kernel); it never builds the
     [N, V] logits. It takes chunk_tokens rows at a time; by default as many as keep one
-    chunk's logits within 256 MiB (e.g. 4,096 rows at V = 32,000 in bf16), see
+    chunk's logits within 128 MiB (e.g. 2,048 rows at V = 32,000 in bf16), see
     kernel.default_chunk_tokens. Per chunk: logits = x_c @ W^T by torch's matmul in x's
     dtype; a Triton kernel (one program per row, streaming the row in blocks) computes the
     log-sum-exp in float32 (the loss is lse - logit[target]) and overwrites the logits in
     place with softmax - onehot; then grad_x_c = scale * dlogits @ W and
     grad_W += scale * dlogits^T @ x_c, accumulated in float32 (scale = 1/count for "mean",
     applied in float32 as the matmuls' alpha). All of this happens in the forward;
-    backward only multiplies the saved gradients by grad_output. Memory consequence: the
-    forward's peak is x, W, grad_x ([N, D], x's dtype), grad_W ([V, D] float32) and one
-    chunk of logits ([C, V], x's dtype), and grad_x and grad_W stay alive until backward.
+    backward only multiplies the saved gradients by grad_output (grad_x in place, so one
+    forward takes one backward: a second, through retain_graph, raises RuntimeError).
+    Memory consequence: the forward's peak is x, W, grad_x ([N, D], x's dtype), grad_W
+    ([V, D] float32) and one chunk of logits ([C, V], x's dtype); grad_x and grad_W stay
+    alive until backward, whose peak adds grad_W in W's dtype instead of the logits.
     Under autocast add the bf16 copies of x and W. Under torch.no_grad (evaluation) only
     the loss is computed. Numerics: the logits and their gradient are stored in x's dtype
     (bf16 on a bf16 model); the log-sum-exp, the loss and the weight-gradient accumulation

@@ -27,31 +27,38 @@ import triton.language as tl
 
 from stripes.kernels.linear_ce.reference import check_inputs
 
-# Largest block of a row that one program loads at a time; rows longer than this loop.
-# Tests lower it so that small vocabularies still cross several blocks.
-MAX_BLOCK_V = 4096
+# Largest block of a row that one program loads at a time; a row that fits is read once and
+# written once, longer rows loop (and read twice). Tests lower it so that small vocabularies
+# still cross several blocks.
+MAX_BLOCK_V = 32768
 # Default chunk: at most this many bytes of logits live at once (see default_chunk_tokens).
-LOGITS_BUDGET_BYTES = 256 * 2**20
+LOGITS_BUDGET_BYTES = 128 * 2**20
 
 
 @triton.jit
 def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, V, stride_row, ignore_index,
-                               BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+                               BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                               WRITE_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # int64: C * V can pass 2^31 for large vocabularies
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
     counted = target != ignore_index
     cols = tl.arange(0, BLOCK_V)  # [BLOCK_V]
 
-    # Pass 1: running max m and sum of exp(z - m), rescaled whenever the max grows.
-    m = float("-inf")
-    s = 0.0
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
+    # Pass 1: the row's log-sum-exp in float32.
+    if ONE_BLOCK:  # the whole row (V <= BLOCK_V) stays in registers for pass 2
+        z_row = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m = tl.max(z_row, axis=0)
+        s = tl.sum(tl.exp(z_row - m), axis=0)
+    else:  # running max m and sum of exp(z - m), rescaled whenever the max grows
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
     lse = m + tl.log(s)
     # Ignored rows read column 0 instead of an out-of-range index, and count zero.
     z_target = tl.load(row_ptr + tl.where(counted, target, 0)).to(tl.float32)
@@ -62,19 +69,44 @@ def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, V, stride_row,
     # (1/count for "mean") is left to the matmuls' alpha: scaled here, a bf16 row would keep
     # its precision but an fp16 row's small probabilities would underflow to zero.
     if WRITE_GRAD:
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0)
+        if ONE_BLOCK:
+            grad = tl.exp(z_row - lse) - tl.where(cols == target, 1.0, 0.0)
             grad = tl.where(counted, grad, 0.0)
-            tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+        else:
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = offs < V
+                z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                grad = tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0)
+                grad = tl.where(counted, grad, 0.0)
+                tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(src_ptr, dst_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """dst = src * scale (a float32 scalar read on the device), rounded once to dst's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    scale = tl.load(scale_ptr).to(tl.float32)
+    src = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + offs, (src * scale).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_into(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dst = src * scale for contiguous tensors of one shape (dst may be src: in place); scale
+    is a 0-dim tensor on their device, so no host sync. One read and one write: torch's mul of
+    a bf16 tensor by a float32 0-dim tensor ran at about a third of that."""
+    block = 4096
+    _scale_kernel[(triton.cdiv(src.numel(), block),)](
+        src, dst, scale.to(torch.float32), src.numel(), BLOCK=block, num_warps=8)
+    return dst
 
 
 def default_chunk_tokens(n: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk: as many as keep one chunk's logits within LOGITS_BUDGET_BYTES (256 MiB),
+    """Rows per chunk: as many as keep one chunk's logits within LOGITS_BUDGET_BYTES (128 MiB),
     rounded down to a multiple of 256 when that many fit (keeps the matmuls' M dimension
-    tile-aligned), at least 1 and at most n. E.g. V = 32,000 in bf16 -> 4,096 rows."""
+    tile-aligned), at least 1 and at most n. E.g. V = 32,000 in bf16 -> 2,048 rows."""
     rows = LOGITS_BUDGET_BYTES // (vocab * itemsize)
     if rows >= 256:
         rows -= rows % 256
@@ -82,7 +114,8 @@ def default_chunk_tokens(n: int, vocab: int, itemsize: int) -> int:
 
 
 def _launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): a whole row in one block up to MAX_BLOCK_V, ~16 values a thread."""
+    """(BLOCK_V, num_warps): a whole row in one block up to MAX_BLOCK_V, at most 16 warps
+    (a 32k row: 64 values a thread)."""
     block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     return block, max(1, min(16, block // 512))
 
@@ -128,7 +161,8 @@ def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets:
         torch.mm(x_c, weight.t(), out=logits)
         _cross_entropy_rows_kernel[(end - start,)](
             logits, targets[start:end], losses[start:end], vocab, logits.stride(0),
-            ignore_index, BLOCK_V=block_v, WRITE_GRAD=write_grad, num_warps=num_warps)
+            ignore_index, BLOCK_V=block_v, ONE_BLOCK=block_v >= vocab, WRITE_GRAD=write_grad,
+            num_warps=num_warps)
         if grad_x_needed:  # scale * [c, V] @ [V, D], rounded once; beta=0 never reads grad_x
             grad_x_c = grad_x[start:end]
             torch.addmm(grad_x_c, logits, weight, beta=0, alpha=scale, out=grad_x_c)
@@ -153,18 +187,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_x_needed, grad_w_needed)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
+        ctx.backward_done = False
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        # The saved gradients are scaled in place (grad_x) and rounded into the weight's dtype
+        # (grad_w): no copy of either exists beside the saved one. A second backward over the
+        # same forward (retain_graph) would see scaled values, so it is refused.
+        if ctx.backward_done:
+            raise RuntimeError("linear_cross_entropy: backward ran twice over one forward; "
+                               "its saved gradients are consumed by the first (no retain_graph)")
+        ctx.backward_done = True
         grad_x, grad_w = ctx.saved_tensors
-        # Out of place, so a retained graph can run backward twice.
-        dx = grad_x * grad_output if grad_x is not None else None  # stays in x's dtype
+        dx = scale_into(grad_x, grad_x, grad_output) if grad_x is not None else None
         dw = None
-        if grad_w is not None:  # scaled in float32 and rounded once, with no float32 temporary
-            dw = torch.empty(grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
-            torch.mul(grad_w, grad_output, out=dw)
+        if grad_w is not None:  # scaled in float32 and rounded once
+            dw = scale_into(grad_w, torch.empty(grad_w.shape, dtype=ctx.weight_dtype,
+                                                device=grad_w.device), grad_output)
         return dx, dw, None, None, None, None, None, None
 
 

@@ -10,6 +10,7 @@ sum in registers, written once to a float32 [n_programs, D] buffer that is summe
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,30 +51,36 @@ def _rms_norm_bwd_kernel(
     dx_ptr, dr_ptr, dw_partial_ptr,  # [rows, D], [rows, D], [n_programs, D] float32
     n_rows, D, rows_per_program,
     HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < D
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_D]
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 bounds: the row index is int64
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row in range(row_start, row_end):
-        offs = row * D + cols
-        rstd = tl.load(rstd_ptr + row)
+    # BLOCK_R rows at a time: their loads are in flight together, which one row per
+    # iteration (a load, a reduction, a store, in sequence) leaves the memory system idle for.
+    for first in tl.range(row_start, row_end, BLOCK_R, num_stages=NUM_STAGES):
+        rows = first + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        row_mask = rows < row_end
+        offs = rows[:, None] * D + cols[None, :]  # [BLOCK_R, BLOCK_D]
+        mask = row_mask[:, None] & col_mask[None, :]
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None]  # [BLOCK_R, 1]
         h_hat = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dw += dy * h_hat
+        dw += tl.sum(dy * h_hat, axis=0)
         # y = h_hat * w with h_hat = h * rstd(h):
         # dL/dh = rstd * (dy * w - h_hat * mean(dy * w * h_hat)).
         dyw = dy * w
-        dh = rstd * (dyw - h_hat * (tl.sum(dyw * h_hat, axis=0) / D))
+        dh = rstd * (dyw - h_hat * (tl.sum(dyw * h_hat, axis=1) / D)[:, None])
         if HAS_DH:  # h is also an output (the residual stream): its own gradient adds here
             dh += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dh.to(dx_ptr.dtype.element_ty), mask=mask)
         if STORE_DR:
             tl.store(dr_ptr + offs, dh.to(dr_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_partial_ptr + pid * D + cols, dw, mask=mask)
+    tl.store(dw_partial_ptr + pid * D + cols, dw, mask=col_mask)
 
 
 def _block_and_warps(d: int) -> tuple[int, int]:
@@ -88,11 +95,33 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _backward_programs(rows: int, device: torch.device) -> int:
-    """Two programs per SM: at D = 2048 two fit at once (about 92 registers a thread), so all
-    run in one wave, and the partial buffer stays small. The interpreter (CPU) gets 4,
-    enough to exercise several rows per program and a tail."""
-    target = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch shape of the backward: rows per loop iteration, warps, programs per SM and
+    software-pipelining stages of the row loop."""
+    block_r: int
+    num_warps: int
+    programs_per_sm: int
+    num_stages: int
+
+
+def backward_config(d: int, itemsize: int) -> BackwardConfig:
+    """Picked on an H200 at 65,536 x 2048 from a sweep of block_r {1, 2, 4}, warps {4, 8, 16},
+    programs per SM {1, 2, 4, 8} and stages {1, 2}, timed as CUDA graph replays (BENCHMARKS.md):
+    16-bit rows go four at a time with the next rows' loads pipelined (0.215 ms against 0.31
+    for one row at a time); float32 rows, twice the registers a row, go one at a time with
+    more programs instead (0.61 ms against 0.66 for the 16-bit choice)."""
+    block_d, num_warps = _block_and_warps(d)
+    if itemsize >= 4:
+        return BackwardConfig(block_r=1, num_warps=num_warps, programs_per_sm=8, num_stages=1)
+    block_r = max(1, min(4, 8192 // block_d))  # at most 8k elements a tensor in registers
+    return BackwardConfig(block_r=block_r, num_warps=num_warps, programs_per_sm=2, num_stages=2)
+
+
+def _backward_programs(rows: int, device: torch.device, per_sm: int) -> int:
+    """per_sm programs per SM, all resident in one wave, keep the partial buffer small. The
+    interpreter (CPU) gets 4, enough to exercise several rows per program and a tail."""
+    target = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else 4
     return max(min(rows, target), 1)
 
 
@@ -125,18 +154,19 @@ def _backward(h: Tensor, weight: Tensor, rstd: Tensor, grad_y: Tensor, grad_h: T
     dx = torch.empty((rows, d), dtype=x_dtype, device=h.device)
     store_dr = residual_dtype is not None and residual_dtype != x_dtype
     dr = torch.empty((rows, d), dtype=residual_dtype, device=h.device) if store_dr else None
-    n_programs = _backward_programs(rows, h.device)
+    config = backward_config(d, h.element_size())
+    n_programs = _backward_programs(rows, h.device, config.programs_per_sm)
     rows_per_program = triton.cdiv(rows, n_programs)
     n_programs = triton.cdiv(rows, rows_per_program) if rows else 1  # no idle programs
     dw_partial = torch.empty((n_programs, d), dtype=torch.float32, device=h.device)
     if rows == 0:
         dw_partial.zero_()
     else:
-        block_d, num_warps = _block_and_warps(d)
         _rms_norm_bwd_kernel[(n_programs,)](
             h, weight, rstd, grad_y, grad_h, dx, dr, dw_partial, rows, d, rows_per_program,
-            HAS_DH=grad_h is not None, STORE_DR=store_dr, BLOCK_D=block_d,
-            num_warps=num_warps,
+            HAS_DH=grad_h is not None, STORE_DR=store_dr,
+            BLOCK_D=triton.next_power_of_2(d), BLOCK_R=config.block_r,
+            NUM_STAGES=config.num_stages, num_warps=config.num_warps,
         )
     if residual_dtype is not None and not store_dr:
         dr = dx  # same values and dtype: autograd accepts one tensor for both inputs
