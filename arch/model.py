@@ -65,10 +65,10 @@ class StripedLM(nn.Module):
         x = self.embed(input_ids)  # [B, T, D]
         for block in self.blocks:
             x = block(x, doc_ids)
-        x = self.norm(x)
         if targets is None:
-            return F.linear(x, self._head_weight())  # [B, T, V]
-        return linear_cross_entropy(x.flatten(0, 1), self._head_weight(), targets.flatten())
+            return self._logits(x)
+        return linear_cross_entropy(self.norm(x).flatten(0, 1), self._head_weight(),
+                                    targets.flatten())
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor,
              doc_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -95,8 +95,8 @@ def _scale_kernel(src_ptr, dst_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 def scale_into(src: torch.Tensor, dst: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """dst = src * scale for contiguous tensors of one shape (dst may be src: in place); scale
-    is a 0-dim tensor on their device, so no host sync. One read and one write: torch's mul of
-    a bf16 tensor by a float32 0-dim tensor ran at about a third of that."""
+    is a 0-dim tensor on their device, so no host sync. One read and one write of each element,
+    in place where asked: torch's out-of-place mul held a second copy of grad_x at the peak."""
     block = 4096
     _scale_kernel[(triton.cdiv(src.numel(), block),)](
         src, dst, scale.to(torch.float32), src.numel(), BLOCK=block, num_warps=8)

@@ -107,10 +107,10 @@ class BackwardConfig:
 
 def backward_config(d: int, itemsize: int) -> BackwardConfig:
     """Picked on an H200 at 65,536 x 2048 from a sweep of block_r {1, 2, 4}, warps {4, 8, 16},
-    programs per SM {1, 2, 4, 8} and stages {1, 2}, timed as CUDA graph replays (BENCHMARKS.md):
-    16-bit rows go four at a time with the next rows' loads pipelined (0.215 ms against 0.31
-    for one row at a time); float32 rows, twice the registers a row, go one at a time with
-    more programs instead (0.61 ms against 0.66 for the 16-bit choice)."""
+    programs per SM {1, 2, 4, 8} and stages {1, 2}, timed as CUDA graph replays: 16-bit rows
+    go four at a time with the next rows' loads pipelined; float32 rows, twice the registers
+    a row, go one at a time on more programs instead, where four at a time measured slower.
+    bench/kernels.py gives the resulting f+b times (BENCHMARKS.md)."""
     block_d, num_warps = _block_and_warps(d)
     if itemsize >= 4:
         return BackwardConfig(block_r=1, num_warps=num_warps, programs_per_sm=8, num_stages=1)
