@@ -25,7 +25,7 @@ from stripes.arch.registry import register_mixer
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
 from stripes.core.log import note_once
-from stripes.kernels.rotary import apply_rotary
+from stripes.kernels.rotary import apply_rotary_qk
 
 # Backends tried in order under `auto` on CUDA; on CPU PyTorch picks its own kernel.
 _AUTO_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -119,7 +119,8 @@ class Attention(Mixer):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         rope_dtype = torch.promote_types(q.dtype, torch.float32)
         cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        q, k = apply_rotary_qk(q, k, cos, sin)
+        return q, k, v
 
     def _sdpa(self, q, k, v, mask: torch.Tensor | None, causal: bool,
               decoding: bool = False) -> torch.Tensor:

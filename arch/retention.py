@@ -39,7 +39,7 @@ from stripes.arch.retention_forms import (
 )
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
-from stripes.kernels.rotary import apply_rotary
+from stripes.kernels.rotary import apply_rotary_qk
 
 FASTEST_DECAY_EXPONENT = 5.0  # gamma = 1 - 2^-5 for head 0 (paper)
 # A one-step decay 1 - 2^-e must stay visible to a float32 state (relative spacing 2^-24 ..
@@ -145,7 +145,8 @@ class Retention(Mixer):
         rope_dtype = torch.promote_types(q.dtype, torch.float32)
         cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
         # The paper scales k by Dk^-1/2 (eq. 5); rotation keeps norms, so order is immaterial.
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin) * self.head_dim ** -0.5
+        q, k = apply_rotary_qk(q, k, cos, sin)
+        k = k * self.head_dim ** -0.5
         return q, k, v, self.g_proj(x)
 
     def _log_decay(self, like: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Per kernel, bf16, forward and forward+backward (all input gradients):
 - rmsnorm   65,536 x 2048: x bf16 with a float32 weight (what stripes trains with) and all
             bf16, each alone and with the fused residual add (float32 / bf16 residual);
 - swiglu    gate and up each 65,536 x 2048;
-- rotary    q and k, each [4, 4096, 32, 128], rotate-half layout, float32 tables;
+- rotary    q and k, each [4, 4096, 32, 128], rotate-half layout, float32 tables; stripes
+            rotates the pair in one launch (apply_rotary_qk, the model's call), and one
+            call each as an extra row;
 - linear_ce N=32,768, D=2048, V=32,000, forward+backward only (the fused versions do all
             their work in the forward).
 Rows: `stripes` (the public function: Triton on CUDA), the module's `reference` run eagerly
@@ -194,7 +196,7 @@ def swiglu_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 
 def rotary_cases(device: torch.device, quick: bool) -> Iterator[Case]:
-    from stripes.kernels.rotary import apply_rotary, reference
+    from stripes.kernels.rotary import apply_rotary, apply_rotary_qk, reference
 
     B, T, H, Dh = (2, 40, 3, 34) if quick else (4, 4096, 32, 128)
     rope, why = liger("liger_kernel.ops.rope", "LigerRopeFunction", device)
@@ -210,7 +212,9 @@ def rotary_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     impl = lambda name, role, forward, setup=None, note="": Impl(
         name, role, fwd_bwd(forward, inputs, grads), forward, setup, note)
     impls = [impl("reference (eager)", "torch", both(reference.apply_rotary)),
-             impl("stripes", "stripes", both(apply_rotary))]
+             impl("stripes apply_rotary_qk (one launch)", "stripes",
+                  lambda: apply_rotary_qk(q, k, cos, sin)),
+             impl("stripes apply_rotary, q then k", "extra", both(apply_rotary))]
     if rope is not None:
         # liger takes q, k as [B, H, T, Dh] views of [B, T, H, Dh] memory, rotates them in
         # place (its backward rotates dq, dk in place too) and reads the first Dh/2 columns

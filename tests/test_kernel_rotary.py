@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stripes.arch.rope import rope_angles
-from stripes.kernels.rotary import apply_rotary, kernel
-from stripes.kernels.rotary.kernel import apply_rotary_triton
+from stripes.kernels.rotary import apply_rotary, apply_rotary_qk, kernel
+from stripes.kernels.rotary.kernel import apply_rotary_qk_triton, apply_rotary_triton
 from stripes.kernels.rotary.reference import apply_rotary as apply_rotary_reference
 
 from numerics import poison_empty, rel_error
@@ -157,3 +157,61 @@ def test_triton_path_rejects_float64_and_learnable_tables():
         apply_rotary_triton(torch.randn(1, 3, 2, 8).double(), cos, sin)
     with pytest.raises(ValueError, match="take no gradient"):
         apply_rotary_triton(torch.randn(1, 3, 2, 8), cos.requires_grad_(), sin)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(("q_heads", "k_heads", "head_dim"), [
+    (4, 2, 8),  # grouped-query attention: k has fewer heads
+    (3, 3, 6),
+    (40, 5, 130),  # q needs several head blocks, k one
+])
+def test_pair_in_one_launch_equals_two_calls(q_heads, k_heads, head_dim, interleaved):
+    """q and k rotated together: the same outputs and gradients as one call each."""
+    torch.manual_seed(9)
+    B, T = 2, 3
+    q = torch.randn(B, T, q_heads, head_dim, device=DEVICE)
+    k = torch.randn(B, T, 2 * k_heads, head_dim, device=DEVICE)[:, :, ::2]  # strided heads
+    cos, sin = tables(T + 2, head_dim)
+    grads = [torch.randn(t.shape, device=DEVICE) for t in (q, k)]
+    q1, k1 = q.detach().requires_grad_(), k.detach().requires_grad_()
+    outs = apply_rotary_qk_triton(q1, k1, cos, sin, 2, interleaved)
+    torch.autograd.backward(outs, grads)
+    for x, x_pair, out, grad in zip((q, k), (q1, k1), outs, grads, strict=True):
+        single, single_grad = forward_backward(apply_rotary_triton, x, cos, sin, 2,
+                                               interleaved, grad)
+        assert torch.equal(out, single)
+        assert torch.equal(x_pair.grad, single_grad)
+
+
+def test_pair_with_one_output_unused():
+    """Only q's output reaches the loss: k gets no gradient, q the right one."""
+    torch.manual_seed(10)
+    q = torch.randn(1, 4, 2, 8, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 4, 1, 8, device=DEVICE, requires_grad=True)
+    cos, sin = tables(4, 8)
+    grad = torch.randn(q.shape, device=DEVICE)
+    q_out, _ = apply_rotary_qk_triton(q, k, cos, sin)
+    q_out.backward(grad)
+    assert k.grad is None
+    assert rel_error(q.grad, apply_rotary_reference(grad.double(), cos, -sin)) < 1e-6
+
+
+def test_pair_rejects_mismatched_tensors():
+    cos, sin = tables(3, 8, "cpu")
+    q = torch.randn(1, 3, 2, 8)
+    with pytest.raises(ValueError, match="must share dtype, B, T and Dh"):
+        apply_rotary_qk_triton(q, torch.randn(2, 3, 2, 8), cos, sin)
+    with pytest.raises(ValueError, match="must share dtype"):
+        apply_rotary_qk_triton(q, torch.randn(1, 3, 2, 8).half(), cos, sin)
+
+
+def test_public_pair_on_cpu_runs_the_reference(monkeypatch):
+    def fail(*args):
+        raise AssertionError("the Triton path ran for CPU tensors")
+
+    monkeypatch.setattr(kernel, "apply_rotary_qk_triton", fail)
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8)
+    cos, sin = tables(5, 8, "cpu")
+    q_out, k_out = apply_rotary_qk(q, k, cos, sin, 1)
+    assert torch.equal(q_out, apply_rotary_reference(q, cos, sin, 1))
+    assert torch.equal(k_out, apply_rotary_reference(k, cos, sin, 1))

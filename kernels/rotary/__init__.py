@@ -13,6 +13,7 @@ import torch
 
 from stripes.kernels.dispatch import use_triton
 from stripes.kernels.rotary.reference import apply_rotary as apply_rotary_reference
+from stripes.kernels.rotary.reference import apply_rotary_qk as apply_rotary_qk_reference
 
 # The Triton kernel computes in float32, so float64 inputs (tests, numerics checks) run the
 # reference even on CUDA, where they keep their float64 precision.
@@ -41,3 +42,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: 
 
         return apply_rotary_triton(x, cos, sin, offset, interleaved)
     return apply_rotary_reference(x, cos, sin, offset, interleaved)
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    offset: int = 0, interleaved: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary` of q [B, T, H, Dh] and k [B, T, H_kv, Dh] with the same tables: the
+    same numbers as two calls, but on the Triton path one launch each way instead of two.
+    Pairs of different dtypes, or any the Triton path does not take, run the reference."""
+    if use_triton(q, k, cos, sin) and q.dtype in TRITON_DTYPES and k.dtype == q.dtype:
+        from stripes.kernels.rotary.kernel import apply_rotary_qk_triton
+
+        return apply_rotary_qk_triton(q, k, cos, sin, offset, interleaved)
+    return apply_rotary_qk_reference(q, k, cos, sin, offset, interleaved)

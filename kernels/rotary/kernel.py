@@ -5,7 +5,9 @@ its row of the cos/sin tables once ([Dh/2] float32) and reuses it for every head
 block, and for typical sizes (H * Dh up to a few thousand) one block covers all heads, so
 it is one program per token. Blocking heads rather than always taking all of them keeps the
 tile (BLOCK_H x Dh/2 pairs) bounded for models with many heads, where a whole row would
-spill registers. Grid axis 0 is B*T (up to 2^31 - 1), axis 1 the few head blocks.
+spill registers. Grid axis 0 is B*T (up to 2^31 - 1), axis 1 the few head blocks: of q,
+then of k when the pair is rotated together, so attention pays one launch each way for
+both (launched eagerly, these kernels are short enough for the host's launch cost to show).
 
 x is addressed through its B, T, H strides, so q or k sliced out of a fused qkv projection
 is read in place; only the last dim must be contiguous. The output is a new contiguous
@@ -32,17 +34,29 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # offset changes every decoding step: do not compile a variant per value of it.
 @triton.jit(do_not_specialize=["offset"])
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr,
-                   T, H, HALF, offset,
-                   stride_xb, stride_xt, stride_xh,
-                   stride_ob, stride_ot, stride_oh,
+def _rotary_kernel(a_ptr, b_ptr, a_out_ptr, b_out_ptr, cos_ptr, sin_ptr,
+                   T, H_A, H_B, HALF, offset, blocks_a,
+                   stride_ab, stride_at, stride_ah, stride_bb, stride_bt, stride_bh,
                    stride_cos, stride_sin,
                    INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     row = tl.program_id(0)  # b * T + t
     batch = (row // T).to(tl.int64)
     t = (row % T).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    # Head blocks [0, blocks_a) rotate tensor a (q), the rest tensor b (k): one launch for both.
+    block = tl.program_id(1)
+    if block < blocks_a:
+        x_row = a_ptr + batch * stride_ab + t * stride_at
+        stride_h = stride_ah
+        n_heads = H_A
+        out_ptr = a_out_ptr
+    else:
+        block -= blocks_a
+        x_row = b_ptr + batch * stride_bb + t * stride_bt
+        stride_h = stride_bh
+        n_heads = H_B
+        out_ptr = b_out_ptr
+    heads = block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     pairs = tl.arange(0, BLOCK_HALF)  # [BLOCK_HALF]
     pair_mask = pairs < HALF
 
@@ -54,9 +68,10 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr,
     if INVERSE:  # the transpose of a rotation is the rotation by the opposite angle
         sin = -sin
 
-    head_mask = (heads < H)[:, None]  # [BLOCK_H, 1]
-    x_head = x_ptr + batch * stride_xb + t * stride_xt + heads[:, None].to(tl.int64) * stride_xh
-    o_head = out_ptr + batch * stride_ob + t * stride_ot + heads[:, None].to(tl.int64) * stride_oh
+    head_mask = (heads < n_heads)[:, None]  # [BLOCK_H, 1]
+    x_head = x_row + heads[:, None].to(tl.int64) * stride_h
+    # The output is a new contiguous [B, T, H, Dh] tensor: its strides follow from the shape.
+    o_head = out_ptr + ((batch * T + t) * n_heads + heads[:, None].to(tl.int64)) * (2 * HALF)
     if INTERLEAVED:
         # Load each head's Dh channels as one contiguous (vectorisable) run and split the
         # pairs in registers: two stride-2 loads would each move single elements.
@@ -79,49 +94,59 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr,
         tl.store(o_head + pairs[None, :], out_a.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(o_head + HALF + pairs[None, :], out_b.to(out_ptr.dtype.element_ty), mask=mask)
 
-def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int,
-                  interleaved: bool, inverse: bool) -> torch.Tensor:
-    """x: [B, T, H, Dh] (B, T, H any strides); cos, sin: [L, Dh/2] -> [B, T, H, Dh] rotated
-    by +angle (inverse=False) or -angle (inverse=True), contiguous, in x's dtype."""
-    if x.stride(-1) != 1:  # the kernel addresses channels as consecutive elements
-        x = x.contiguous()
+
+def rotary_launch(xs: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor,
+                  offset: int, interleaved: bool, inverse: bool) -> tuple[torch.Tensor, ...]:
+    """xs: one or two [B, T, H_i, Dh] tensors of one dtype, B, T and Dh shared (B, T, H any
+    strides); cos, sin: [L, Dh/2]. Returns each rotated by +angle (inverse=False) or -angle,
+    contiguous, in one launch."""
+    xs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)  # channels consecutive
     cos, sin = cos.contiguous(), sin.contiguous()  # tables are small: a copy is cheap
-    B, T, H, Dh = x.shape
-    out = torch.empty((B, T, H, Dh), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
+    outs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs)
+    a, b = xs if len(xs) == 2 else (xs[0], xs[0])
+    a_out, b_out = outs if len(outs) == 2 else (outs[0], outs[0])
+    B, T, _, Dh = a.shape
+    if B * T == 0:
+        return outs
     half = Dh // 2
     block_half = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(H), max(1, MAX_PAIRS // block_half))
+    heads = max(x.shape[2] for x in xs)
+    block_h = min(triton.next_power_of_2(heads), max(1, MAX_PAIRS // block_half))
     num_warps = 4 if block_h * block_half <= 1024 else 8
-    grid = (B * T, triton.cdiv(H, block_h))
+    blocks = [triton.cdiv(x.shape[2], block_h) for x in xs]
+    grid = (B * T, sum(blocks))
     _rotary_kernel[grid](
-        x, cos, sin, out, T, H, half, offset,
-        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        a, b, a_out, b_out, cos, sin, T, a.shape[2], b.shape[2], half, offset, blocks[0],
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         cos.stride(0), sin.stride(0),
         INTERLEAVED=interleaved, INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half,
         num_warps=num_warps)
-    return out
+    return outs
 
 
 class RotaryFunction(torch.autograd.Function):
+    """Rotates one tensor or a pair (q, k): each direction is one launch."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int,
-                interleaved: bool) -> torch.Tensor:
+    def forward(ctx, cos: torch.Tensor, sin: torch.Tensor, offset: int, interleaved: bool,
+                *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(cos, sin)
         ctx.offset, ctx.interleaved = offset, interleaved
-        return rotary_launch(x, cos, sin, offset, interleaved, inverse=False)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        return rotary_launch(xs, cos, sin, offset, interleaved, inverse=False)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor | None):
         cos, sin = ctx.saved_tensors
-        grad_x = rotary_launch(grad_out, cos, sin, ctx.offset, ctx.interleaved, inverse=True)
-        return grad_x, None, None, None, None  # tables, offset and layout take no gradient
+        used = [g for g in grads if g is not None]
+        rotated = iter(rotary_launch(tuple(used), cos, sin, ctx.offset, ctx.interleaved,
+                                     inverse=True) if used else ())
+        grad_xs = [None if g is None else next(rotated) for g in grads]
+        return None, None, None, None, *grad_xs  # tables, offset and layout take no gradient
 
 
-def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        offset: int = 0, interleaved: bool = False) -> torch.Tensor:
-    """Rotary embedding through the Triton kernel; see stripes.kernels.rotary.apply_rotary."""
+def _check_triton_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         offset: int) -> None:
     check_rotary_inputs(x, cos, sin, offset)
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"apply_rotary_triton: dtype {x.dtype} is not supported, use "
@@ -129,4 +154,22 @@ def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("apply_rotary_triton: cos and sin are constant tables and take no "
                          "gradient here; pass them detached")
-    return RotaryFunction.apply(x, cos, sin, offset, interleaved)
+
+
+def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        offset: int = 0, interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding through the Triton kernel; see stripes.kernels.rotary.apply_rotary."""
+    _check_triton_inputs(x, cos, sin, offset)
+    return RotaryFunction.apply(cos, sin, offset, interleaved, x)[0]
+
+
+def apply_rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, offset: int = 0, interleaved: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated in one launch each way; see stripes.kernels.rotary.apply_rotary_qk."""
+    for x in (q, k):
+        _check_triton_inputs(x, cos, sin, offset)
+    if q.dtype != k.dtype or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"apply_rotary_qk_triton: q {q.dtype} {tuple(q.shape)} and k "
+                         f"{k.dtype} {tuple(k.shape)} must share dtype, B, T and Dh")
+    return RotaryFunction.apply(cos, sin, offset, interleaved, q, k)

@@ -57,3 +57,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: 
         a, b = xc.chunk(2, dim=-1)  # each [B, T, H, Dh/2]
         out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
     return out.to(x.dtype)
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    offset: int = 0, interleaved: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, T, H, Dh], k: [B, T, H_kv, Dh] -> both rotated by the same angles."""
+    return (apply_rotary(q, cos, sin, offset, interleaved),
+            apply_rotary(k, cos, sin, offset, interleaved))

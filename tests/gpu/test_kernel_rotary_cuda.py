@@ -8,7 +8,7 @@ import torch
 
 from stripes.arch.rope import rope_angles
 from stripes.kernels import rotary as rotary_package
-from stripes.kernels.rotary import apply_rotary
+from stripes.kernels.rotary import apply_rotary, apply_rotary_qk
 from stripes.kernels.rotary.kernel import apply_rotary_triton
 from stripes.kernels.rotary.reference import apply_rotary as apply_rotary_reference
 
@@ -77,3 +77,18 @@ def test_public_function_dispatches_to_triton_on_cuda(monkeypatch):
     apply_rotary(x.double(), cos, sin)
     apply_rotary(x, cos, sin)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_and_k_in_one_launch_equal_two_calls(dtype):
+    """The model's call: q and (fewer-headed) k together, bitwise the single-tensor kernel."""
+    torch.manual_seed(4)
+    q = torch.randn(B, T, H, Dh, device="cuda").to(dtype).requires_grad_()
+    k = torch.randn(B, T, H // 4, Dh, device="cuda").to(dtype).requires_grad_()
+    cos, sin = tables(T)
+    grads = [torch.randn(t.shape, device="cuda").to(dtype) for t in (q, k)]
+    outs = apply_rotary_qk(q, k, cos, sin)
+    pair_grads = torch.autograd.grad(outs, (q, k), grads)
+    for x, out, grad, pair_grad in zip((q, k), outs, grads, pair_grads, strict=True):
+        single, single_grad = forward_backward(apply_rotary_triton, x, cos, sin, 0, False, grad)
+        assert torch.equal(out, single) and torch.equal(pair_grad, single_grad)
