@@ -20,7 +20,10 @@ import triton.language as tl
 
 from stripes.kernels.swiglu.reference import check_swiglu_inputs
 
-BLOCK = 2048  # elements per program: 16 per thread at 4 warps
+# Elements per program: 8 a thread at 4 warps, one 16-byte access per bf16 tensor. Chosen by
+# bench/swiglu_sweep.py on an H200 (BLOCK 1024 .. 8192 x 4 .. 16 warps, graph-timed): the
+# fastest setting, ahead of 2048 at 4 warps, the first choice (figures in BENCHMARKS.md).
+BLOCK = 1024
 NUM_WARPS = 4
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
