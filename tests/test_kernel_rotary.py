@@ -215,3 +215,10 @@ def test_public_pair_on_cpu_runs_the_reference(monkeypatch):
     q_out, k_out = apply_rotary_qk(q, k, cos, sin, 1)
     assert torch.equal(q_out, apply_rotary_reference(q, cos, sin, 1))
     assert torch.equal(k_out, apply_rotary_reference(k, cos, sin, 1))
+
+
+def test_empty_tensors_launch_nothing():
+    cos, sin = tables(4, 8)
+    for shape in ((0, 4, 2, 8), (2, 0, 2, 8), (2, 4, 0, 8)):
+        x = torch.randn(shape, device=DEVICE)
+        assert apply_rotary_triton(x, cos, sin).shape == shape

@@ -105,9 +105,9 @@ def rotary_launch(xs: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Te
     outs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs)
     a, b = xs if len(xs) == 2 else (xs[0], xs[0])
     a_out, b_out = outs if len(outs) == 2 else (outs[0], outs[0])
-    B, T, _, Dh = a.shape
-    if B * T == 0:
+    if all(x.numel() == 0 for x in xs):
         return outs
+    B, T, _, Dh = a.shape
     half = Dh // 2
     block_half = triton.next_power_of_2(half)
     heads = max(x.shape[2] for x in xs)
