@@ -28,9 +28,12 @@ import triton.language as tl
 from stripes.kernels.linear_ce.reference import check_inputs
 
 # Largest block of a row that one program loads at a time; a row that fits is read once and
-# written once, longer rows loop (and read twice). Tests lower it so that small vocabularies
-# still cross several blocks.
-MAX_BLOCK_V = 32768
+# written once, longer rows loop (pass 2 re-reads the row, mostly from L2). Holding a whole
+# 32k row instead (64 KiB of float32 registers) leaves one program per SM in flight, and the
+# loads stall: on an H200 a 2048 x 32000 bf16 chunk took 126 us that way and 96 us streamed in
+# 8192-column blocks at 8 warps (bench/linear_ce_sweep.py). Tests lower it so that small
+# vocabularies still cross several blocks.
+MAX_BLOCK_V = 8192
 # Default chunk: at most this many bytes of logits live at once (see default_chunk_tokens).
 LOGITS_BUDGET_BYTES = 128 * 2**20
 
@@ -114,10 +117,10 @@ def default_chunk_tokens(n: int, vocab: int, itemsize: int) -> int:
 
 
 def _launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): a whole row in one block up to MAX_BLOCK_V, at most 16 warps
-    (a 32k row: 64 values a thread)."""
+    """(BLOCK_V, num_warps): a whole row in one block up to MAX_BLOCK_V, one warp per 1024
+    columns up to 8 (the fastest of 4, 8, 16 and 32 at 8192 columns in the sweep)."""
     block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    return block, max(1, min(16, block // 512))
+    return block, max(1, min(8, block // 1024))
 
 
 def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
