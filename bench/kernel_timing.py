@@ -92,21 +92,9 @@ class Runner:
         return [start.elapsed_time(end) for start, end in events]
 
     def time_graph(self, fn: Callable[[], object], setup: Callable[[], None] | None) -> dict:
-        """fn captured once into a CUDA graph (after a warm-up on a side stream, as capture
-        requires), then its replays timed like time(): the GPU work without the host's."""
-        setup = setup or (lambda: None)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                setup()
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        setup()
-        with torch.cuda.graph(graph):
-            fn()
-        return self.time(graph.replay, setup)
+        """fn captured once into a CUDA graph, then its replays timed like time(): the GPU work
+        without the host's."""
+        return self.time(capture(fn, setup=setup).replay, setup)
 
     def peak_gib(self, fn: Callable[[], object], setup: Callable[[], None] | None) -> float | None:
         if not self.cuda:
@@ -119,6 +107,27 @@ class Runner:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def capture(fn: Callable[[], object], repeat: int = 1,
+            setup: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `repeat` calls of fn, captured after a warm-up on a side stream (as
+    capture requires); setup (untimed input restores) runs before each warm-up call and once
+    before the capture."""
+    setup = setup or (lambda: None)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            setup()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    setup()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    return graph
 
 
 def fwd_bwd(forward: Callable[[], object], inputs, grad_outputs) -> Callable[[], Tensors]:

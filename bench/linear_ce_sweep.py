@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kernel_timing import capture
 
 from stripes.kernels.linear_ce import kernel, linear_cross_entropy
 
@@ -37,16 +38,7 @@ BF16, F32 = torch.bfloat16, torch.float32
 
 def graph_ms(fn: Callable[[], object], reps: int = 30, inner: int = 10) -> float:
     """Median ms of one fn() over CUDA graph replays of `inner` calls each."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # capture needs a warm-up off the default stream
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
+    graph = capture(fn, repeat=inner)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

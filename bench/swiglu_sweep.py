@@ -13,24 +13,12 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from kernel_timing import capture
 from triton.testing import do_bench
 
 from stripes.kernels.swiglu import kernel, swiglu
 
 N, D = 65536, 2048
-
-
-def graphed(fn) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # capture needs a warm-up off the default stream
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main() -> None:
@@ -48,13 +36,13 @@ def main() -> None:
     for _ in range(2):
         for name, (block, warps) in steps.items():
             kernel.BLOCK, kernel.NUM_WARPS = block, warps
-            graph = graphed(lambda: torch.autograd.grad(swiglu(gate, up), (gate, up), grad))
+            graph = capture(lambda: torch.autograd.grad(swiglu(gate, up), (gate, up), grad))
             times.setdefault(name, []).append(do_bench(graph.replay, rep=200))
         if importlib.util.find_spec("liger_kernel") is not None:
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
             g2, u2 = (t.detach().clone().requires_grad_() for t in (gate, up))
-            graph = graphed(lambda g2=g2, u2=u2: torch.autograd.grad(
+            graph = capture(lambda g2=g2, u2=u2: torch.autograd.grad(
                 LigerSiLUMulFunction.apply(g2, u2), (g2, u2), grad))
             times.setdefault("liger LigerSiLUMulFunction", []).append(
                 do_bench(graph.replay, rep=200))
