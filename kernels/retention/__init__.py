@@ -1,0 +1,47 @@
+"""Chunked retention (RetNet, Sun et al., 2023): o_t = sum_{s <= t} gamma^(t - s) (q_t . k_s)
+v_s per head, plus gamma^(t + 1) q_t S_init, computed chunk by chunk with the state carried
+across chunks in float32 (the chunkwise form of stripes.arch.retention_forms).
+
+Layout [B, T, H, D]. Packed sequences: pass B = 1 and cu_seqlens, and each span starts from
+its own state. The kernels are in kernel.py, with their equations; function.py launches
+them and holds the autograd Function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stripes.kernels.dispatch import use_triton
+from stripes.kernels.retention.reference import chunk_retention as chunk_retention_reference
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def chunk_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                    initial_state: torch.Tensor | None = None, return_state: bool = False,
+                    cu_seqlens: torch.Tensor | None = None, chunk_size: int = 64
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Retention of every sequence, and when asked the state after each.
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv] (scale k by Dk^-1/2 beforehand if wanted);
+    log_decay: [H], log gamma_h < 0 (float32 or wider; it is consumed in float32 on the
+    Triton path); initial_state: [S, H, Dk, Dv] or None (zeros); cu_seqlens: None (the S = B
+    rows are the sequences) or int [S + 1] rising from 0 to T over one packed row (B = 1).
+    Returns o [B, T, H, Dv] in q's dtype and, if return_state, the states [S, H, Dk, Dv]
+    after each sequence's last token (float32, or float64 for float64 inputs); gradients flow
+    to q, k, v and the initial state, and from the returned state.
+
+    CUDA tensors of one dtype among float32, bfloat16, float16 run the Triton kernels: states
+    accumulate in float32, matmuls take the inputs' dtype (float32 ones in full precision),
+    chunks are chunk_size rounded up to a power of two in [16, 128]. Everything else runs the
+    reference (stripes.kernels.retention.reference). Reading cu_seqlens costs one copy to the
+    host. Bad shapes raise ValueError.
+    """
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    if use_triton(q, k, v) and len(dtypes) == 1 and q.dtype in TRITON_DTYPES:
+        from stripes.kernels.retention.function import chunk_retention_triton
+
+        return chunk_retention_triton(q, k, v, log_decay, initial_state, return_state,
+                                      cu_seqlens, chunk_size)
+    return chunk_retention_reference(q, k, v, log_decay, initial_state, return_state,
+                                     cu_seqlens, chunk_size)
