@@ -1,10 +1,12 @@
 """Packed rows: several documents per row, told apart by a per-token document index.
 
 `doc_ids` is `[B, T]`; a new document starts at every row start and wherever the index
-changes. Attention masks across documents directly. Convolutional and recurrent mixers use
-`per_document`: each document becomes its own right-padded row, so convolutions and states
-start fresh at every boundary. Padding sits after each document's last token and causal
-mixers never look forward, so it cannot change real outputs.
+changes. Attention masks across documents directly. Kernels that take document boundaries
+natively (retention) read them as `cu_seqlens` over the B * T flat tokens. Other
+convolutional and recurrent mixers use `per_document`: each document becomes its own
+right-padded row, so convolutions and states start fresh at every boundary. Padding sits
+after each document's last token and causal mixers never look forward, so it cannot change
+real outputs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return starts
+
+
+def cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
+    """int64 [S + 1]: where each of the S documents starts in the B * T flat tokens, then
+    B * T (FlashAttention's convention). Finding the starts is one device sync."""
+    starts = document_starts(doc_ids).flatten().nonzero().flatten()  # [S]
+    end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
+    return torch.cat((starts, end))
 
 
 def per_document(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

@@ -13,9 +13,11 @@ up to 16) and are spread evenly over [5, max_decay_exponent] beyond. The LOG dec
 computed from the config in float64 (log1p(-2^-e)) and kept as Python floats, not as a
 tensor: nothing to lose in meta-device construction, nothing for `.to(bf16)` to round.
 
-Training runs the form named by `form` (chunkwise by default); decoding keeps the state
-S [B, H, Dk, Dv] in promote_types(dtype, float32) plus the position for the rotation:
-`prefill` runs the chunkwise form from that state, `step` the recurrent form.
+Training runs the form named by `form`: chunkwise by default, through
+stripes.kernels.retention (Triton kernels on CUDA, packed documents as cu_seqlens spans),
+or the dense parallel reference. Decoding keeps the state S [B, H, Dk, Dv] in
+promote_types(dtype, float32) plus the position for the rotation: `prefill` runs the
+chunkwise form from that state, `step` the recurrent form.
 """
 
 from __future__ import annotations
@@ -24,21 +26,20 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
-from stripes.arch.packing import per_document
+from stripes.arch.packing import cu_seqlens
 from stripes.arch.registry import register_mixer
-from stripes.arch.retention_forms import (
-    TRAINING_FORMS,
-    retention_chunkwise,
-    retention_recurrent,
-)
+from stripes.arch.retention_forms import retention_parallel, retention_recurrent
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
+from stripes.kernels.retention import chunk_retention
+from stripes.kernels.retention.reference import sequence_bounds
 from stripes.kernels.rotary import apply_rotary_qk
 
 FASTEST_DECAY_EXPONENT = 5.0  # gamma = 1 - 2^-5 for head 0 (paper)
@@ -80,6 +81,46 @@ class RetentionConfig(MixerConfig):
                               "slower decays are lost in a float32 state")
         require_positive(f"{key}.rope.theta", self.rope.theta)
         require_positive(f"{key}.norm_eps", self.norm_eps)
+
+
+# -- training forms and their FLOPs (per token, per head; 2 FLOPs per multiply-add) ----------
+class TrainingForm(NamedTuple):
+    # (q, k, v, log_decay, chunk_size, cu_seqlens or None) -> o [B, T, H, Dv]
+    run: Callable[..., torch.Tensor]
+    flops: Callable[[int, int, int, int], float]  # (seq_len, chunk_size, Dk, Dv) -> FLOPs
+
+
+def _run_parallel(q, k, v, log_decay, chunk_size, seqlens):
+    """The dense T x T form (chunk_size does not apply), one sequence at a time."""
+    if seqlens is None:
+        return retention_parallel(q, k, v, log_decay)[0]
+    flat = [t.flatten(0, 1) for t in (q, k, v)]  # [B*T, H, D]
+    outs = [retention_parallel(*(t[None, a:b] for t in flat), log_decay)[0][0]
+            for a, b in sequence_bounds(q, seqlens)]
+    return torch.cat(outs).view(*v.shape).to(q.dtype)
+
+
+def _run_chunkwise(q, k, v, log_decay, chunk_size, seqlens):
+    """stripes.kernels.retention: Triton kernels on CUDA, the chunkwise reference elsewhere."""
+    return chunk_retention(q, k, v, log_decay, cu_seqlens=seqlens, chunk_size=chunk_size)[0]
+
+
+def _parallel_flops(seq_len: int, chunk_size: int, dk: int, dv: int) -> float:
+    # Dense T x T: Q K^T (Dk per score) and scores @ V (Dv per score), per query token.
+    return 2.0 * seq_len * (dk + dv)
+
+
+def _chunkwise_flops(seq_len: int, chunk_size: int, dk: int, dv: int) -> float:
+    c = min(chunk_size, seq_len)
+    # Dense C x C inside the chunk as for parallel; then q R (Dk x Dv per token) and the
+    # state's K^T V (C Dk Dv per chunk = Dk Dv per token).
+    return 2.0 * c * (dk + dv) + 2.0 * dk * dv + 2.0 * dk * dv
+
+
+TRAINING_FORMS = {
+    "parallel": TrainingForm(_run_parallel, _parallel_flops),
+    "chunkwise": TrainingForm(_run_chunkwise, _chunkwise_flops),
+}
 
 
 def log_decays(n_heads: int, max_exponent: float) -> tuple[float, ...]:
@@ -125,15 +166,19 @@ class Retention(Mixer):
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if doc_ids is not None:  # each packed document starts from an empty state
-            return per_document(self._forward, x, doc_ids)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, D], one document per row -> [B, T, D]."""
-        q, k, v, g = self._project(x, torch.arange(x.shape[1], device=x.device))
-        o = TRAINING_FORMS[self.cfg.form].run(q, k, v, self._log_decay(q), self.cfg.chunk_size)
-        return self._output(o, g)
+        """x: [B, T, D] -> [B, T, D]. With doc_ids [B, T] each packed document starts from an
+        empty state: the forms take the documents as cu_seqlens spans of the flat tokens.
+        Rotary positions count along the row, not from each document's start: retention's
+        scores see only position differences, which are the same either way."""
+        B, T, _ = x.shape
+        q, k, v, g = self._project(x, torch.arange(T, device=x.device))
+        seqlens = None
+        if doc_ids is not None:
+            seqlens = cu_seqlens(doc_ids)
+            q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
+        o = TRAINING_FORMS[self.cfg.form].run(q, k, v, self._log_decay(q), self.cfg.chunk_size,
+                                              seqlens)
+        return self._output(o.view(B, T, *o.shape[2:]), g)
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """x: [B, T, D] at `positions` [T] -> q, k [B, T, H, Dk], v [B, T, H, Dv], gate g
@@ -173,8 +218,7 @@ class Retention(Mixer):
 
     def prefill(self, x: torch.Tensor, state: RetentionState) -> torch.Tensor:
         """x: [B, T, D]: the chunkwise form continuing from `state` (fresh or filled)."""
-        return self._decode(x, state, partial(retention_chunkwise,
-                                              chunk_size=self.cfg.chunk_size))
+        return self._decode(x, state, partial(chunk_retention, chunk_size=self.cfg.chunk_size))
 
     def step(self, x: torch.Tensor, state: RetentionState) -> torch.Tensor:
         """x: [B, 1, D]: one recurrent update (eq. 6)."""

@@ -12,6 +12,9 @@ gamma^(t - s) k_s^T v_s. The three forms below compute exactly this function:
     recurrent   S_t = gamma S_{t-1} + k_t^T v_t,  o_t = q_t S_t             (paper eq. 6)
     chunkwise   parallel inside each chunk + a state carried across chunks  (paper eq. 7)
 
+These are the references: the Triton kernels (stripes.kernels.retention) are tested against
+them, and the mixer (arch/retention.py) chooses which form trains.
+
 The paper's optional normalisations (of D's rows and of the retention scores) are left out
 in every form: each rescales one (token, head) output, and the per-head GroupNorm that
 follows (arch/retention.py) removes such a scale anyway.
@@ -26,8 +29,6 @@ under autocast the matmuls may still run in bf16, the decay factors do not.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
@@ -124,38 +125,6 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o = o + torch.einsum("bnihd,bnhde->bnihe", q * q_decay[..., None], entering)
     o = o.reshape(B, N * C, H, Dv)[:, :T]  # [B, T, H, Dv]
     return o, state if return_state else None
-
-
-# -- training forms and their FLOPs (per token, per head; 2 FLOPs per multiply-add) ----------
-class TrainingForm(NamedTuple):
-    run: Callable[..., torch.Tensor]  # (q, k, v, log_decay, chunk_size) -> o [B, T, H, Dv]
-    flops: Callable[[int, int, int, int], float]  # (seq_len, chunk_size, Dk, Dv) -> FLOPs
-
-
-def _run_parallel(q, k, v, log_decay, chunk_size):
-    return retention_parallel(q, k, v, log_decay)[0]  # one block: chunk_size does not apply
-
-
-def _run_chunkwise(q, k, v, log_decay, chunk_size):
-    return retention_chunkwise(q, k, v, log_decay, chunk_size)[0]
-
-
-def _parallel_flops(seq_len: int, chunk_size: int, dk: int, dv: int) -> float:
-    # Dense T x T: Q K^T (Dk per score) and scores @ V (Dv per score), per query token.
-    return 2.0 * seq_len * (dk + dv)
-
-
-def _chunkwise_flops(seq_len: int, chunk_size: int, dk: int, dv: int) -> float:
-    c = min(chunk_size, seq_len)
-    # Dense C x C inside the chunk as for parallel; then q R (Dk x Dv per token) and the
-    # state's K^T V (C Dk Dv per chunk = Dk Dv per token).
-    return 2.0 * c * (dk + dv) + 2.0 * dk * dv + 2.0 * dk * dv
-
-
-TRAINING_FORMS = {
-    "parallel": TrainingForm(_run_parallel, _parallel_flops),
-    "chunkwise": TrainingForm(_run_chunkwise, _chunkwise_flops),
-}
 
 
 # -- helpers ----------------------------------------------------------------------------------

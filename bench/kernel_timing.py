@@ -30,7 +30,7 @@ BF16 = torch.bfloat16
 @dataclass
 class Impl:
     name: str
-    role: str  # "stripes", "torch" (plain PyTorch anchor), "liger" (anchor) or "extra"
+    role: str  # "stripes", "torch" (plain PyTorch), "anchor" (another library's) or "extra"
     step: Callable[[], Tensors] | None  # forward+backward -> outputs, then input gradients
     fwd: Callable[[], object] | None = None  # forward only, run under no_grad
     setup: Callable[[], None] | None = None  # untimed: restores inputs the impl overwrites
@@ -212,7 +212,7 @@ def measure(runner: Runner, case: Case) -> list[dict]:
             row["fb_gbs"] = case.fb_bytes / row["fb"]["ms"] / 1e6
         if case.fb_flops:
             row["fb_tflops"] = case.fb_flops / row["fb"]["ms"] / 1e9
-        for role in ("liger", "torch"):
+        for role in ("anchor", "torch"):
             anchor = [r for r in rows if r["role"] == role and r["status"] == "ok"]
             if anchor:
                 row[f"vs_{role}"] = anchor[0]["fb"]["ms"] / row["fb"]["ms"]
@@ -273,7 +273,7 @@ def version(dist: str) -> str | None:
 def table(rows: list[dict]) -> str:
     num = lambda v, spec: "" if v is None else format(v, spec)
     lines = ["| kernel | case | impl | fwd ms | fwd GB/s | f+b ms | f+b GB/s | TFLOP/s | "
-             "% ceiling | eager ms | peak GiB | vs liger | vs torch | rel err | note |",
+             "% ceiling | eager ms | peak GiB | vs anchor | vs torch | rel err | note |",
              "|---|---|---|" + "---:|" * 11 + "---|"]
     for r in rows:
         cells = [r["kernel"], r["case"], r["impl"], num(r.get("fwd", {}).get("ms"), ".3f"),
@@ -281,7 +281,7 @@ def table(rows: list[dict]) -> str:
                  num(r.get("fb_gbs"), ".0f"), num(r.get("fb_tflops"), ".0f"),
                  num(r.get("pct_ceiling"), ".0f"), num(r.get("fb_eager", {}).get("ms"), ".3f"),
                  num(r.get("peak_gib"), ".2f"),
-                 num(r.get("vs_liger"), ".2f"), num(r.get("vs_torch"), ".2f"),
+                 num(r.get("vs_anchor"), ".2f"), num(r.get("vs_torch"), ".2f"),
                  num(r.get("max_rel_err"), ".1e"), r.get("note", "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""stripes' fused Triton kernels against liger-kernel and plain PyTorch, in one run (issue 7).
+"""stripes' Triton kernels against liger-kernel, fla and plain PyTorch, in one run (issues 7, 8).
 
 Per kernel, bf16, forward and forward+backward (all input gradients):
 - rmsnorm   65,536 x 2048: x bf16 with a float32 weight (what stripes trains with) and all
@@ -8,12 +8,15 @@ Per kernel, bf16, forward and forward+backward (all input gradients):
             rotates the pair in one launch (apply_rotary_qk, the model's call), and one
             call each as an extra row;
 - linear_ce N=32,768, D=2048, V=32,000, forward+backward only (the fused versions do all
-            their work in the forward).
+            their work in the forward);
+- retention B*T = 65,536, T in {2k, 8k, 32k}, H = 16, Dk = Dv = 128 (bench/mixer_kernel_cases.py
+            says what runs and how FLOPs are counted).
 Rows: `stripes` (the public function: Triton on CUDA), the module's `reference` run eagerly
 (the plain-PyTorch anchor, "torch"; for linear_ce that anchor is what the model did before,
 bf16 F.linear then F.cross_entropy in float32, and the float32 reference is an extra row),
-torch.compile of the reference (rmsnorm, swiglu), and liger-kernel's fused ops (the "liger"
-anchor; "not installed" when it is missing, the run goes on).
+torch.compile of the reference (rmsnorm, swiglu), and the "anchor": liger-kernel's fused
+ops, or fla's chunk_retention for retention ("not installed" when it is missing, the run
+goes on).
 
 Columns: median ms of CUDA-event-timed repeats after warm-up, L2 flushed before each repeat
 (time.perf_counter on CPU); for rmsnorm, swiglu and rotary "fwd ms" and "f+b ms" time CUDA
@@ -23,12 +26,13 @@ the fewest bytes the function must move (inputs read once, outputs written once,
 re-reading its saved tensors; per-row scalars such as rstd left out); "% ceiling": f+b GB/s
 over a device-to-device copy (read + write bytes) timed in the same run, or TFLOP/s over a
 bf16 matmul for linear_ce; peak GiB: max_memory_allocated over what the inputs already hold,
-one forward+backward; vs liger / vs torch: that anchor's f+b ms over this row's (above 1:
+one forward+backward; vs anchor / vs torch: that anchor's f+b ms over this row's (above 1:
 faster than the anchor); rel err: the largest ||out - ref|| / ||ref|| over outputs and input
 gradients, against the reference in float64 on the same inputs. A stripes row above 3e-2, or
 a stripes/torch row that fails, makes the exit status 1.
 
-    python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce] [--quick]
+    python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention]
+                             [--quick]
 
 liger entry points (0.8.5), each called with liger's defaults unless said: rmsnorm
 LigerRMSNormFunction.apply(x, w, eps) (llama casting, in_place: dx overwrites dy) and, for
@@ -77,10 +81,12 @@ from kernel_timing import (
     table,
     version,
 )
+from mixer_kernel_cases import retention_cases
 
 from stripes.arch.rope import rope_angles
 
-KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce")
+KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention")
+MATMUL_BOUND = {"linear_ce", "retention"}  # their "% ceiling" is against a bf16 matmul
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -140,16 +146,16 @@ def rmsnorm_case(device: torch.device, n: int, d: int, label: str, xt, wt, rt, n
              impl("stripes", "stripes", rms_norm)]
     if rt is None and norm is not None:
         # llama casting, in_place=True (liger's defaults): dx is written into dy.
-        impls.append(impl("liger LigerRMSNormFunction", "liger",
+        impls.append(impl("liger LigerRMSNormFunction", "anchor",
                           lambda x, w, eps: norm.apply(x, w, eps), restorer(*grads)))
     elif rt is None:
-        impls.append(Impl("liger LigerRMSNormFunction", "liger", None, note=why))
+        impls.append(Impl("liger LigerRMSNormFunction", "anchor", None, note=why))
     elif add_norm is not None and rt == xt == wt:
         # apply(X, R, W, eps) -> (Y, S = X + R); in_place=False by default.
-        impls.append(impl("liger LigerFusedAddRMSNormFunction", "liger",
+        impls.append(impl("liger LigerFusedAddRMSNormFunction", "anchor",
                           lambda x, w, eps, r: add_norm.apply(x, r, w, eps)))
     else:
-        impls.append(Impl("liger LigerFusedAddRMSNormFunction", "liger", None,
+        impls.append(Impl("liger LigerFusedAddRMSNormFunction", "anchor", None,
                           note=why_add or "skipped: liger keeps h in x's dtype (bf16)"))
     expected = float64_reference(lambda *ts: reference.rms_norm(*args(ts)), inputs, grads)
     return Case("rmsnorm", f"{n}x{d} {label}", names, expected, impls, fwd_bytes,
@@ -184,10 +190,10 @@ def swiglu_cases(device: torch.device, quick: bool) -> Iterator[Case]:
              impl("stripes", "stripes", swiglu)]
     if silu_mul is not None:
         # Its backward writes d_gate and d_up into gate and up themselves.
-        impls.append(impl("liger LigerSiLUMulFunction", "liger",
+        impls.append(impl("liger LigerSiLUMulFunction", "anchor",
                           lambda g, u: silu_mul.apply(g, u), restorer(gate, up)))
     else:
-        impls.append(Impl("liger LigerSiLUMulFunction", "liger", None, note=why))
+        impls.append(Impl("liger LigerSiLUMulFunction", "anchor", None, note=why))
     expected = float64_reference(reference.swiglu, inputs, grads)
     e, b = n * d, 2
     # forward reads gate, up and writes out; backward reads gate, up, grad, writes 2 grads
@@ -224,10 +230,10 @@ def rotary_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         def liger_rope() -> tuple[torch.Tensor, torch.Tensor]:
             qo, ko = rope.apply(q.transpose(1, 2), k.transpose(1, 2), cos2, sin2)
             return qo.transpose(1, 2), ko.transpose(1, 2)
-        impls.append(impl("liger LigerRopeFunction", "liger", liger_rope,
+        impls.append(impl("liger LigerRopeFunction", "anchor", liger_rope,
                           restorer(q, k, *grads)))
     else:
-        impls.append(Impl("liger LigerRopeFunction", "liger", None, note=why))
+        impls.append(Impl("liger LigerRopeFunction", "anchor", None, note=why))
     expected = float64_reference(
         lambda q64, k64: (reference.apply_rotary(q64, cos.double(), sin.double()),
                           reference.apply_rotary(k64, cos.double(), sin.double())),
@@ -274,12 +280,12 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     if flce is not None:
         # apply(_input, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
         #       label_smoothing, reduction, softcap, return_z_loss, accum_dtype) -> (loss, ...)
-        impls.append(impl("liger FLCE, dW accum fp32", "liger", lambda: flce.apply(
+        impls.append(impl("liger FLCE, dW accum fp32", "anchor", lambda: flce.apply(
             x, w, targets, None, None, -100, 0.0, 0.0, "mean", None, False, F32)[0]))
         impls.append(impl("liger FLCE, default (dW accum bf16)", "extra",
                           lambda: flce.apply(x, w, targets)[0]))
     else:
-        impls.append(Impl("liger FLCE, dW accum fp32", "liger", None, note=why))
+        impls.append(Impl("liger FLCE, dW accum fp32", "anchor", None, note=why))
     expected = linear_ce_expected(reference.linear_cross_entropy, x, w, targets,
                                   chunk=N if quick else 2048)
     yield Case("linear_ce", f"N{N} D{D} V{V} bf16", ["loss", "dx", "dw"], expected, impls,
@@ -287,7 +293,7 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 
 BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_cases,
-            "linear_ce": linear_ce_cases}
+            "linear_ce": linear_ce_cases, "retention": retention_cases}
 
 
 def main() -> None:
@@ -303,7 +309,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runner = Runner(device, args.quick)
-    rows = ceilings(runner, device, args.quick, matmul="linear_ce" in only)
+    rows = ceilings(runner, device, args.quick, matmul=bool(MATMUL_BOUND & set(only)))
     for kernel in (k for k in KERNELS if k in only):
         try:
             for case in BUILDERS[kernel](device, args.quick):

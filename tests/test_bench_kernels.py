@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "kernels.py"
-KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce")
+KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention")
 
 
 def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -44,13 +44,13 @@ def test_report_metadata(quick):
 def test_a_row_per_kernel(quick, kernel):
     rows = [r for r in quick[1]["rows"] if r["kernel"] == kernel]
     roles = {r["role"]: r for r in rows}
-    assert {"stripes", "torch", "liger"} <= set(roles), [r["impl"] for r in rows]
+    assert {"stripes", "torch", "anchor"} <= set(roles), [r["impl"] for r in rows]
     for row in rows:
         if row["role"] in ("stripes", "torch"):
             assert row["status"] == "ok", row
             assert math.isfinite(row["fb"]["ms"]) and row["fb"]["ms"] > 0
             assert row["max_rel_err"] < 3e-2, row
-        if row["role"] == "liger":  # runs on CUDA only; on CPU it says why not
+        if row["role"] == "anchor":  # runs on CUDA only; on CPU it says why not
             assert row["status"] == "ok" or row["note"], row
     stripes = [r for r in rows if r["role"] == "stripes"]
     assert all(("fb_gbs" in r) != ("fb_tflops" in r) for r in stripes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stripes.arch.packing import document_starts, per_document
+from stripes.arch.packing import cu_seqlens, document_starts, per_document
 
 
 def test_document_starts():
@@ -12,6 +12,13 @@ def test_document_starts():
     starts = document_starts(doc_ids)
     assert starts.tolist() == [[True, False, True, False, False],
                                [True, False, False, False, True]]
+
+
+def test_cu_seqlens_spans_flat_tokens():
+    """A document starts at every row start too, even when the index carries over."""
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 4]])
+    assert cu_seqlens(doc_ids).tolist() == [0, 2, 5, 9, 10]
+    assert cu_seqlens(torch.zeros(3, 4, dtype=torch.long)).tolist() == [0, 4, 8, 12]
 
 
 def test_per_document_equals_separate_calls():

@@ -1,9 +1,10 @@
 """Launchers and the autograd Function for chunked retention (kernels in kernel.py).
 
 Forward: the state scan (h_i for every chunk, and the final state), then the output kernel.
-The per-chunk states are not kept for backward: [N_chunks, H, Dk, Dv] float32 is as large as
-the activations themselves at Dk = Dv = C, so backward runs the state scan again (one more
-pass over K and V), then the reverse scan for dh, then dq/dk and dv.
+The per-chunk states are not kept for backward: [N_chunks, H, Dk, Dv] (Dk Dv / C values a
+token and head, 256 at Dk = Dv = 128, C = 64) outweighs q, k and v together, so backward
+runs the state scan again (one more pass over K and V), then the reverse scan for dh, then
+dq/dk and dv.
 """
 
 from __future__ import annotations
@@ -44,17 +45,20 @@ def build_tables(q: torch.Tensor, cu_seqlens: torch.Tensor | None, chunk: int):
 
 
 def _states(k, v, log_decay, seqs, n_chunks, initial_state, store_final, chunk):
-    """h [N_chunks, H, Dk, Dv] float32 and the final states [S, H, Dk, Dv] (or None)."""
+    """h [N_chunks, H, Dk, Dv] in k's dtype and the final states [S, H, Dk, Dv] float32 (or
+    None)."""
     _, H, dk = k.shape
     dv, S = v.shape[-1], seqs.shape[1]
     bk, bv = _blocks(dk, dv)
-    h = torch.empty(n_chunks, H, dk, dv, dtype=torch.float32, device=k.device)
-    final = torch.empty(S, H, dk, dv, dtype=torch.float32, device=k.device) if store_final else h
+    h = torch.empty(n_chunks, H, dk, dv, dtype=k.dtype, device=k.device)
+    final = (torch.empty(S, H, dk, dv, dtype=torch.float32, device=k.device) if store_final
+             else None)
     kernel._states_kernel[(triton.cdiv(dk, bk), triton.cdiv(dv, bv), S * H)](
-        k, v, h, initial_state if initial_state is not None else h, final, log_decay, seqs, S,
+        k, v, h, initial_state if initial_state is not None else h,
+        final if final is not None else h, log_decay, seqs, S,
         H=H, DK=dk, DV=dv, C=chunk, BK=bk, BV=bv, HAS_INIT=initial_state is not None,
         STORE_FINAL=store_final, IEEE=k.dtype == torch.float32)
-    return h, final if store_final else None
+    return h, final
 
 
 def retention_forward(q, k, v, log_decay, initial_state, seqs, chunks, chunk, return_state):

@@ -22,8 +22,10 @@ Layout: q, k [N_tok, H, Dk] and v, o [N_tok, H, Dv] contiguous, N_tok = B * T fl
 a sequence is a span of flat tokens (a row of the batch, or a packed document); chunks never
 cross sequences. Tables (int32, on the device): seqs [3, S] = first token, length, first
 global chunk; chunks [2, N_chunks] = first token, length. States h and dh: [N_chunks, H, Dk,
-Dv] float32. Matmul operands are in the inputs' dtype (bf16/fp16: tensor cores; float32:
-full-precision "ieee" dots), accumulators float32.
+Dv], stored in the inputs' dtype: the scans accumulate in float32 registers, and every
+stored state only ever feeds a matmul, whose operands are in the inputs' dtype anyway
+(bf16/fp16: tensor cores; float32: full-precision "ieee" dots). Accumulators are float32;
+the initial and final states and their gradients are float32 in memory too.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def _states_kernel(k_ptr, v_ptr, h_ptr, init_ptr, final_ptr, log_decay_ptr, seqs
                         other=0.0).to(tl.float32)
     for i in range(tl.cdiv(length, C)):
         chunk = (first_chunk + i).to(tl.int64)
-        tl.store(h_ptr + (chunk * H + h) * DK * DV + tile, state, mask=tile_mask)
+        tl.store(h_ptr + (chunk * H + h) * DK * DV + tile, state.to(h_ptr.dtype.element_ty),
+                 mask=tile_mask)
         n_valid = tl.minimum(length - i * C, C)
         valid = rc < n_valid  # [C]
         token = (start + i * C + rc).to(tl.int64)  # [C]
@@ -112,7 +115,8 @@ def _state_grads_kernel(q_ptr, do_ptr, dh_ptr, dfinal_ptr, dinit_ptr, log_decay_
     for back in range(n_chunks):
         i = n_chunks - 1 - back
         chunk = (first_chunk + i).to(tl.int64)
-        tl.store(dh_ptr + (chunk * H + h) * DK * DV + tile, dstate, mask=tile_mask)
+        tl.store(dh_ptr + (chunk * H + h) * DK * DV + tile, dstate.to(dh_ptr.dtype.element_ty),
+                 mask=tile_mask)
         n_valid = tl.minimum(length - i * C, C)
         valid = rc < n_valid
         token = (start + i * C + rc).to(tl.int64)
