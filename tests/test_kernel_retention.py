@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from stripes.kernels.retention import chunk_retention
-from stripes.kernels.retention.function import chunk_retention_triton, triton_chunk
+from stripes.kernels.retention import chunk_retention, chunk_retention_triton
 from stripes.kernels.retention.reference import chunk_retention as chunk_retention_reference
+from stripes.kernels.scalar_decay.function import triton_chunk
 
 from numerics import poison_empty, rel_error
 

@@ -3,8 +3,8 @@ v_s per head, plus gamma^(t + 1) q_t S_init, computed chunk by chunk with the st
 across chunks in float32 (the chunkwise form of stripes.arch.retention_forms).
 
 Layout [B, T, H, D]. Packed sequences: pass B = 1 and cu_seqlens, and each span starts from
-its own state. The kernels are in kernel.py, with their equations; function.py launches
-them and holds the autograd Function.
+its own state. On CUDA the kernels are stripes.kernels.scalar_decay's, with the decay
+constant along each head.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 
 from stripes.kernels.dispatch import use_triton
+from stripes.kernels.retention.reference import (
+    check_inputs,
+    sequence_bounds,
+)
 from stripes.kernels.retention.reference import chunk_retention as chunk_retention_reference
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,9 +43,22 @@ def chunk_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay
     """
     dtypes = {q.dtype, k.dtype, v.dtype}
     if use_triton(q, k, v) and len(dtypes) == 1 and q.dtype in TRITON_DTYPES:
-        from stripes.kernels.retention.function import chunk_retention_triton
-
         return chunk_retention_triton(q, k, v, log_decay, initial_state, return_state,
                                       cu_seqlens, chunk_size)
     return chunk_retention_reference(q, k, v, log_decay, initial_state, return_state,
                                      cu_seqlens, chunk_size)
+
+
+def chunk_retention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           log_decay: torch.Tensor, initial_state: torch.Tensor | None = None,
+                           return_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                           chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton path of `chunk_retention` (same contract): the scalar-decay kernels with
+    g_t = log gamma_h at every token. The decays are constants: no gradient reaches them."""
+    from stripes.kernels.scalar_decay.function import chunk_scalar_decay
+
+    check_inputs(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    B, T, H = q.shape[:3]
+    g = log_decay.detach().to(device=q.device, dtype=torch.float32).expand(B, T, H)
+    return chunk_scalar_decay(q, k, v, g, sequence_bounds(q, cu_seqlens), initial_state,
+                              return_state, chunk_size)

@@ -1,0 +1,183 @@
+"""Launchers and the autograd Function for chunked scalar-decay linear attention (kernels in
+kernel.py, with the equations).
+
+Forward: the state scan (h_i for every chunk, and the final state), then the output kernel.
+The per-chunk states are not kept for backward: [N_chunks, H, Dk, Dv] (Dk Dv / C values a
+token and head, 256 at Dk = Dv = 128, C = 64) outweighs q, k and v together, so backward
+runs the state scan again (one more pass over K and V), then the reverse scan for dh, then
+dq/dk (with the decay's gradient when asked) and dv.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from stripes.kernels.scalar_decay import kernel
+
+MIN_CHUNK, MAX_CHUNK = 16, 128  # tl.dot needs 16 rows; 128 keeps the [C, C] tiles in registers
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_chunk(chunk_size: int) -> int:
+    """The chunk the kernels tile by: chunk_size rounded up to a power of two in [16, 128].
+    Chunking changes only the order of a sum (every chunk size computes the same function),
+    so the Triton path takes the nearest size its tiles allow."""
+    return min(MAX_CHUNK, max(MIN_CHUNK, triton.next_power_of_2(chunk_size)))
+
+
+def _blocks(dk: int, dv: int) -> tuple[int, int]:
+    """(BK, BV): 64-wide tiles of the state, narrower when the head is (at least 16)."""
+    return (min(64, max(16, triton.next_power_of_2(dk))),
+            min(64, max(16, triton.next_power_of_2(dv))))
+
+
+def build_tables(bounds: list[tuple[int, int]], chunk: int, device: torch.device):
+    """From [(first flat token, end)] per sequence: (seqs int32 [3, S]: first token, length,
+    first chunk; chunks int32 [2, N_chunks]: first token, length), on device."""
+    seqs, chunks = [], []
+    for start, end in bounds:
+        seqs.append((start, end - start, len(chunks)))
+        chunks.extend((c, min(chunk, end - c)) for c in range(start, end, chunk))
+    seq_table = torch.tensor(seqs, dtype=torch.int32).reshape(-1, 3).T.contiguous()
+    chunk_table = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).T.contiguous()
+    return seq_table.to(device), chunk_table.to(device)
+
+
+class _Problem:
+    """Shapes and launch settings shared by the forward and backward launches."""
+
+    def __init__(self, q, v, seqs, chunks, chunk):
+        self.n_tok, self.hk, self.dk = q.shape
+        self.h, self.dv = v.shape[1:]
+        self.seqs, self.chunks, self.chunk = seqs, chunks, chunk
+        self.n_seqs, self.n_chunks = seqs.shape[1], chunks.shape[1]
+        self.bk, self.bv = _blocks(self.dk, self.dv)
+        self.ieee = q.dtype == torch.float32
+
+    def consts(self) -> dict:
+        return dict(H=self.h, HK=self.hk, DK=self.dk, DV=self.dv, C=self.chunk, BK=self.bk,
+                    BV=self.bv, IEEE=self.ieee)
+
+    def scan_grid(self) -> tuple[int, int, int]:
+        return (triton.cdiv(self.dk, self.bk), triton.cdiv(self.dv, self.bv),
+                self.n_seqs * self.h)
+
+    def states(self, k, v, g, initial_state, store_final):
+        """h [N_chunks, H, Dk, Dv] in k's dtype, and the final states [S, H, Dk, Dv] float32
+        (or None)."""
+        h = torch.empty(self.n_chunks, self.h, self.dk, self.dv, dtype=k.dtype, device=k.device)
+        final = (torch.empty(self.n_seqs, self.h, self.dk, self.dv, dtype=torch.float32,
+                             device=k.device) if store_final else None)
+        kernel._states_kernel[self.scan_grid()](
+            k, v, g, h, h if initial_state is None else initial_state,
+            h if final is None else final, self.seqs, self.n_seqs,
+            HAS_INIT=initial_state is not None, STORE_FINAL=store_final, **self.consts())
+        return h, final
+
+
+def forward(q, k, v, g, initial_state, p: _Problem, return_state):
+    """q, k [N_tok, HK, Dk], v [N_tok, H, Dv], g [N_tok, H] float32 -> o [N_tok, H, Dv],
+    final state or None."""
+    h, final = p.states(k, v, g, initial_state, return_state)
+    o = torch.empty_like(v)
+    if p.n_chunks:
+        kernel._output_kernel[(triton.cdiv(p.dv, p.bv), p.n_chunks, p.h)](
+            q, k, v, g, h, o, p.chunks, p.n_chunks, **p.consts())
+    return o, final
+
+
+def backward(q, k, v, g, do, d_final, initial_state, p: _Problem, need_d_init, need_db):
+    """Gradients of q, k, v (their dtype), of the initial state (float32, or None) and
+    dL/dB_t [N_tok, H] float32 (or None): B_t the decay accumulated from the sequence start."""
+    h, _ = p.states(k, v, g, initial_state, False)
+    dh = torch.empty_like(h)
+    d_init = (torch.empty(p.n_seqs, p.h, p.dk, p.dv, dtype=torch.float32, device=q.device)
+              if need_d_init else None)
+    kernel._state_grads_kernel[p.scan_grid()](
+        q, do, g, dh, dh if d_final is None else d_final, dh if d_init is None else d_init,
+        p.seqs, p.n_seqs, HAS_DFINAL=d_final is not None, STORE_DINIT=need_d_init,
+        **p.consts())
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    n_kblocks = triton.cdiv(p.dk, p.bk)
+    db = (torch.zeros(n_kblocks, p.n_tok, p.h, dtype=torch.float32, device=q.device)
+          if need_db else None)
+    if p.n_chunks:
+        kernel._dq_dk_kernel[(n_kblocks, p.n_chunks, p.hk)](
+            q, k, v, g, do, h, dh, dq, dk, dq if db is None else db, p.chunks, p.n_chunks,
+            p.n_tok, STORE_DB=need_db, **p.consts())
+        kernel._dv_kernel[(triton.cdiv(p.dv, p.bv), p.n_chunks, p.h)](
+            q, k, g, do, dh, dv, p.chunks, p.n_chunks, **p.consts())
+    return dq, dk, dv, d_init, None if db is None else db.sum(0)
+
+
+def decay_gradient(db: torch.Tensor, final: torch.Tensor | None, d_final: torch.Tensor | None,
+                   bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """dL/dg_t from db = dL/dB_t [N_tok, H]: g_t enters every B_s with s >= t in its sequence,
+    so dg_t is the sum of db over the rest of the sequence; the final state (decayed by the
+    whole sequence's B) adds <S_final, dS_final> to every token of it."""
+    suffix = db.flip(0).cumsum(0).flip(0)  # [N_tok, H]: sum over u >= t, across sequences
+    lengths = torch.tensor([e - s for s, e in bounds], device=db.device)
+    ends = torch.tensor([e for _, e in bounds], device=db.device)
+    after = torch.cat((suffix, suffix.new_zeros(1, suffix.shape[1])))  # suffix at N_tok is 0
+    dg = suffix - after[torch.repeat_interleave(ends, lengths)]
+    if d_final is not None:
+        per_seq = (final * d_final).sum((-2, -1))  # [S, H]
+        dg = dg + torch.repeat_interleave(per_seq, lengths, dim=0)
+    return dg
+
+
+class ChunkScalarDecayFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, bounds, chunk, return_state):
+        B, T = q.shape[:2]
+        flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v)]
+        g_flat = g.reshape(B * T, -1).to(torch.float32).contiguous()
+        init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+        seqs, chunks = build_tables(bounds, chunk, q.device)
+        p = _Problem(flat[0], flat[2], seqs, chunks, chunk)
+        need_db = ctx.needs_input_grad[3]
+        keep_final = return_state or need_db
+        o, final = forward(*flat, g_flat, init, p, keep_final)
+        ctx.save_for_backward(*flat, g_flat, init, final if need_db else None)
+        ctx.p, ctx.bounds, ctx.shape = p, bounds, (B, T)
+        ctx.init_dtype = None if initial_state is None else initial_state.dtype
+        ctx.g_dtype = g.dtype
+        return o.view(B, T, *o.shape[1:]), final if return_state else None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_o, d_final):
+        q, k, v, g, init, final = ctx.saved_tensors
+        B, T = ctx.shape
+        do = d_o.reshape(B * T, *d_o.shape[2:]).to(q.dtype).contiguous()
+        d_final = None if d_final is None else d_final.to(torch.float32).contiguous()
+        need_d_init = init is not None and ctx.needs_input_grad[4]
+        need_db = ctx.needs_input_grad[3]
+        dq, dk, dv, d_init, db = backward(q, k, v, g, do, d_final, init, ctx.p, need_d_init,
+                                          need_db)
+        dg = None
+        if need_db:
+            dg = decay_gradient(db, final, d_final, ctx.bounds).view(B, T, -1).to(ctx.g_dtype)
+        if d_init is not None:
+            d_init = d_init.to(ctx.init_dtype)
+        return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]),
+                dv.view(B, T, *dv.shape[1:]), dg, d_init, None, None, None)
+
+
+def chunk_scalar_decay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                       bounds: list[tuple[int, int]], initial_state: torch.Tensor | None = None,
+                       return_state: bool = False, chunk_size: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton path shared by retention and SSD; its callers check shapes.
+
+    q, k: [B, T, HK, Dk]; v: [B, T, H, Dv] with H a multiple of HK; g: [B, T, H] log decays
+    (<= 0); bounds: [(first flat token, end)] of each of the S sequences in the B * T flat
+    tokens; initial_state: [S, H, Dk, Dv] or None. Returns o [B, T, H, Dv] in q's dtype and
+    the final states [S, H, Dk, Dv] float32 (or None). Gradients flow to q, k, v, g and the
+    initial state, and from the final state."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"chunk_scalar_decay: q, k, v must share one of float32, bfloat16, "
+                         f"float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return ChunkScalarDecayFunction.apply(q, k, v, g, initial_state, bounds,
+                                          triton_chunk(chunk_size), return_state)

@@ -1,0 +1,283 @@
+"""Triton kernels for chunked linear attention with a scalar decay per token and head: two
+sequential scans over chunks (the state, forward and backward) and three kernels parallel
+over chunks (the output, dq/dk with the decay's gradient, dv).
+
+Per sequence and v-head, with g_t <= 0 the log decay of step t, the state S [Dk, Dv] and
+output follow S_t = exp(g_t) S_{t-1} + k_t^T v_t and o_t = q_t S_t. Retention is g_t =
+log gamma_h; Mamba-2's SSD is q = C, k = B, v = dt x, g = dt A (stripes.kernels.retention
+and stripes.kernels.ssd map their arguments onto these).
+
+Notation for chunk i of L_i <= C tokens, row j in [0, C), b_j = g_0 + ... + g_j (the decay
+accumulated inside the chunk, inclusive; padded rows have g = 0), b_L = b at the last row:
+    xi_j   = exp(b_j)                 a token's read of the state that entered its chunk
+    zeta_j = exp(b_L - b_j)           a token's write into the state that leaves its chunk
+    D[j, l] = exp(b_j - b_l) for l <= j, else 0
+    h_i    = the state entering chunk i [Dk, Dv], h_0 = the initial state (or 0)
+    h_{i+1} = exp(b_L) h_i + (K_i * zeta)^T V_i                            (_states_kernel)
+    O_i     = ((Q_i K_i^T) * D) V_i + (Q_i * xi) h_i                       (_output_kernel)
+Backward, with dh_i the gradient of the state LEAVING chunk i (entering i + 1; for the last
+chunk the final state's gradient, or 0):
+    dh_{i-1} = exp(b_L) dh_i + (Q_i * xi)^T dO_i                          (_state_grads_kernel)
+    dQ_i = ((dO_i V_i^T) * D) K_i + xi * (dO_i h_i^T)                      (_dq_dk_kernel)
+    dK_i = ((dO_i V_i^T) * D)^T Q_i + zeta * (V_i dh_i^T)                  (_dq_dk_kernel)
+    dV_i = ((Q_i K_i^T) * D)^T dO_i + (K_i * zeta) dh_i                    (_dv_kernel)
+and the initial state's gradient is what the backward scan carries past the first chunk.
+The decay's gradient: with B_t = g_0 + ... + g_t over the whole sequence, dL/dB_t = q_t . dq_t
+- k_t . dk_t per head (a token's query reads everything before it decayed by B_t - B_s, its
+key is read decayed by B_s' - B_t); _dq_dk_kernel writes that sum over its Dk block, and
+function.py turns it into dL/dg_t (a reverse cumulative sum, plus the final state's term).
+
+Grouped q/k (Mamba-2's B/C groups): q, k have HK heads and v-head h reads q/k head
+h // (H / HK). Layout: q, k [N_tok, HK, Dk], v, o [N_tok, H, Dv], g [N_tok, H] float32, all
+contiguous, N_tok = B * T flat tokens; a sequence is a span of flat tokens (a row of the
+batch, or a packed document) and chunks never cross sequences. Tables (int32, on the
+device): seqs [3, S] = first token, length, first global chunk; chunks [2, N_chunks] = first
+token, length. States h and dh: [N_chunks, H, Dk, Dv] in the inputs' dtype: the scans
+accumulate in float32 registers and every stored state only feeds a matmul, whose operands
+are in the inputs' dtype anyway (bf16/fp16: tensor cores; float32: full-precision "ieee"
+dots). The initial and final states and their gradients are float32 in memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32; IEEE: full float32 products (float32 inputs), else the
+    operands' dtype on tensor cores."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _chunk_decays(g_ptr, token, valid, h, H: tl.constexpr):
+    """(b [C]: the decay accumulated through each row, b_L: through the whole chunk)."""
+    g = tl.load(g_ptr + token * H + h, mask=valid, other=0.0).to(tl.float32)
+    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+
+
+@triton.jit
+def _causal_decay(b, C: tl.constexpr):
+    """D [C, C] = exp(b_j - b_l) below and on the diagonal, 0 above (never exp of a positive
+    number: the masked exponent is -inf)."""
+    rc = tl.arange(0, C)
+    causal = rc[:, None] >= rc[None, :]
+    return tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+
+
+@triton.jit
+def _sequence(seqs_ptr, S, s):
+    """(first flat token, length, first global chunk) of sequence s."""
+    return (tl.load(seqs_ptr + s), tl.load(seqs_ptr + S + s), tl.load(seqs_ptr + 2 * S + s))
+
+
+@triton.jit
+def _chunk(chunks_ptr, n_chunks, C: tl.constexpr):
+    """The program's chunk (grid axis 1): (its index as int64, flat token of each row [C]
+    int64, row valid mask [C])."""
+    chunk = tl.program_id(1)
+    start = tl.load(chunks_ptr + chunk)
+    n_valid = tl.load(chunks_ptr + n_chunks + chunk)
+    rc = tl.arange(0, C)
+    return chunk.to(tl.int64), (start + rc).to(tl.int64), rc < n_valid
+
+
+@triton.jit
+def _states_kernel(k_ptr, v_ptr, g_ptr, h_ptr, init_ptr, final_ptr, seqs_ptr, S,
+                   H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (Dk / BK, Dv / BV, S * H): one [BK, BV] tile of one head's state walks its
+    sequence's chunks in order, storing h_i before each chunk's update."""
+    pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s, h = pid_sh // H, pid_sh % H
+    hk = h // (H // HK)
+    start, length, first_chunk = _sequence(seqs_ptr, S, s)
+    rk = pid_k * BK + tl.arange(0, BK)  # [BK]
+    rv = pid_v * BV + tl.arange(0, BV)  # [BV]
+    rc = tl.arange(0, C)  # [C]
+    tile = rk[:, None] * DV + rv[None, :]  # [BK, BV] offsets inside one [Dk, Dv] state
+    tile_mask = (rk < DK)[:, None] & (rv < DV)[None, :]
+    dtype = k_ptr.dtype.element_ty
+
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_INIT:
+        state = tl.load(init_ptr + pid_sh.to(tl.int64) * DK * DV + tile, mask=tile_mask,
+                        other=0.0).to(tl.float32)
+    for i in range(tl.cdiv(length, C)):
+        chunk = (first_chunk + i).to(tl.int64)
+        tl.store(h_ptr + (chunk * H + h) * DK * DV + tile, state.to(h_ptr.dtype.element_ty),
+                 mask=tile_mask)
+        valid = rc < length - i * C  # [C]
+        token = (start + i * C + rc).to(tl.int64)  # [C]
+        b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
+        k = tl.load(k_ptr + (token[:, None] * HK + hk) * DK + rk[None, :],
+                    mask=valid[:, None] & (rk < DK)[None, :], other=0.0)  # [C, BK]
+        v = tl.load(v_ptr + (token[:, None] * H + h) * DV + rv[None, :],
+                    mask=valid[:, None] & (rv < DV)[None, :], other=0.0)  # [C, BV]
+        zeta = tl.where(valid, tl.exp(b_last - b), 0.0)  # [C]
+        k_zeta = (k.to(tl.float32) * zeta[:, None]).to(dtype)
+        state = state * tl.exp(b_last) + _mm(tl.trans(k_zeta), v, IEEE)
+    if STORE_FINAL:
+        tl.store(final_ptr + pid_sh.to(tl.int64) * DK * DV + tile, state, mask=tile_mask)
+
+
+@triton.jit
+def _state_grads_kernel(q_ptr, do_ptr, g_ptr, dh_ptr, dfinal_ptr, dinit_ptr, seqs_ptr, S,
+                        H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr,
+                        DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """Grid as _states_kernel: the state's gradient walks the chunks backwards, storing dh_i
+    (the gradient of the state leaving chunk i) before folding in chunk i's reads."""
+    pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    s, h = pid_sh // H, pid_sh % H
+    hk = h // (H // HK)
+    start, length, first_chunk = _sequence(seqs_ptr, S, s)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rv = pid_v * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    tile = rk[:, None] * DV + rv[None, :]
+    tile_mask = (rk < DK)[:, None] & (rv < DV)[None, :]
+    dtype = q_ptr.dtype.element_ty
+
+    dstate = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_DFINAL:
+        dstate = tl.load(dfinal_ptr + pid_sh.to(tl.int64) * DK * DV + tile, mask=tile_mask,
+                         other=0.0).to(tl.float32)
+    n_chunks = tl.cdiv(length, C)
+    for back in range(n_chunks):
+        i = n_chunks - 1 - back
+        chunk = (first_chunk + i).to(tl.int64)
+        tl.store(dh_ptr + (chunk * H + h) * DK * DV + tile, dstate.to(dh_ptr.dtype.element_ty),
+                 mask=tile_mask)
+        valid = rc < length - i * C
+        token = (start + i * C + rc).to(tl.int64)
+        b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
+        q = tl.load(q_ptr + (token[:, None] * HK + hk) * DK + rk[None, :],
+                    mask=valid[:, None] & (rk < DK)[None, :], other=0.0)  # [C, BK]
+        do = tl.load(do_ptr + (token[:, None] * H + h) * DV + rv[None, :],
+                     mask=valid[:, None] & (rv < DV)[None, :], other=0.0)  # [C, BV]
+        q_xi = (q.to(tl.float32) * tl.exp(b)[:, None]).to(dtype)
+        dstate = dstate * tl.exp(b_last) + _mm(tl.trans(q_xi), do, IEEE)
+    if STORE_DINIT:
+        tl.store(dinit_ptr + pid_sh.to(tl.int64) * DK * DV + tile, dstate, mask=tile_mask)
+
+
+@triton.jit
+def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunks_ptr, n_chunks,
+                   H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (Dv / BV, N_chunks, H): O_i's [C, BV] tile = masked decayed scores @ V + the
+    state's contribution, the scores and (Q * xi) h_i summed over Dk in BK blocks."""
+    pid_v, h = tl.program_id(0), tl.program_id(2)
+    hk = h // (H // HK)
+    chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
+    b, _ = _chunk_decays(g_ptr, token, valid, h, H)
+    rv = pid_v * BV + tl.arange(0, BV)
+    v_mask = valid[:, None] & (rv < DV)[None, :]
+    dtype = q_ptr.dtype.element_ty
+    xi = tl.exp(b)
+
+    scores = tl.zeros((C, C), dtype=tl.float32)
+    acc = tl.zeros((C, BV), dtype=tl.float32)
+    for kb in tl.static_range(0, DK, BK):
+        rk = kb + tl.arange(0, BK)
+        qk_mask = valid[:, None] & (rk < DK)[None, :]
+        qk_at = (token[:, None] * HK + hk) * DK + rk[None, :]
+        q = tl.load(q_ptr + qk_at, mask=qk_mask, other=0.0)  # [C, BK]
+        k = tl.load(k_ptr + qk_at, mask=qk_mask, other=0.0)
+        scores += _mm(q, tl.trans(k), IEEE)
+        state = tl.load(h_ptr + ((chunk * H + h) * DK + rk[:, None]) * DV + rv[None, :],
+                        mask=(rk < DK)[:, None] & (rv < DV)[None, :], other=0.0)  # [BK, BV]
+        acc += _mm((q.to(tl.float32) * xi[:, None]).to(dtype), state.to(dtype), IEEE)
+    v = tl.load(v_ptr + (token[:, None] * H + h) * DV + rv[None, :], mask=v_mask, other=0.0)
+    acc += _mm((scores * _causal_decay(b, C)).to(dtype), v, IEEE)
+    tl.store(o_ptr + (token[:, None] * H + h) * DV + rv[None, :], acc.to(dtype), mask=v_mask)
+
+
+@triton.jit
+def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, db_ptr,
+                  chunks_ptr, n_chunks, n_tok, H: tl.constexpr, HK: tl.constexpr,
+                  DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, STORE_DB: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (Dk / BK, N_chunks, HK): dQ_i and dK_i of one q/k head for one BK block of
+    channels, summed over the v-heads that read it (each summing dO V^T, dO h^T and V dh^T
+    over Dv in BV blocks); STORE_DB: also each v-head's q . dq - k . dk over this block."""
+    pid_k, hk = tl.program_id(0), tl.program_id(2)
+    chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
+    rk = pid_k * BK + tl.arange(0, BK)
+    k_mask = valid[:, None] & (rk < DK)[None, :]
+    qk_at = (token[:, None] * HK + hk) * DK + rk[None, :]
+    q = tl.load(q_ptr + qk_at, mask=k_mask, other=0.0)  # [C, BK]
+    k = tl.load(k_ptr + qk_at, mask=k_mask, other=0.0)
+    dtype = q_ptr.dtype.element_ty
+    dq = tl.zeros((C, BK), dtype=tl.float32)
+    dk = tl.zeros((C, BK), dtype=tl.float32)
+    for j in range(H // HK):  # the v-heads of this q/k head
+        h = hk * (H // HK) + j
+        b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
+        d_scores = tl.zeros((C, C), dtype=tl.float32)  # dO V^T
+        dq_state = tl.zeros((C, BK), dtype=tl.float32)
+        dk_state = tl.zeros((C, BK), dtype=tl.float32)
+        for vb in tl.static_range(0, DV, BV):
+            rv = vb + tl.arange(0, BV)
+            v_mask = valid[:, None] & (rv < DV)[None, :]
+            state_at = ((chunk * H + h) * DK + rk[:, None]) * DV + rv[None, :]  # [BK, BV]
+            state_mask = (rk < DK)[:, None] & (rv < DV)[None, :]
+            do = tl.load(do_ptr + (token[:, None] * H + h) * DV + rv[None, :], mask=v_mask,
+                         other=0.0)
+            v = tl.load(v_ptr + (token[:, None] * H + h) * DV + rv[None, :], mask=v_mask,
+                        other=0.0)
+            state = tl.load(h_ptr + state_at, mask=state_mask, other=0.0).to(dtype)
+            dstate = tl.load(dh_ptr + state_at, mask=state_mask, other=0.0).to(dtype)
+            d_scores += _mm(do, tl.trans(v), IEEE)
+            dq_state += _mm(do, tl.trans(state), IEEE)
+            dk_state += _mm(v, tl.trans(dstate), IEEE)
+        zeta = tl.where(valid, tl.exp(b_last - b), 0.0)
+        d_scores = (d_scores * _causal_decay(b, C)).to(dtype)  # [C, C]
+        dq_h = dq_state * tl.exp(b)[:, None] + _mm(d_scores, k, IEEE)
+        dk_h = dk_state * zeta[:, None] + _mm(tl.trans(d_scores), q, IEEE)
+        dq += dq_h
+        dk += dk_h
+        if STORE_DB:
+            db = tl.sum(q.to(tl.float32) * dq_h - k.to(tl.float32) * dk_h, axis=1)  # [C]
+            tl.store(db_ptr + (pid_k * n_tok + token) * H + h, db, mask=valid)
+    tl.store(dq_ptr + qk_at, dq.to(dtype), mask=k_mask)
+    tl.store(dk_ptr + qk_at, dk.to(dtype), mask=k_mask)
+
+
+@triton.jit
+def _dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, dv_ptr, chunks_ptr, n_chunks,
+               H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (Dv / BV, N_chunks, H): dV_i for one BV block, the scores Q K^T and
+    (K * zeta) dh_i summed over Dk in BK blocks."""
+    pid_v, h = tl.program_id(0), tl.program_id(2)
+    hk = h // (H // HK)
+    chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
+    b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
+    rv = pid_v * BV + tl.arange(0, BV)
+    v_mask = valid[:, None] & (rv < DV)[None, :]
+    dtype = q_ptr.dtype.element_ty
+    zeta = tl.where(valid, tl.exp(b_last - b), 0.0)
+
+    scores = tl.zeros((C, C), dtype=tl.float32)
+    dv = tl.zeros((C, BV), dtype=tl.float32)
+    for kb in tl.static_range(0, DK, BK):
+        rk = kb + tl.arange(0, BK)
+        qk_mask = valid[:, None] & (rk < DK)[None, :]
+        qk_at = (token[:, None] * HK + hk) * DK + rk[None, :]
+        q = tl.load(q_ptr + qk_at, mask=qk_mask, other=0.0)
+        k = tl.load(k_ptr + qk_at, mask=qk_mask, other=0.0)
+        dstate = tl.load(dh_ptr + ((chunk * H + h) * DK + rk[:, None]) * DV + rv[None, :],
+                         mask=(rk < DK)[:, None] & (rv < DV)[None, :], other=0.0)
+        scores += _mm(q, tl.trans(k), IEEE)
+        dv += _mm((k.to(tl.float32) * zeta[:, None]).to(dtype), dstate.to(dtype), IEEE)
+    do = tl.load(do_ptr + (token[:, None] * H + h) * DV + rv[None, :], mask=v_mask, other=0.0)
+    dv += _mm(tl.trans((scores * _causal_decay(b, C)).to(dtype)), do, IEEE)
+    tl.store(dv_ptr + (token[:, None] * H + h) * DV + rv[None, :], dv.to(dtype), mask=v_mask)

@@ -1,0 +1,60 @@
+"""Mamba-2's state space dual layer (Dao & Gu, 2024), chunked: per head, h_t = exp(dt_t A)
+h_{t-1} + dt_t x_t B_t^T and y_t = h_t C_t, with B/C shared by groups of heads (the chunked
+form of stripes.arch.ssd, which is the reference).
+
+On CUDA it runs stripes.kernels.scalar_decay's kernels with q = C, k = B, v = dt x and the
+log decay g = dt A: the same recurrence with the state transposed ([N, P] there, [P, N]
+here). dt's softplus and bias, the D skip and the gate stay in the mixer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stripes.kernels.dispatch import use_triton
+from stripes.kernels.retention.reference import sequence_bounds
+from stripes.kernels.ssd.reference import check_inputs
+from stripes.kernels.ssd.reference import ssd as ssd_reference
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        chunk_size: int = 64, initial_state: torch.Tensor | None = None,
+        return_state: bool = False, cu_seqlens: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y [B, T, H, P] in x's dtype and, if return_state, each sequence's final state.
+
+    x: [B, T, H, P]; dt: [B, T, H] (positive: after softplus); A: [H] (negative); B, C:
+    [B, T, G, N], head h reading group h // (H / G); initial_state: [S, H, P, N] or None
+    (zeros); cu_seqlens: None (the S = B rows are the sequences) or int [S + 1] rising from 0
+    to T over one packed row (B = 1). dt and A are consumed in float32. Gradients flow to
+    every input (dt, A through both the decay dt A and the input dt x) and from the state.
+
+    CUDA tensors with x, B, C of one dtype among float32, bfloat16, float16 run the Triton
+    kernels (states in float32, matmuls in that dtype, chunks of chunk_size rounded up to a
+    power of two in [16, 128]); everything else runs the reference. The final states are
+    float32 on the Triton path (promote_types(x, float32) on the reference). Bad shapes
+    raise ValueError.
+    """
+    if use_triton(x, B, C) and x.dtype == B.dtype == C.dtype and x.dtype in TRITON_DTYPES:
+        return ssd_triton(x, dt, A, B, C, chunk_size, initial_state, return_state, cu_seqlens)
+    return ssd_reference(x, dt, A, B, C, chunk_size, initial_state, return_state, cu_seqlens)
+
+
+def ssd_triton(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               C: torch.Tensor, chunk_size: int = 64, initial_state: torch.Tensor | None = None,
+               return_state: bool = False, cu_seqlens: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton path of `ssd` (same contract)."""
+    from stripes.kernels.scalar_decay.function import chunk_scalar_decay
+
+    check_inputs(x, dt, A, B, C, initial_state, cu_seqlens, chunk_size)
+    with torch.autocast(x.device.type, enabled=False):
+        dt32 = dt.to(torch.float32)
+        g = dt32 * A.to(torch.float32)  # [B, T, H] log decays, <= 0
+        v = (x.to(torch.float32) * dt32[..., None]).to(x.dtype)  # dt_t x_t [B, T, H, P]
+        init = None if initial_state is None else initial_state.transpose(-1, -2)
+        y, final = chunk_scalar_decay(C, B, v, g, sequence_bounds(x, cu_seqlens), init,
+                                      return_state, chunk_size)
+    return y, None if final is None else final.transpose(-1, -2)
