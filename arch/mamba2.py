@@ -3,7 +3,7 @@
 x [B, T, D] -> in_proj -> z [d_inner] | xBC [d_inner + 2 G N] | dt [H]
 xBC -> causal depthwise conv (kernel d_conv) -> SiLU -> x [B, T, H, P], B/C [B, T, G, N]
 dt = softplus(dt + dt_bias), A = -exp(A_log)    (float32)
-y = SSD(x, dt, A, B, C) + D x                     (stripes.arch.ssd, float32)
+y = SSD(x, dt, A, B, C) + D x                     (stripes.kernels.ssd: Triton on CUDA)
 y = rmsnorm(y * silu(z)) * weight                 (per group of d_inner / G channels, float32)
 out_proj: d_inner -> D
 
@@ -11,8 +11,10 @@ d_inner = expand * D, H = d_inner / head_dim heads of size P = head_dim, N = d_s
 G = n_groups. Parameter names follow the reference implementation (`in_proj`, `conv1d`,
 `dt_bias`, `A_log`, `D`, `norm.weight`, `out_proj`), so Mamba-2 checkpoints map 1:1.
 
-Training runs the chunked SSD algorithm; decoding keeps the last d_conv - 1 conv inputs and
-the SSM state, and `step` is the recurrence itself (the sequential scan with T = 1).
+Training runs the chunked SSD algorithm (stripes.kernels.ssd: the Triton kernels on CUDA,
+stripes.arch.ssd's reference elsewhere); packed documents go in as cu_seqlens spans, with
+the conv masked at their starts. Decoding keeps the last d_conv - 1 conv inputs and the SSM
+state, and `step` is the recurrence itself (the sequential scan with T = 1).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
-from stripes.arch.packing import per_document
+from stripes.arch.packing import cu_seqlens, document_starts
 from stripes.arch.registry import register_mixer
-from stripes.arch.ssd import ssd_chunked, ssd_scan
+from stripes.arch.ssd import ssd_scan
 from stripes.core.config import ConfigError, require_positive
+from stripes.kernels.ssd import ssd
 
 
 @dataclass
@@ -133,24 +136,40 @@ class Mamba2(Mixer):
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if doc_ids is not None:  # conv and state restart at every document
-            return per_document(self._forward_fn, x, doc_ids)
-        return self._forward_fn(x)
+        """x: [B, T, D] -> [B, T, D]. With doc_ids [B, T] the conv and the state restart at
+        every document: conv taps that would reach into an earlier document read zeros, and
+        SSD takes the documents as cu_seqlens spans of the flat tokens."""
+        if doc_ids is None:
+            return self._mix(x, None, None, self._ssd_training)[0]
+        batch, T, _ = x.shape
+        seqlens = cu_seqlens(doc_ids)
 
-    def _forward_fn(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mix(x, None, None, self._ssd_chunked)[0]
+        def packed_ssd(xs, dt, A, B, C, initial_state):
+            flat = [t.reshape(1, batch * T, *t.shape[2:]) for t in (xs, dt, B, C)]
+            y, _ = ssd(flat[0], flat[1], A, flat[2], flat[3], self.cfg.chunk_size,
+                       cu_seqlens=seqlens)
+            return y.view(xs.shape), None
+        return self._mix(x, None, None, packed_ssd, doc_ids)[0]
 
-    def _ssd_chunked(self, x, dt, A, B, C, initial_state) -> tuple[torch.Tensor, torch.Tensor]:
-        return ssd_chunked(x, dt, A, B, C, self.cfg.chunk_size, initial_state)
+    def _ssd_training(self, x, dt, A, B, C, initial_state):
+        """stripes.kernels.ssd (Triton on CUDA); training needs no final state."""
+        return ssd(x, dt, A, B, C, self.cfg.chunk_size, initial_state)[0], None
+
+    def _ssd_prefill(self, x, dt, A, B, C, initial_state):
+        return ssd(x, dt, A, B, C, self.cfg.chunk_size, initial_state, return_state=True)
 
     def _mix(self, x: torch.Tensor, conv_cache: torch.Tensor | None,
-             ssm_state: torch.Tensor | None, ssm: SSMFn):
+             ssm_state: torch.Tensor | None, ssm: SSMFn, doc_ids: torch.Tensor | None = None):
         """The block on x [B, T, D], continuing from conv_cache [B, conv_dim, d_conv - 1] and
-        ssm_state [B, H, P, N] (None: a sequence start). Returns y [B, T, D] and both states."""
+        ssm_state [B, H, P, N] (None: a sequence start), or, with doc_ids, on packed
+        documents from their starts. Returns y [B, T, D] and both states (None in training)."""
         batch, T, _ = x.shape
         H, P, G, N = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        xBC, conv_cache = self._conv(xBC, conv_cache)  # [B, T, conv_dim]
+        if doc_ids is None:
+            xBC, conv_cache = self._conv(xBC, conv_cache)  # [B, T, conv_dim]
+        else:
+            xBC = self._conv_documents(xBC, doc_ids)
         xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.reshape(batch, T, H, P)  # heads [B, T, H, P]
         B, C = B.reshape(batch, T, G, N), C.reshape(batch, T, G, N)  # [B, T, G, N]
@@ -172,6 +191,22 @@ class Mamba2(Mixer):
         out = self.conv1d(window)  # [B, C, T]: no padding, output t sees inputs t-K+1..t
         return out.transpose(1, 2), window[..., window.shape[-1] - (K - 1):]
 
+    def _conv_documents(self, xBC: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+        """The causal conv of `_conv` over packed documents [B, T, C], each from zeros: the tap
+        `back` steps behind t counts only where t is at least `back` into its document."""
+        K, T = self.cfg.d_conv, xBC.shape[1]
+        steps = torch.arange(T, device=xBC.device)
+        last_start = torch.where(document_starts(doc_ids), steps, 0).cummax(dim=1).values
+        position = (steps - last_start)[..., None]  # [B, T, 1]: steps since the doc start
+        weight = self.conv1d.weight[:, 0].to(xBC.dtype)  # [C, K]: tap K-1-back reads t-back
+        out = xBC * weight[:, K - 1]
+        for back in range(1, K):
+            earlier = F.pad(xBC, (0, 0, back, 0))[:, :T]  # [B, T, C]: x_{t - back}
+            out = out + torch.where(position >= back, earlier, 0.0) * weight[:, K - 1 - back]
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(xBC.dtype)
+        return out
+
     # -- decoding ---------------------------------------------------------------------------
     def allocate_state(self, batch_size, max_len, device, dtype) -> Mamba2State:
         """Constant-size state (max_len unused), kept in promote_types(dtype, float32)."""
@@ -184,7 +219,7 @@ class Mamba2(Mixer):
 
     def prefill(self, x: torch.Tensor, state: Mamba2State) -> torch.Tensor:
         """Chunked SSD from the stored states; may follow earlier prefill/step calls."""
-        y, conv, ssm = self._mix(x, state.conv, state.ssm, self._ssd_chunked)
+        y, conv, ssm = self._mix(x, state.conv, state.ssm, self._ssd_prefill)
         state.conv.copy_(conv)
         state.ssm.copy_(ssm)
         return y

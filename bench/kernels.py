@@ -9,14 +9,15 @@ Per kernel, bf16, forward and forward+backward (all input gradients):
             call each as an extra row;
 - linear_ce N=32,768, D=2048, V=32,000, forward+backward only (the fused versions do all
             their work in the forward);
-- retention B*T = 65,536, T in {2k, 8k, 32k}, H = 16, Dk = Dv = 128 (bench/mixer_kernel_cases.py
-            says what runs and how FLOPs are counted).
+- retention B*T = 65,536, T in {2k, 8k, 32k}, H = 16, Dk = Dv = 128, and
+- ssd       B*L = 65,536, L in {2k, 8k}, H = 32, P = 64, N = 128, one group
+            (bench/mixer_kernel_cases.py says what runs and how FLOPs are counted).
 Rows: `stripes` (the public function: Triton on CUDA), the module's `reference` run eagerly
 (the plain-PyTorch anchor, "torch"; for linear_ce that anchor is what the model did before,
 bf16 F.linear then F.cross_entropy in float32, and the float32 reference is an extra row),
 torch.compile of the reference (rmsnorm, swiglu), and the "anchor": liger-kernel's fused
-ops, or fla's chunk_retention for retention ("not installed" when it is missing, the run
-goes on).
+ops, fla's chunk_retention for retention, mamba_ssm's mamba_chunk_scan_combined for ssd
+("not installed" when it is missing, the run goes on).
 
 Columns: median ms of CUDA-event-timed repeats after warm-up, L2 flushed before each repeat
 (time.perf_counter on CPU); for rmsnorm, swiglu and rotary "fwd ms" and "f+b ms" time CUDA
@@ -31,7 +32,7 @@ faster than the anchor); rel err: the largest ||out - ref|| / ||ref|| over outpu
 gradients, against the reference in float64 on the same inputs. A stripes row above 3e-2, or
 a stripes/torch row that fails, makes the exit status 1.
 
-    python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention]
+    python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention,ssd]
                              [--quick]
 
 liger entry points (0.8.5), each called with liger's defaults unless said: rmsnorm
@@ -81,12 +82,12 @@ from kernel_timing import (
     table,
     version,
 )
-from mixer_kernel_cases import retention_cases
+from mixer_kernel_cases import retention_cases, ssd_cases
 
 from stripes.arch.rope import rope_angles
 
-KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention")
-MATMUL_BOUND = {"linear_ce", "retention"}  # their "% ceiling" is against a bf16 matmul
+KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd")
+MATMUL_BOUND = {"linear_ce", "retention", "ssd"}  # their "% ceiling" is against a bf16 matmul
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -293,7 +294,7 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 
 BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_cases,
-            "linear_ce": linear_ce_cases, "retention": retention_cases}
+            "linear_ce": linear_ce_cases, "retention": retention_cases, "ssd": ssd_cases}
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""bench/kernels.py cases for the mixer kernels (issue 8): chunked retention beside fla.
+"""bench/kernels.py cases for the mixer kernels (issue 8): chunked retention beside fla,
+Mamba-2's SSD beside mamba_ssm.
 
 retention: B*T = 65,536 tokens at T in {2k, 8k, 32k}, H = 16, Dk = Dv = 128, bf16, k scaled
 by Dk^-1/2, decays gamma_h = 1 - 2^(-5 - h) (what fla's chunk_retention fixes), no initial
@@ -7,6 +8,12 @@ state. Rows: stripes `chunk_retention` (chunk 64), fla's `chunk_retention` with 
 TFLOP/s count the work the stripes kernels do (every chunk's full C x C tiles, not the causal
 half): per token and head, forward 2C(Dk + Dv) + 4 Dk Dv, backward 2C(3 Dk + 2 Dv) +
 10 Dk Dv (the state scan is run again, then dh, dq/dk and dv).
+
+ssd: B*L = 65,536 tokens at L in {2k, 8k}, H = 32, P = 64, N = 128, one group, bf16 x, B, C,
+float32 dt (after softplus) and A. Rows: stripes `ssd` (chunk 64; the scalar-decay kernels
+with Dk = N, Dv = P), mamba_ssm's `mamba_chunk_scan_combined` (chunk 256, its own
+benchmark's setting; the anchor), and the chunked reference run eagerly in float32.
+Gradients of x, dt, A, B and C; FLOPs counted as for retention with Dk = N, Dv = P.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import sys
+import types
 from collections.abc import Iterator
 
 import torch
@@ -32,6 +41,26 @@ def fla_op(module: str, attr: str, device: torch.device) -> tuple[object | None,
     try:
         return getattr(importlib.import_module(module), attr), ""
     except Exception as err:  # a broken install must not end the run
+        return None, f"import failed: {type(err).__name__}: {err}"
+
+
+def mamba_chunk_scan(device: torch.device) -> tuple[object | None, str]:
+    """mamba_ssm's mamba_chunk_scan_combined, or None and why not. The pure-Python build's
+    package __init__ imports its CUDA selective scan and fails, so the package is entered
+    through a stand-in module and only the Triton SSD submodule is imported."""
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or spec.submodule_search_locations is None:
+        return None, "not installed"
+    if device.type != "cuda":
+        return None, "skipped: mamba_ssm needs CUDA"
+    if "mamba_ssm" not in sys.modules:
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mamba_ssm"] = package
+    try:
+        module = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        return module.mamba_chunk_scan_combined, ""
+    except Exception as err:
         return None, f"import failed: {type(err).__name__}: {err}"
 
 
@@ -76,3 +105,40 @@ def retention_case(device: torch.device, B: int, T: int, H: int, D: int, fla_ret
             q64, k64, v64, log_decay.double(), chunk_size=CHUNK)[0], inputs, grads)
     return Case("retention", f"B{B} T{T} H{H} D{D} bf16", ["o", "dq", "dk", "dv"], expected,
                 impls, fb_flops=retention_flops(B * T, H, D, D))
+
+
+def ssd_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    anchor, why = mamba_chunk_scan(device)
+    heads, p, n = (4, 16, 16) if quick else (32, 64, 128)
+    for L in (40,) if quick else (2048, 8192):
+        yield ssd_case(device, (80 if quick else 65536) // L, L, heads, p, n, anchor, why)
+
+
+def ssd_case(device: torch.device, batch: int, L: int, H: int, P: int, N: int, anchor,
+             why: str) -> Case:
+    from stripes.kernels.ssd import reference, ssd
+
+    x = torch.randn(batch, L, H, P, device=device).to(BF16).requires_grad_()
+    dt = torch.nn.functional.softplus(torch.randn(batch, L, H, device=device) - 3)
+    dt.requires_grad_()
+    A = (-torch.empty(H, device=device).uniform_(1, 16)).requires_grad_()
+    B, C = (torch.randn(batch, L, 1, N, device=device).to(BF16).requires_grad_()
+            for _ in range(2))
+    inputs, grads = [x, dt, A, B, C], [torch.randn(batch, L, H, P, device=device, dtype=BF16)]
+
+    def impl(name, role, forward, note=""):
+        return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, note)
+
+    impls = [impl("reference chunked (eager, float32)", "torch",
+                  lambda: reference.ssd(x, dt, A, B, C, CHUNK)[0]),
+             impl("stripes ssd", "stripes", lambda: ssd(x, dt, A, B, C, CHUNK)[0])]
+    if anchor is not None:
+        impls.append(impl("mamba_ssm mamba_chunk_scan_combined", "anchor",
+                          lambda: anchor(x, dt, A, B, C, 256)))
+    else:
+        impls.append(Impl("mamba_ssm mamba_chunk_scan_combined", "anchor", None, note=why))
+    expected = float64_reference(
+        lambda *args: reference.ssd(*args, CHUNK)[0], inputs, grads)
+    return Case("ssd", f"B{batch} L{L} H{H} P{P} N{N} bf16", ["y", "dx", "ddt", "dA", "dB",
+                                                               "dC"],
+                expected, impls, fb_flops=retention_flops(batch * L, H, N, P))
