@@ -30,9 +30,8 @@ from torch import nn
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import cu_seqlens, document_starts
 from stripes.arch.registry import register_mixer
-from stripes.arch.ssd import ssd_scan
 from stripes.core.config import ConfigError, require_positive
-from stripes.kernels.ssd import ssd
+from stripes.kernels.ssd import ssd, ssd_step
 
 
 @dataclass
@@ -82,7 +81,7 @@ class Mamba2State:
     ssm: torch.Tensor  # [B, H, P, N]: h of recurrence (S1) in stripes.arch.ssd
 
 
-# (x, dt, A, B, C, initial_state) -> (y, final_state): ssd_scan or a chunked SSD.
+# (x, dt, A, B, C, initial_state) -> (y, final_state): the one-token step or a chunked SSD.
 SSMFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -158,6 +157,12 @@ class Mamba2(Mixer):
     def _ssd_prefill(self, x, dt, A, B, C, initial_state):
         return ssd(x, dt, A, B, C, self.cfg.chunk_size, initial_state, return_state=True)
 
+    @staticmethod
+    def _ssd_step(x, dt, A, B, C, state):
+        """Recurrence (S1) for one token, the state advanced in place (a fused kernel on
+        CUDA)."""
+        return ssd_step(x, dt, A, B, C, state), state
+
     def _mix(self, x: torch.Tensor, conv_cache: torch.Tensor | None,
              ssm_state: torch.Tensor | None, ssm: SSMFn, doc_ids: torch.Tensor | None = None):
         """The block on x [B, T, D], continuing from conv_cache [B, conv_dim, d_conv - 1] and
@@ -228,7 +233,7 @@ class Mamba2(Mixer):
         """One token through recurrence (S1): h = exp(dt A) h + dt x B^T, y = h C + D x."""
         if x.shape[1] != 1:
             raise ValueError(f"mamba.step takes one token, got x of shape {tuple(x.shape)}")
-        y, conv, ssm = self._mix(x, state.conv, state.ssm, ssd_scan)
+        y, conv, ssm = self._mix(x, state.conv, state.ssm, self._ssd_step)
         state.conv.copy_(conv)
         state.ssm.copy_(ssm)
         return y

@@ -17,7 +17,7 @@ Training runs the form named by `form`: chunkwise by default, through
 stripes.kernels.retention (Triton kernels on CUDA, packed documents as cu_seqlens spans),
 or the dense parallel reference. Decoding keeps the state S [B, H, Dk, Dv] in
 promote_types(dtype, float32) plus the position for the rotation: `prefill` runs the
-chunkwise form from that state, `step` the recurrent form.
+chunkwise form from that state, `step` the recurrent form (one fused kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -35,10 +34,10 @@ from torch import nn
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import cu_seqlens
 from stripes.arch.registry import register_mixer
-from stripes.arch.retention_forms import retention_parallel, retention_recurrent
+from stripes.arch.retention_forms import retention_parallel
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
-from stripes.kernels.retention import chunk_retention
+from stripes.kernels.retention import chunk_retention, retention_step
 from stripes.kernels.retention.reference import sequence_bounds
 from stripes.kernels.rotary import apply_rotary_qk
 
@@ -218,22 +217,27 @@ class Retention(Mixer):
 
     def prefill(self, x: torch.Tensor, state: RetentionState) -> torch.Tensor:
         """x: [B, T, D]: the chunkwise form continuing from `state` (fresh or filled)."""
-        return self._decode(x, state, partial(chunk_retention, chunk_size=self.cfg.chunk_size))
+        return self._decode(x, state, self._prefill_memory)
 
     def step(self, x: torch.Tensor, state: RetentionState) -> torch.Tensor:
-        """x: [B, 1, D]: one recurrent update (eq. 6)."""
+        """x: [B, 1, D]: one recurrent update (eq. 6), a fused kernel on CUDA."""
         if x.shape[1] != 1:
             raise ValueError(f"retention.step takes one token, got x of shape {tuple(x.shape)}")
-        return self._decode(x, state, retention_recurrent)
+        return self._decode(x, state, retention_step)
 
-    def _decode(self, x: torch.Tensor, state: RetentionState, form: Callable) -> torch.Tensor:
-        """x: [B, T, D] at the positions after `state.length`; `form` continues the state."""
+    def _prefill_memory(self, q, k, v, log_decay, memory: torch.Tensor) -> torch.Tensor:
+        o, new_memory = chunk_retention(q, k, v, log_decay, initial_state=memory,
+                                        return_state=True, chunk_size=self.cfg.chunk_size)
+        memory.copy_(new_memory)
+        return o
+
+    def _decode(self, x: torch.Tensor, state: RetentionState, advance: Callable) -> torch.Tensor:
+        """x: [B, T, D] at the positions after `state.length`; `advance(q, k, v, log_decay,
+        memory)` returns the retention output and moves `memory` on in place."""
         T = x.shape[1]
         positions = torch.arange(state.length, state.length + T, device=x.device)
         q, k, v, g = self._project(x, positions)
-        o, memory = form(q, k, v, self._log_decay(q), initial_state=state.memory,
-                         return_state=True)
-        state.memory.copy_(memory)
+        o = advance(q, k, v, self._log_decay(q), state.memory)
         state.length += T
         return self._output(o, g)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from stripes.arch.retention_forms import retention_recurrent
 from stripes.kernels.dispatch import use_triton
 from stripes.kernels.retention.reference import (
     check_inputs,
@@ -62,3 +63,24 @@ def chunk_retention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     g = log_decay.detach().to(device=q.device, dtype=torch.float32).expand(B, T, H)
     return chunk_scalar_decay(q, k, v, g, sequence_bounds(q, cu_seqlens), initial_state,
                               return_state, chunk_size)
+
+
+def retention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                   state: torch.Tensor) -> torch.Tensor:
+    """One decoding step: S <- gamma S + k^T v, o = q S, with `state` S [B, H, Dk, Dv]
+    updated in place. q, k: [B, 1, H, Dk]; v: [B, 1, H, Dv]; log_decay: [H]. Returns
+    o [B, 1, H, Dv] in the state's dtype (float32, or float64 for a float64 state).
+
+    A float32 state on CUDA with q, k, v of one Triton dtype takes one fused kernel
+    (stripes.kernels.scalar_decay.step); anything else the recurrent reference."""
+    if q.shape[1] != 1:
+        raise ValueError(f"retention_step takes one token, got q of shape {tuple(q.shape)}")
+    if (use_triton(q, k, v, state) and state.dtype == torch.float32 and state.is_contiguous()
+            and len({q.dtype, k.dtype, v.dtype}) == 1 and q.dtype in TRITON_DTYPES):
+        from stripes.kernels.scalar_decay.step import scalar_decay_step_
+
+        g = log_decay.to(device=q.device, dtype=torch.float32).expand(q.shape[0], -1)
+        return scalar_decay_step_(q[:, 0], k[:, 0], v[:, 0], g, state)[:, None]
+    o, new_state = retention_recurrent(q, k, v, log_decay, state, return_state=True)
+    state.copy_(new_state)
+    return o.to(state.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from stripes.arch.ssd import ssd_scan
 from stripes.kernels.dispatch import use_triton
 from stripes.kernels.retention.reference import sequence_bounds
 from stripes.kernels.ssd.reference import check_inputs
@@ -58,3 +59,26 @@ def ssd_triton(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
         y, final = chunk_scalar_decay(C, B, v, g, sequence_bounds(x, cu_seqlens), init,
                                       return_state, chunk_size)
     return y, None if final is None else final.transpose(-1, -2)
+
+
+def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One decoding step of recurrence (S1), h <- exp(dt A) h + dt x B^T and y = h C, with
+    `state` h [B, H, P, N] updated in place. x: [B, 1, H, P]; dt: [B, 1, H]; A: [H]; B, C:
+    [B, 1, G, N]. Returns y [B, 1, H, P] in the state's dtype (the D skip is the mixer's).
+
+    A float32 state on CUDA with x, B, C of one Triton dtype takes one fused kernel
+    (stripes.kernels.scalar_decay.step); anything else the sequential reference."""
+    if x.shape[1] != 1:
+        raise ValueError(f"ssd_step takes one token, got x of shape {tuple(x.shape)}")
+    if (use_triton(x, B, C, state) and state.dtype == torch.float32 and state.is_contiguous()
+            and x.dtype == B.dtype == C.dtype and x.dtype in TRITON_DTYPES):
+        from stripes.kernels.scalar_decay.step import scalar_decay_step_
+
+        dt32 = dt[:, 0].to(torch.float32)  # [B, H]
+        v = x[:, 0].to(torch.float32) * dt32[..., None]  # [B, H, P]
+        return scalar_decay_step_(C[:, 0], B[:, 0], v, dt32 * A.to(torch.float32), state,
+                                  state_is_vk=True)[:, None]
+    y, new_state = ssd_scan(x, dt, A, B, C, state)
+    state.copy_(new_state)
+    return y.to(state.dtype)
