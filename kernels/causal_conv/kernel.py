@@ -1,0 +1,185 @@
+"""Triton kernels for the gated causal depthwise convolution (reference.py has the formula),
+its launchers and autograd Function.
+
+Work split: one program per (block of BT steps, block of BC channels, batch row); it loops
+over the L taps, loading the rows t - j of its block for each (the block's inputs plus an
+(L-1)-row halo, re-read from L1/L2 rather than from memory). Backward, with
+gy = dout * gate (the gradient of y) and the same tiling:
+    loop over taps j, rows t - j:  y (again, for dgate),  dh[c, j] += sum_t gy[t] u[t - j]
+    loop over taps j, rows s + j:  du[s] += h[c, j] gy[s + j]       (the transposed conv)
+then dx = du * x2, dx2 = du * x, dgate = dout * y, dbias = sum gy. dh and dbias are summed
+per program into float32 partials [B * T-blocks, C, L] that torch adds up: a tap's gradient
+is a reduction over every token, and partials keep it deterministic without atomics.
+A tap j contributes at t only when j <= pos[t] (pos: steps since t's document start); in
+the transposed loop, row s + j counts when pos[s + j] >= j, the same pairs.
+Inputs may be views with any batch and time strides (q, k and v chunked out of one
+projection are read in place); channels must be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BT, BC = 64, 64  # steps x channels per program
+
+
+@triton.jit
+def _load_rows(ptr, b, rows, c, stride_b, stride_t, mask):
+    """[BT, BC] float32 tile of a [B, T, C] tensor at rows `rows`, channels c."""
+    at = ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_t + c[None, :]
+    return tl.load(at, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr, T, C, L,
+                     sxb, sxt, sx2b, sx2t, sgb, sgt, sob, sot,
+                     HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_POS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)  # [BT]
+    c = pid_c * BC + tl.arange(0, BC)  # [BC]
+    t_ok, c_ok = t < T, c < C
+    pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t_ok, other=0) if HAS_POS else t
+    y = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in range(L):
+        rows = t - j
+        mask = ((rows >= 0) & (pos >= j) & t_ok)[:, None] & c_ok[None, :]
+        u = _load_rows(x_ptr, b, rows, c, sxb, sxt, mask)
+        if HAS_X2:
+            u *= _load_rows(x2_ptr, b, rows, c, sx2b, sx2t, mask)
+        y += u * tl.load(h_ptr + c * L + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    mask = t_ok[:, None] & c_ok[None, :]
+    if HAS_GATE:
+        y *= _load_rows(gate_ptr, b, t, c, sgb, sgt, mask)
+    at = out_ptr + b.to(tl.int64) * sob + t.to(tl.int64)[:, None] * sot + c[None, :]
+    tl.store(at, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr,
+                     dx_ptr, dx2_ptr, dgate_ptr, dh_ptr, dbias_ptr, T, C, L,
+                     sxb, sxt, sx2b, sx2t, sgb, sgt, sdb, sdt,
+                     HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_POS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """dx, dx2, dgate: contiguous [B, T, C]; dh: [B * n_tblocks, C, L] and dbias:
+    [B * n_tblocks, C] float32 partials. dout has strides (sdb, sdt)."""
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+    t = pid_t * BT + tl.arange(0, BT)
+    c = pid_c * BC + tl.arange(0, BC)
+    t_ok, c_ok = t < T, c < C
+    here = t_ok[:, None] & c_ok[None, :]
+    pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t_ok, other=0) if HAS_POS else t
+    dout = _load_rows(dout_ptr, b, t, c, sdb, sdt, here)
+    gy = dout * _load_rows(gate_ptr, b, t, c, sgb, sgt, here) if HAS_GATE else dout
+
+    # Taps reading rows t - j: y again (for dgate) and dh's partial sums.
+    y = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in range(L):
+        rows = t - j
+        mask = ((rows >= 0) & (pos >= j) & t_ok)[:, None] & c_ok[None, :]
+        u = _load_rows(x_ptr, b, rows, c, sxb, sxt, mask)
+        if HAS_X2:
+            u *= _load_rows(x2_ptr, b, rows, c, sx2b, sx2t, mask)
+        if HAS_GATE:
+            y += u * tl.load(h_ptr + c * L + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(dh_ptr + (part * C + c) * L + j, tl.sum(gy * u, axis=0), mask=c_ok)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part * C + c, tl.sum(gy, axis=0), mask=c_ok)
+
+    # Taps read from rows s + j: the transposed convolution gives du.
+    du = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in range(L):
+        rows = t + j
+        row_ok = rows < T
+        if HAS_POS:
+            later = tl.load(pos_ptr + b.to(tl.int64) * T + rows, mask=row_ok & t_ok, other=-1)
+            row_ok = row_ok & (later >= j)
+        mask = (row_ok & t_ok)[:, None] & c_ok[None, :]
+        g = _load_rows(dout_ptr, b, rows, c, sdb, sdt, mask)
+        if HAS_GATE:
+            g *= _load_rows(gate_ptr, b, rows, c, sgb, sgt, mask)
+        du += g * tl.load(h_ptr + c * L + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+
+    out_at = b.to(tl.int64) * T * C + t.to(tl.int64)[:, None] * C + c[None, :]
+    x = _load_rows(x_ptr, b, t, c, sxb, sxt, here)
+    if HAS_X2:
+        x2 = _load_rows(x2_ptr, b, t, c, sx2b, sx2t, here)
+        tl.store(dx_ptr + out_at, (du * x2).to(dx_ptr.dtype.element_ty), mask=here)
+        tl.store(dx2_ptr + out_at, (du * x).to(dx2_ptr.dtype.element_ty), mask=here)
+    else:
+        tl.store(dx_ptr + out_at, du.to(dx_ptr.dtype.element_ty), mask=here)
+    if HAS_GATE:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(dgate_ptr + out_at, (dout * y).to(dgate_ptr.dtype.element_ty), mask=here)
+
+
+def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int]:
+    t = like if t is None else t
+    return t.stride(0), t.stride(1)
+
+
+def _channels_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.stride(2) == 1 else t.contiguous()
+
+
+class CausalConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, bias, x2, gate, positions):
+        x, x2, gate = (_channels_contiguous(t) for t in (x, x2, gate))
+        h = h.contiguous()
+        B, T, C = x.shape
+        out = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
+        if out.numel():
+            _conv_fwd_kernel[grid](
+                x, x if x2 is None else x2, x if gate is None else gate, h,
+                h if bias is None else bias, x if positions is None else positions, out,
+                T, C, h.shape[1], *_strides(x, x), *_strides(x2, x), *_strides(gate, x),
+                *_strides(out, out), HAS_X2=x2 is not None, HAS_GATE=gate is not None,
+                HAS_BIAS=bias is not None, HAS_POS=positions is not None, BT=BT, BC=BC)
+        ctx.save_for_backward(x, h, bias, x2, gate, positions)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, h, bias, x2, gate, positions = ctx.saved_tensors
+        B, T, C = x.shape
+        L = h.shape[1]
+        dout = _channels_contiguous(dout)
+        n_tblocks = triton.cdiv(T, BT)
+        dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        dx2 = torch.empty_like(dx, dtype=x2.dtype) if x2 is not None else None
+        dgate = torch.empty_like(dx, dtype=gate.dtype) if gate is not None else None
+        dh = torch.zeros(B * n_tblocks, C, L, dtype=torch.float32, device=x.device)
+        dbias = (torch.zeros(B * n_tblocks, C, dtype=torch.float32, device=x.device)
+                 if bias is not None else None)
+        if dx.numel():
+            _conv_bwd_kernel[(n_tblocks, triton.cdiv(C, BC), B)](
+                x, x if x2 is None else x2, x if gate is None else gate, h,
+                h if bias is None else bias, x if positions is None else positions, dout,
+                dx, dx if dx2 is None else dx2, dx if dgate is None else dgate, dh,
+                dh if dbias is None else dbias, T, C, L, *_strides(x, x), *_strides(x2, x),
+                *_strides(gate, x), *_strides(dout, dout), HAS_X2=x2 is not None,
+                HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
+                HAS_POS=positions is not None, BT=BT, BC=BC)
+        return (dx, dh.sum(0).to(h.dtype), None if dbias is None else dbias.sum(0).to(bias.dtype),
+                dx2, dgate, None)
+
+
+def causal_conv_triton(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None,
+                       x2: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path of stripes.kernels.causal_conv.causal_conv (same contract)."""
+    from stripes.kernels.causal_conv.reference import check_inputs
+
+    check_inputs(x, h, bias, x2, gate, positions)
+    if positions is not None:
+        positions = positions.to(torch.int32).contiguous()
+    return CausalConvFunction.apply(x, h, bias, x2, gate, positions)

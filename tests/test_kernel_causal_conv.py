@@ -1,0 +1,96 @@
+"""Gated causal depthwise conv (Triton's interpreter on CPU) against the float64 reference,
+and the reference against Hyena's plain convolution: outputs and every gradient, with
+document resets, strided views and taps longer than the sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stripes.arch.hyena_filters import direct_causal_conv
+from stripes.kernels.causal_conv import causal_conv
+from stripes.kernels.causal_conv.kernel import causal_conv_triton
+from stripes.kernels.causal_conv.reference import causal_conv as causal_conv_reference
+
+from numerics import poison_empty, rel_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    poison_empty(monkeypatch)
+
+
+def positions_of(doc_ids: torch.Tensor) -> torch.Tensor:
+    steps = torch.arange(doc_ids.shape[1])
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return steps - torch.where(starts, steps, 0).cummax(dim=1).values
+
+
+def run(fn, tensors, grad):
+    """fn's output and the gradients of every tensor argument (None stays None)."""
+    leaves = {n: (t.detach().clone().requires_grad_() if t is not None and t.is_floating_point()
+                  else t) for n, t in tensors.items()}
+    out = fn(**leaves)
+    out.backward(grad.to(out.dtype))
+    return [out] + [t.grad for n, t in leaves.items() if t is not None and t.is_floating_point()]
+
+
+@pytest.mark.parametrize("B, T, C, L, x2, gate, bias, docs", [
+    (2, 70, 20, 3, False, False, False, False),   # the featurizer: plain taps
+    (2, 70, 70, 7, True, True, False, False),     # Hyena-SE: q * (h * (k v)), 2 x 2 blocks
+    (1, 40, 12, 4, False, False, True, True),     # Mamba-2's conv with bias over documents
+    (1, 5, 8, 9, True, True, True, True),         # more taps than steps
+])
+def test_float32_matches_float64_reference(B, T, C, L, x2, gate, bias, docs):
+    g = torch.Generator().manual_seed(T + C + L)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    doc_ids = torch.randint(0, 3, (B, T), generator=g).sort(dim=1).values
+    tensors = {"x": rand(B, T, C), "h": rand(C, L), "bias": rand(C) if bias else None,
+               "x2": rand(B, T, C) if x2 else None, "gate": rand(B, T, C) if gate else None,
+               "positions": positions_of(doc_ids) if docs else None}
+    grad = rand(B, T, C)
+    want = run(causal_conv_reference, tensors, grad)
+    dev = {n: (t.to(DEVICE, torch.float32) if t is not None and t.is_floating_point()
+               else (t.to(DEVICE) if t is not None else None)) for n, t in tensors.items()}
+    got = run(causal_conv_triton, dev, grad.to(DEVICE, torch.float32))
+    assert len(got) == len(want)
+    for actual, expected in zip(got, want, strict=True):
+        assert actual.dtype == torch.float32 and torch.isfinite(actual).all()
+        assert rel_error(actual, expected) < 1e-5
+
+
+def test_reads_chunked_views_in_place():
+    """q, k, v chunked out of one [B, T, 3C] projection: strided time, contiguous channels."""
+    torch.manual_seed(1)
+    qkv = torch.randn(2, 33, 3 * 16, device=DEVICE)
+    q, k, v = qkv.chunk(3, dim=-1)
+    h = torch.randn(16, 5, device=DEVICE)
+    got = causal_conv_triton(k, h, x2=v, gate=q)
+    want = causal_conv_reference(k.double(), h.double(), x2=v.double(), gate=q.double())
+    assert rel_error(got, want) < 1e-6
+
+
+def test_reference_without_documents_is_the_plain_conv():
+    torch.manual_seed(2)
+    u, h = torch.randn(2, 30, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    assert rel_error(causal_conv_reference(u, h), direct_causal_conv(u, h)) < 1e-14
+
+
+def test_documents_are_convolved_alone():
+    torch.manual_seed(3)
+    u, h = torch.randn(1, 12, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+    packed = causal_conv(u, h, positions=positions_of(doc_ids))
+    assert torch.allclose(packed[:, :5], direct_causal_conv(u[:, :5], h))
+    assert torch.allclose(packed[:, 5:], direct_causal_conv(u[:, 5:], h))
+
+
+def test_bad_shapes_name_the_argument():
+    x = torch.zeros(1, 4, 3)
+    with pytest.raises(ValueError, match="gate"):
+        causal_conv(x, torch.zeros(3, 2), gate=torch.zeros(1, 4, 2))
+    with pytest.raises(ValueError, match="positions"):
+        causal_conv(x, torch.zeros(3, 2), positions=torch.zeros(1, 5, dtype=torch.long))
