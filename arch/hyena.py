@@ -20,7 +20,9 @@ The filter's tap 0 multiplies the current token, so it also plays the role of Hy
 per-channel skip term D * u; there is no separate one.
 
 Channels may share filters: `filter_groups` G filters for the D channels, channel c uses
-filter c // (D / G). Packed documents run as separate rows (`per_document`).
+filter c // (D / G). The featurizer and SE's gated filter run in stripes.kernels.causal_conv
+(Triton on CUDA), which keeps packed documents apart by position; MR and LI run packed
+documents as separate rows (`per_document`) for their FFT convolution.
 
 Decoding state (`HyenaState`): the featurizer's last short_len-1 inputs, plus for SE/MR the
 last filter_len-1 values of u (FIR history), for LI the complex modal state [B, D, N].
@@ -49,9 +51,10 @@ from stripes.arch.hyena_filters import (
     modal_recurrence,
 )
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
-from stripes.arch.packing import per_document
+from stripes.arch.packing import document_positions, per_document
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError
+from stripes.kernels.causal_conv import causal_conv
 
 
 def _positive(key: str, value: int, why: str) -> None:
@@ -114,15 +117,27 @@ class Hyena(Mixer):
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
     # -- training ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if doc_ids is None:
-            return self._forward_fn(x)
-        return per_document(self._forward_fn, x, doc_ids)
+    # Whether the long convolution keeps packed documents apart by itself (from per-token
+    # document positions); if not, packed rows run as one padded row per document.
+    packs_documents: ClassVar[bool] = False
 
-    def _forward_fn(self, x: torch.Tensor) -> torch.Tensor:
-        z = direct_causal_conv(self.in_proj(x), self.short_filter)  # [B, T, 3D]
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if doc_ids is not None and not self.packs_documents:
+            return per_document(self._forward_fn, x, doc_ids)
+        return self._forward_fn(x, None if doc_ids is None else document_positions(doc_ids))
+
+    def _forward_fn(self, x: torch.Tensor, positions: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """x: [B, T, D]; positions [B, T]: steps since each token's document start, or None
+        (one document a row). The featurizer runs in stripes.kernels.causal_conv."""
+        z = causal_conv(self.in_proj(x), self.short_filter, positions=positions)  # [B, T, 3D]
         q, k, v = z.chunk(3, dim=-1)  # [B, T, D] each
-        return self.out_proj(q * self.long_conv(k * v))
+        return self.out_proj(self.gated_long_conv(q, k, v, positions))
+
+    def gated_long_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        positions: torch.Tensor | None) -> torch.Tensor:
+        """q * (h * (k v)), [B, T, D] each; positions only where `packs_documents`."""
+        return q * self.long_conv(k * v)
 
     @abc.abstractmethod
     def long_conv(self, u: torch.Tensor) -> torch.Tensor:
@@ -242,8 +257,15 @@ class _ExplicitHyena(Hyena):
 
 @register_mixer("hyena_se", HyenaSEConfig)
 class HyenaSE(_ExplicitHyena):
-    """Hyena-SE: short explicit filter (default 7 taps), direct convolution.
+    """Hyena-SE: short explicit filter (default 7 taps), direct convolution with both gates
+    fused into it (stripes.kernels.causal_conv), packed documents kept apart by position.
     x: [B, T, D] -> [B, T, D]."""
+
+    packs_documents = True
+
+    def gated_long_conv(self, q, k, v, positions):
+        return causal_conv(k, self._per_channel(self.filter()), x2=v, gate=q,
+                           positions=positions)
 
     def _long_flops(self, seq_len: int) -> float:
         return 2.0 * self.cfg.filter_len

@@ -11,10 +11,11 @@ d_inner = expand * D, H = d_inner / head_dim heads of size P = head_dim, N = d_s
 G = n_groups. Parameter names follow the reference implementation (`in_proj`, `conv1d`,
 `dt_bias`, `A_log`, `D`, `norm.weight`, `out_proj`), so Mamba-2 checkpoints map 1:1.
 
-Training runs the chunked SSD algorithm (stripes.kernels.ssd: the Triton kernels on CUDA,
-stripes.arch.ssd's reference elsewhere); packed documents go in as cu_seqlens spans, with
-the conv masked at their starts. Decoding keeps the last d_conv - 1 conv inputs and the SSM
-state, and `step` is the recurrence itself (the sequential scan with T = 1).
+Training runs stripes.kernels.causal_conv and the chunked SSD algorithm (stripes.kernels.ssd:
+Triton kernels on CUDA, stripes.arch.ssd's reference elsewhere); packed documents go in as
+per-token document positions and cu_seqlens spans. Decoding keeps the last d_conv - 1 conv
+inputs and the SSM state, and `step` is the recurrence for one token (a fused kernel on
+CUDA).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
-from stripes.arch.packing import cu_seqlens, document_starts
+from stripes.arch.packing import cu_seqlens, document_positions
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError, require_positive
+from stripes.kernels.causal_conv import causal_conv
 from stripes.kernels.ssd import ssd, ssd_step
 
 
@@ -136,8 +138,8 @@ class Mamba2(Mixer):
     # -- training ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]. With doc_ids [B, T] the conv and the state restart at
-        every document: conv taps that would reach into an earlier document read zeros, and
-        SSD takes the documents as cu_seqlens spans of the flat tokens."""
+        every document: the conv kernel keeps its taps inside each document, and SSD takes
+        the documents as cu_seqlens spans of the flat tokens."""
         if doc_ids is None:
             return self._mix(x, None, None, self._ssd_training)[0]
         batch, T, _ = x.shape
@@ -171,10 +173,12 @@ class Mamba2(Mixer):
         batch, T, _ = x.shape
         H, P, G, N = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        if doc_ids is None:
-            xBC, conv_cache = self._conv(xBC, conv_cache)  # [B, T, conv_dim]
+        if conv_cache is None:  # training: each row, or each packed document, from zeros
+            positions = None if doc_ids is None else document_positions(doc_ids)
+            xBC = causal_conv(xBC, self.conv1d.weight[:, 0].flip(-1), self.conv1d.bias,
+                              positions=positions)  # [B, T, conv_dim]
         else:
-            xBC = self._conv_documents(xBC, doc_ids)
+            xBC, conv_cache = self._conv(xBC, conv_cache)
         xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.reshape(batch, T, H, P)  # heads [B, T, H, P]
         B, C = B.reshape(batch, T, G, N), C.reshape(batch, T, G, N)  # [B, T, G, N]
@@ -195,22 +199,6 @@ class Mamba2(Mixer):
         window = torch.cat((cache.to(xt.dtype), xt), dim=-1)  # [B, C, K - 1 + T]
         out = self.conv1d(window)  # [B, C, T]: no padding, output t sees inputs t-K+1..t
         return out.transpose(1, 2), window[..., window.shape[-1] - (K - 1):]
-
-    def _conv_documents(self, xBC: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-        """The causal conv of `_conv` over packed documents [B, T, C], each from zeros: the tap
-        `back` steps behind t counts only where t is at least `back` into its document."""
-        K, T = self.cfg.d_conv, xBC.shape[1]
-        steps = torch.arange(T, device=xBC.device)
-        last_start = torch.where(document_starts(doc_ids), steps, 0).cummax(dim=1).values
-        position = (steps - last_start)[..., None]  # [B, T, 1]: steps since the doc start
-        weight = self.conv1d.weight[:, 0].to(xBC.dtype)  # [C, K]: tap K-1-back reads t-back
-        out = xBC * weight[:, K - 1]
-        for back in range(1, K):
-            earlier = F.pad(xBC, (0, 0, back, 0))[:, :T]  # [B, T, C]: x_{t - back}
-            out = out + torch.where(position >= back, earlier, 0.0) * weight[:, K - 1 - back]
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(xBC.dtype)
-        return out
 
     # -- decoding ---------------------------------------------------------------------------
     def allocate_state(self, batch_size, max_len, device, dtype) -> Mamba2State:

@@ -2,8 +2,9 @@
 
 `doc_ids` is `[B, T]`; a new document starts at every row start and wherever the index
 changes. Attention masks across documents directly. Kernels that take document boundaries
-natively (retention) read them as `cu_seqlens` over the B * T flat tokens. Other
-convolutional and recurrent mixers use `per_document`: each document becomes its own
+natively read them as `cu_seqlens` over the B * T flat tokens (retention, Mamba's SSD) or
+as `document_positions` (the causal conv kernel: Hyena's featurizer and SE filter, Mamba's
+short conv). Hyena's FFT filters use `per_document`: each document becomes its own
 right-padded row, so convolutions and states start fresh at every boundary. Padding sits
 after each document's last token and causal mixers never look forward, so it cannot change
 real outputs.
@@ -21,6 +22,12 @@ def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return starts
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] int64: the steps since the start of each token's document (0 at a start)."""
+    steps = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    return steps - torch.where(document_starts(doc_ids), steps, 0).cummax(dim=1).values
 
 
 def cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
