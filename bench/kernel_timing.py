@@ -109,6 +109,14 @@ class Runner:
         return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def compiled(fn: Callable, device: torch.device) -> tuple[Callable, str]:
+    torch.compiler.reset()  # each case compiles afresh: no recompile limit across cases
+    if device.type == "cuda":
+        return torch.compile(fn, dynamic=False), ""
+    # CPU (CI): no C++ build, but dynamo and AOTAutograd trace the same function.
+    return torch.compile(fn, backend="aot_eager", dynamic=False), "aot_eager backend (CPU)"
+
+
 def capture(fn: Callable[[], object], repeat: int = 1,
             setup: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `repeat` calls of fn, captured after a warm-up on a side stream (as

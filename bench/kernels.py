@@ -10,8 +10,9 @@ Per kernel, bf16, forward and forward+backward (all input gradients):
 - linear_ce N=32,768, D=2048, V=32,000, forward+backward only (the fused versions do all
             their work in the forward);
 - retention B*T = 65,536, T in {2k, 8k, 32k}, H = 16, Dk = Dv = 128, and
-- ssd       B*L = 65,536, L in {2k, 8k}, H = 32, P = 64, N = 128, one group
-            (bench/mixer_kernel_cases.py says what runs and how FLOPs are counted).
+- ssd       B*L = 65,536, L in {2k, 8k}, H = 32, P = 64, N = 128, one group, and
+- causal_conv  Hyena-SE's gated 7-tap filter over 65,536 x 2048
+            (bench/mixer_kernel_cases.py says what runs and how FLOPs and bytes are counted).
 Rows: `stripes` (the public function: Triton on CUDA), the module's `reference` run eagerly
 (the plain-PyTorch anchor, "torch"; for linear_ce that anchor is what the model did before,
 bf16 F.linear then F.cross_entropy in float32, and the float32 reference is an extra row),
@@ -32,7 +33,8 @@ faster than the anchor); rel err: the largest ||out - ref|| / ||ref|| over outpu
 gradients, against the reference in float64 on the same inputs. A stripes row above 3e-2, or
 a stripes/torch row that fails, makes the exit status 1.
 
-    python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention,ssd]
+    python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention,ssd,
+                             causal_conv]
                              [--quick]
 
 liger entry points (0.8.5), each called with liger's defaults unless said: rmsnorm
@@ -73,6 +75,7 @@ from kernel_timing import (
     Runner,
     Tensors,
     ceilings,
+    compiled,
     first_line,
     float64_reference,
     fwd_bwd,
@@ -82,11 +85,11 @@ from kernel_timing import (
     table,
     version,
 )
-from mixer_kernel_cases import retention_cases, ssd_cases
+from mixer_kernel_cases import causal_conv_cases, retention_cases, ssd_cases
 
 from stripes.arch.rope import rope_angles
 
-KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd")
+KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "causal_conv")
 MATMUL_BOUND = {"linear_ce", "retention", "ssd"}  # their "% ceiling" is against a bf16 matmul
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
@@ -104,14 +107,6 @@ def liger(module: str, attr: str, device: torch.device) -> tuple[object | None, 
         return None, f"not installed: {err}"
     except Exception as err:  # a broken install must not end the run
         return None, f"import failed: {type(err).__name__}: {err}"
-
-
-def compiled(fn: Callable, device: torch.device) -> tuple[Callable, str]:
-    torch.compiler.reset()  # each case compiles afresh: no recompile limit across cases
-    if device.type == "cuda":
-        return torch.compile(fn, dynamic=False), ""
-    # CPU (CI): no C++ build, but dynamo and AOTAutograd trace the same function.
-    return torch.compile(fn, backend="aot_eager", dynamic=False), "aot_eager backend (CPU)"
 
 
 def rmsnorm_case(device: torch.device, n: int, d: int, label: str, xt, wt, rt, norm,
@@ -294,7 +289,8 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 
 BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_cases,
-            "linear_ce": linear_ce_cases, "retention": retention_cases, "ssd": ssd_cases}
+            "linear_ce": linear_ce_cases, "retention": retention_cases, "ssd": ssd_cases,
+            "causal_conv": causal_conv_cases}
 
 
 def main() -> None:

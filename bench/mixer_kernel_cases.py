@@ -14,6 +14,12 @@ float32 dt (after softplus) and A. Rows: stripes `ssd` (chunk 64; the scalar-dec
 with Dk = N, Dv = P), mamba_ssm's `mamba_chunk_scan_combined` (chunk 256, its own
 benchmark's setting; the anchor), and the chunked reference run eagerly in float32.
 Gradients of x, dt, A, B and C; FLOPs counted as for retention with Dk = N, Dv = P.
+
+causal_conv: Hyena-SE's gated filter, q * (h * (k v)), B*T = 65,536 tokens, D = 2048
+channels, 7 taps, bf16 activations and a float32 filter. Rows: stripes `causal_conv` (one
+kernel each way), the same composition in PyTorch (k * v, conv1d, * q) run eagerly, and
+torch.compile of it: the anchor, no library of such kernels being installable here.
+GB/s count q, k, v and out once forward, and dout, q, k, v, dq, dk, dv once backward.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import types
 from collections.abc import Iterator
 
 import torch
-from kernel_timing import Case, Impl, float64_reference, fwd_bwd
+from kernel_timing import Case, Impl, compiled, float64_reference, fwd_bwd
 
 BF16 = torch.bfloat16
 CHUNK = 64
@@ -142,3 +148,34 @@ def ssd_case(device: torch.device, batch: int, L: int, H: int, P: int, N: int, a
     return Case("ssd", f"B{batch} L{L} H{H} P{P} N{N} bf16", ["y", "dx", "ddt", "dA", "dB",
                                                                "dC"],
                 expected, impls, fb_flops=retention_flops(batch * L, H, N, P))
+
+
+def causal_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    from stripes.arch.hyena_filters import direct_causal_conv
+    from stripes.kernels.causal_conv import causal_conv, reference
+
+    B, T, D, L = (2, 40, 24, 7) if quick else (16, 4096, 2048, 7)
+    q, k, v = (torch.randn(B, T, D, device=device).to(BF16).requires_grad_()
+               for _ in range(3))
+    h = (torch.randn(D, L, device=device) / L ** 0.5).requires_grad_()
+    inputs, grads = [q, k, v, h], [torch.randn(B, T, D, device=device, dtype=BF16)]
+
+    def impl(name, role, forward):
+        return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, "")
+
+    def composed(q, k, v, h):
+        return q * direct_causal_conv(k * v, h)
+    fused, note = compiled(composed, device)
+    impls = [impl("torch: q * conv1d(k * v)", "torch", lambda: composed(q, k, v, h)),
+             impl("stripes causal_conv", "stripes",
+                  lambda: causal_conv(k, h, x2=v, gate=q)),
+             Impl("torch.compile(q * conv1d(k * v))", "anchor",
+                  fwd_bwd(lambda: fused(q, k, v, h), inputs, grads),
+                  lambda: fused(q, k, v, h), None, note)]
+    expected = float64_reference(
+        lambda q64, k64, v64, h64: reference.causal_conv(k64, h64, x2=v64, gate=q64),
+        inputs, grads)
+    one = B * T * D * 2  # bytes of one bf16 activation
+    yield Case("causal_conv", f"B{B} T{T} D{D} L{L} gated bf16",
+               ["out", "dq", "dk", "dv", "dh"], expected, impls, fwd_bytes=4 * one,
+               fb_bytes=11 * one, graph=True)
