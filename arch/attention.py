@@ -177,7 +177,8 @@ class Attention(Mixer):
         slots, pos = state.k.shape[1], state.length
         if self._ring_too_small(slots) and pos >= slots:
             raise ValueError(f"attn: decoding past the cache of {slots} tokens (max_len)")
-        q, k, v = self._qkv(x, torch.tensor([pos], device=x.device))
+        # arange, not tensor([pos]): no host-to-device copy, so a CUDA graph can capture it.
+        q, k, v = self._qkv(x, torch.arange(pos, pos + 1, device=x.device))
         state.k[:, pos % slots] = k[:, 0].to(state.k.dtype)
         state.v[:, pos % slots] = v[:, 0].to(state.v.dtype)
         state.length = pos + 1
