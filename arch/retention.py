@@ -158,6 +158,7 @@ class Retention(Mixer):
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
         self.norm_weight = nn.Parameter(torch.empty(self.value_dim))  # GroupNorm, per channel
         self.log_decay = log_decays(cfg.n_heads, cfg.max_decay_exponent)  # H float64 floats
+        self._log_decay_tensors: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> [H]
 
     def init_weights(self, std: float, out_std: float) -> None:
         super().init_weights(std, out_std)
@@ -194,9 +195,15 @@ class Retention(Mixer):
         return q, k, v, self.g_proj(x)
 
     def _log_decay(self, like: torch.Tensor) -> torch.Tensor:
-        """[H] log decays in promote_types(dtype, float32), built from the float64 floats."""
+        """[H] log decays in promote_types(dtype, float32), built from the float64 floats once
+        per device and dtype: a tensor made from a list is a blocking copy to the GPU, which
+        would stall the host in every forward."""
         dtype = torch.promote_types(like.dtype, torch.float32)
-        return torch.tensor(self.log_decay, dtype=dtype, device=like.device)
+        key = (like.device, dtype)
+        if key not in self._log_decay_tensors:
+            self._log_decay_tensors[key] = torch.tensor(self.log_decay, dtype=dtype,
+                                                        device=like.device)
+        return self._log_decay_tensors[key]
 
     def _output(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """o: [B, T, H, Dv] retention; g: [B, T, H Dv] gate -> [B, T, D] (eq. 8-9)."""

@@ -10,6 +10,8 @@ dq/dk (with the decay's gradient when asked) and dv.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -32,16 +34,23 @@ def _blocks(dk: int, dv: int) -> tuple[int, int]:
             min(64, max(16, triton.next_power_of_2(dv))))
 
 
-def build_tables(bounds: list[tuple[int, int]], chunk: int, device: torch.device):
-    """From [(first flat token, end)] per sequence: (seqs int32 [3, S]: first token, length,
-    first chunk; chunks int32 [2, N_chunks]: first token, length), on device."""
+@functools.lru_cache(maxsize=64)
+def build_tables(bounds: tuple[tuple[int, int], ...], chunk: int, device: torch.device):
+    """From ((first flat token, end), ...) per sequence: (seqs int32 [3, S]: first token,
+    length, first chunk; chunks int32 [2, N_chunks]: first token, length), on device.
+
+    Cached: unpacked batches repeat their bounds every step, and then no copy is made at
+    all. A new layout is copied from pinned memory without blocking, so the host never
+    waits for the GPU's queue here."""
     seqs, chunks = [], []
     for start, end in bounds:
         seqs.append((start, end - start, len(chunks)))
         chunks.extend((c, min(chunk, end - c)) for c in range(start, end, chunk))
+    pin = device.type == "cuda"
     seq_table = torch.tensor(seqs, dtype=torch.int32).reshape(-1, 3).T.contiguous()
     chunk_table = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 2).T.contiguous()
-    return seq_table.to(device), chunk_table.to(device)
+    return tuple((t.pin_memory() if pin else t).to(device, non_blocking=pin)
+                 for t in (seq_table, chunk_table))
 
 
 class _Problem:
@@ -112,18 +121,20 @@ def backward(q, k, v, g, do, d_final, initial_state, p: _Problem, need_d_init, n
 
 
 def decay_gradient(db: torch.Tensor, final: torch.Tensor | None, d_final: torch.Tensor | None,
-                   bounds: list[tuple[int, int]]) -> torch.Tensor:
+                   seqs: torch.Tensor) -> torch.Tensor:
     """dL/dg_t from db = dL/dB_t [N_tok, H]: g_t enters every B_s with s >= t in its sequence,
     so dg_t is the sum of db over the rest of the sequence; the final state (decayed by the
-    whole sequence's B) adds <S_final, dS_final> to every token of it."""
+    whole sequence's B) adds <S_final, dS_final> to every token of it. seqs: the device
+    table (first token, length, first chunk) [3, S]; nothing is read back to the host."""
+    n_tok = db.shape[0]
     suffix = db.flip(0).cumsum(0).flip(0)  # [N_tok, H]: sum over u >= t, across sequences
-    lengths = torch.tensor([e - s for s, e in bounds], device=db.device)
-    ends = torch.tensor([e for _, e in bounds], device=db.device)
+    lengths = seqs[1].long()
+    ends = (seqs[0] + seqs[1]).long()
     after = torch.cat((suffix, suffix.new_zeros(1, suffix.shape[1])))  # suffix at N_tok is 0
-    dg = suffix - after[torch.repeat_interleave(ends, lengths)]
+    dg = suffix - after[torch.repeat_interleave(ends, lengths, output_size=n_tok)]
     if d_final is not None:
         per_seq = (final * d_final).sum((-2, -1))  # [S, H]
-        dg = dg + torch.repeat_interleave(per_seq, lengths, dim=0)
+        dg = dg + torch.repeat_interleave(per_seq, lengths, dim=0, output_size=n_tok)
     return dg
 
 
@@ -134,13 +145,13 @@ class ChunkScalarDecayFunction(torch.autograd.Function):
         flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v)]
         g_flat = g.reshape(B * T, -1).to(torch.float32).contiguous()
         init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-        seqs, chunks = build_tables(bounds, chunk, q.device)
+        seqs, chunks = build_tables(tuple(bounds), chunk, q.device)
         p = _Problem(flat[0], flat[2], seqs, chunks, chunk)
         need_db = ctx.needs_input_grad[3]
         keep_final = return_state or need_db
         o, final = forward(*flat, g_flat, init, p, keep_final)
         ctx.save_for_backward(*flat, g_flat, init, final if need_db else None)
-        ctx.p, ctx.bounds, ctx.shape = p, bounds, (B, T)
+        ctx.p, ctx.shape = p, (B, T)
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
         ctx.g_dtype = g.dtype
         return o.view(B, T, *o.shape[1:]), final if return_state else None
@@ -158,7 +169,7 @@ class ChunkScalarDecayFunction(torch.autograd.Function):
                                           need_db)
         dg = None
         if need_db:
-            dg = decay_gradient(db, final, d_final, ctx.bounds).view(B, T, -1).to(ctx.g_dtype)
+            dg = decay_gradient(db, final, d_final, ctx.p.seqs).view(B, T, -1).to(ctx.g_dtype)
         if d_init is not None:
             d_init = d_init.to(ctx.init_dtype)
         return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]),
