@@ -21,8 +21,9 @@ per-channel skip term D * u; there is no separate one.
 
 Channels may share filters: `filter_groups` G filters for the D channels, channel c uses
 filter c // (D / G). The featurizer and SE's gated filter run in stripes.kernels.causal_conv
-(Triton on CUDA), which keeps packed documents apart by position; MR and LI run packed
-documents as separate rows (`per_document`) for their FFT convolution.
+(Triton on CUDA), which keeps packed documents apart by position; MR and LI run
+q * (h * (k v)) in stripes.kernels.fft_conv (FFT, a backward that keeps only its inputs) and
+packed documents as separate rows (`per_document`).
 
 Decoding state (`HyenaState`): the featurizer's last short_len-1 inputs, plus for SE/MR the
 last filter_len-1 values of u (FIR history), for LI the complex modal state [B, D, N].
@@ -55,6 +56,7 @@ from stripes.arch.packing import document_positions, per_document
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError
 from stripes.kernels.causal_conv import causal_conv
+from stripes.kernels.fft_conv import fft_gated_conv
 
 
 def _positive(key: str, value: int, why: str) -> None:
@@ -134,14 +136,11 @@ class Hyena(Mixer):
         q, k, v = z.chunk(3, dim=-1)  # [B, T, D] each
         return self.out_proj(self.gated_long_conv(q, k, v, positions))
 
+    @abc.abstractmethod
     def gated_long_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         positions: torch.Tensor | None) -> torch.Tensor:
-        """q * (h * (k v)), [B, T, D] each; positions only where `packs_documents`."""
-        return q * self.long_conv(k * v)
-
-    @abc.abstractmethod
-    def long_conv(self, u: torch.Tensor) -> torch.Tensor:
-        """y = h * u over the whole sequence, u: [B, T, D] -> [B, T, D]."""
+        """q * (h * (k v)) over the whole sequence, [B, T, D] each; positions only where
+        `packs_documents`."""
 
     def _per_channel(self, per_group: torch.Tensor) -> torch.Tensor:
         """[G, ...] -> [D, ...]: channel c uses group c // (D / G)."""
@@ -228,9 +227,6 @@ class _ExplicitHyena(Hyena):
         """The long filter h: [G, L]."""
         return self.filter_taps
 
-    def long_conv(self, u: torch.Tensor) -> torch.Tensor:
-        return self.train_conv(u, self._per_channel(self.filter()))
-
     def _allocate_long(self, batch_size, device, dtype) -> torch.Tensor:
         return torch.zeros(batch_size, self.cfg.filter_len - 1, self.d_model, device=device,
                            dtype=dtype)
@@ -283,6 +279,10 @@ class HyenaMR(_ExplicitHyena):
     def __init__(self, d_model: int, cfg: HyenaMRConfig) -> None:
         super().__init__(d_model, cfg)
         self.log_decay = nn.Parameter(torch.empty(self.groups))  # [G], float32
+
+    def gated_long_conv(self, q, k, v, positions):
+        """By FFT (stripes.kernels.fft_conv): nothing but the inputs kept for backward."""
+        return fft_gated_conv(q, k, v, self._per_channel(self.filter()))
 
     def filter(self) -> torch.Tensor:
         """h[g, t] = w[g, t] exp(-a_g t): [G, L] in float32 (float64 in a float64 model)."""
@@ -339,8 +339,9 @@ class HyenaLI(Hyena):
             return modal_filter(*args)
         return checkpoint(modal_filter, *args, use_reentrant=False)
 
-    def long_conv(self, u: torch.Tensor) -> torch.Tensor:
-        return fft_causal_conv(u, self._per_channel(self.filter(u.shape[1])))
+    def gated_long_conv(self, q, k, v, positions):
+        """By FFT (stripes.kernels.fft_conv), the filter built for this length."""
+        return fft_gated_conv(q, k, v, self._per_channel(self.filter(q.shape[1])))
 
     def _allocate_long(self, batch_size, device, dtype) -> torch.Tensor:
         complex_dtype = torch.promote_types(dtype, torch.float32).to_complex()
