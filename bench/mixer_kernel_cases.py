@@ -152,30 +152,47 @@ def ssd_case(device: torch.device, batch: int, L: int, H: int, P: int, N: int, a
 
 def causal_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     from stripes.arch.hyena_filters import direct_causal_conv
-    from stripes.kernels.causal_conv import causal_conv, reference
+    from stripes.kernels.causal_conv import causal_conv
 
     B, T, D, L = (2, 40, 24, 7) if quick else (16, 4096, 2048, 7)
     q, k, v = (torch.randn(B, T, D, device=device).to(BF16).requires_grad_()
                for _ in range(3))
     h = (torch.randn(D, L, device=device) / L ** 0.5).requires_grad_()
-    inputs, grads = [q, k, v, h], [torch.randn(B, T, D, device=device, dtype=BF16)]
+    yield gated_conv_case("causal_conv", f"B{B} T{T} D{D} L{L} gated bf16", device,
+                          [q, k, v, h], lambda q, k, v, h: q * direct_causal_conv(k * v, h),
+                          lambda q, k, v, h: causal_conv(k, h, x2=v, gate=q),
+                          "stripes causal_conv", "torch: q * conv1d(k * v)")
 
-    def impl(name, role, forward):
-        return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, "")
 
-    def composed(q, k, v, h):
-        return q * direct_causal_conv(k * v, h)
-    fused, note = compiled(composed, device)
-    impls = [impl("torch: q * conv1d(k * v)", "torch", lambda: composed(q, k, v, h)),
-             impl("stripes causal_conv", "stripes",
-                  lambda: causal_conv(k, h, x2=v, gate=q)),
-             Impl("torch.compile(q * conv1d(k * v))", "anchor",
-                  fwd_bwd(lambda: fused(q, k, v, h), inputs, grads),
-                  lambda: fused(q, k, v, h), None, note)]
-    expected = float64_reference(
-        lambda q64, k64, v64, h64: reference.causal_conv(k64, h64, x2=v64, gate=q64),
-        inputs, grads)
-    one = B * T * D * 2  # bytes of one bf16 activation
-    yield Case("causal_conv", f"B{B} T{T} D{D} L{L} gated bf16",
-               ["out", "dq", "dk", "dv", "dh"], expected, impls, fwd_bytes=4 * one,
-               fb_bytes=11 * one, graph=True)
+def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, composed, fused,
+                    fused_name: str, composed_name: str) -> Case:
+    """q * (h * (k v)) three ways: stripes' `fused`, PyTorch's `composed` eagerly (the torch
+    anchor, also the float64 reference) and torch.compile of it (the anchor)."""
+    q = inputs[0]
+    grads = [torch.randn(q.shape, device=device, dtype=BF16)]
+    compiled_fn, note = compiled(composed, device)
+
+    def impl(name, role, fn, note=""):
+        forward = lambda: fn(*inputs)
+        return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, note)
+
+    impls = [impl(composed_name, "torch", composed), impl(fused_name, "stripes", fused),
+             impl(f"torch.compile({composed_name.split(': ')[-1]})", "anchor", compiled_fn,
+                  note)]
+    expected = float64_reference(composed, inputs, grads)
+    one = q.numel() * 2  # bytes of one bf16 activation
+    return Case(kernel, label, ["out", "dq", "dk", "dv", "dh"], expected, impls,
+                fwd_bytes=4 * one, fb_bytes=11 * one, graph=kernel == "causal_conv")
+
+
+def fft_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    from stripes.kernels.fft_conv import fft_gated_conv, reference
+
+    B, C = (2, 16) if quick else (64, 768)
+    for T in (24,) if quick else (1024, 4096):
+        q, k, v = (torch.randn(B, T, C, device=device).to(BF16).requires_grad_()
+                   for _ in range(3))
+        h = (torch.randn(C, T, device=device) / T ** 0.5).requires_grad_()
+        yield gated_conv_case("fft_conv", f"B{B} T{T} C{C} L{T} bf16", device,
+                              [q, k, v, h], reference.fft_gated_conv, fft_gated_conv,
+                              "stripes fft_gated_conv", "torch: q * fft_causal_conv(k * v)")
