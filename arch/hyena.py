@@ -49,7 +49,6 @@ from stripes.arch.hyena_filters import (
     modal_chunk,
     modal_filter,
     modal_poles,
-    modal_recurrence,
 )
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_positions, per_document
@@ -57,6 +56,7 @@ from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError
 from stripes.kernels.causal_conv import causal_conv
 from stripes.kernels.fft_conv import fft_gated_conv
+from stripes.kernels.hyena_step import hyena_step_
 
 
 def _positive(key: str, value: int, why: str) -> None:
@@ -157,9 +157,13 @@ class Hyena(Mixer):
         return self._decode(x, state, self._long_prefill)
 
     def step(self, x: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        """One token: featurizer, gates and the long filter's step in one fused kernel on
+        CUDA (stripes.kernels.hyena_step), the composed reference elsewhere."""
         if x.shape[1] != 1:
             raise ValueError(f"{type(self).__name__}.step takes one token, got {tuple(x.shape)}")
-        return self._decode(x, state, self._long_step)
+        gated = hyena_step_(self.in_proj(x), state.short, self.short_filter, state.long,
+                            **self._step_filter())
+        return self.out_proj(gated)
 
     def _decode(self, x: torch.Tensor, state: HyenaState, long_fn) -> torch.Tensor:
         z, short = fir_continue(self.in_proj(x), state.short, self.short_filter,
@@ -176,8 +180,9 @@ class Hyena(Mixer):
         """y = h * u for a chunk u [B, T, D] continuing `state.long`; advances it."""
 
     @abc.abstractmethod
-    def _long_step(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
-        """As `_long_prefill` for one token u [B, 1, D]."""
+    def _step_filter(self) -> dict[str, torch.Tensor]:
+        """The long filter as `hyena_step_` takes it, per channel: long_filter [D, L], or
+        poles and residues complex [D, N]."""
 
     # -- accounting -------------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:
@@ -234,8 +239,8 @@ class _ExplicitHyena(Hyena):
     def _long_prefill(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
         return self._fir(u, state, self.train_conv)  # the conv of training, same rounding
 
-    def _long_step(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
-        return self._fir(u, state, direct_causal_conv)  # L MACs per channel, no FFT
+    def _step_filter(self) -> dict[str, torch.Tensor]:
+        return {"long_filter": self._per_channel(self.filter())}  # L MACs a channel, no FFT
 
     def _fir(self, u: torch.Tensor, state: HyenaState, conv) -> torch.Tensor:
         y, history = fir_continue(u, state.long, self._per_channel(self.filter()), conv)
@@ -354,12 +359,9 @@ class HyenaLI(Hyena):
         state.long.copy_(modes)
         return y
 
-    def _long_step(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
-        poles = modal_poles(self.log_rate, self.theta)  # [G, N]
-        y, modes = modal_recurrence(u, self._per_channel(poles),
-                                    self._per_channel(self.residues()), state.long)
-        state.long.copy_(modes)
-        return y
+    def _step_filter(self) -> dict[str, torch.Tensor]:
+        return {"poles": self._per_channel(modal_poles(self.log_rate, self.theta)),
+                "residues": self._per_channel(self.residues())}  # complex [D, N] each
 
     def _long_flops(self, seq_len: int) -> float:
         return fft_conv_flops(seq_len)
