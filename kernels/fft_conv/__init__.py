@@ -60,7 +60,8 @@ class FFTGatedConvFunction(torch.autograd.Function):
             dk = (du * v.to(dtype)).to(k.dtype)
             dv = (du * k.to(dtype)).to(v.dtype)
             del du
-            taps = torch.fft.irfft((G * U.conj()).sum(0), n=n, dim=0)  # [n, C]
+            # sum_b G conj(U) without a [B, n/2+1, C] product tensor
+            taps = torch.fft.irfft(torch.einsum("bfc,bfc->fc", G, U.conj()), n=n, dim=0)
             dh = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
             dh[:, :min(L, T)] = taps[:min(L, T)].T.to(h.dtype)
         return dq, dk, dv, dh

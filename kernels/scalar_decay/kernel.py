@@ -77,9 +77,9 @@ def _sequence(seqs_ptr, S, s):
 
 @triton.jit
 def _chunk(chunks_ptr, n_chunks, C: tl.constexpr):
-    """The program's chunk (grid axis 1): (its index as int64, flat token of each row [C]
-    int64, row valid mask [C])."""
-    chunk = tl.program_id(1)
+    """The program's chunk (grid axis 0, which alone may pass 65,535 programs): (its index as
+    int64, flat token of each row [C] int64, row valid mask [C])."""
+    chunk = tl.program_id(0)
     start = tl.load(chunks_ptr + chunk)
     n_valid = tl.load(chunks_ptr + n_chunks + chunk)
     rc = tl.arange(0, C)
@@ -91,9 +91,9 @@ def _states_kernel(k_ptr, v_ptr, g_ptr, h_ptr, init_ptr, final_ptr, seqs_ptr, S,
                    H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (Dk / BK, Dv / BV, S * H): one [BK, BV] tile of one head's state walks its
+    """Grid (S * H, Dk / BK, Dv / BV): one [BK, BV] tile of one head's state walks its
     sequence's chunks in order, storing h_i before each chunk's update."""
-    pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_sh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s, h = pid_sh // H, pid_sh % H
     hk = h // (H // HK)
     start, length, first_chunk = _sequence(seqs_ptr, S, s)
@@ -134,7 +134,7 @@ def _state_grads_kernel(q_ptr, do_ptr, g_ptr, dh_ptr, dfinal_ptr, dinit_ptr, seq
                         IEEE: tl.constexpr):
     """Grid as _states_kernel: the state's gradient walks the chunks backwards, storing dh_i
     (the gradient of the state leaving chunk i) before folding in chunk i's reads."""
-    pid_k, pid_v, pid_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_sh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s, h = pid_sh // H, pid_sh % H
     hk = h // (H // HK)
     start, length, first_chunk = _sequence(seqs_ptr, S, s)
@@ -172,9 +172,9 @@ def _state_grads_kernel(q_ptr, do_ptr, g_ptr, dh_ptr, dfinal_ptr, dinit_ptr, seq
 def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunks_ptr, n_chunks,
                    H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (Dv / BV, N_chunks, H): O_i's [C, BV] tile = masked decayed scores @ V + the
+    """Grid (N_chunks, Dv / BV, H): O_i's [C, BV] tile = masked decayed scores @ V + the
     state's contribution, the scores and (Q * xi) h_i summed over Dk in BK blocks."""
-    pid_v, h = tl.program_id(0), tl.program_id(2)
+    pid_v, h = tl.program_id(1), tl.program_id(2)
     hk = h // (H // HK)
     chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
     b, _ = _chunk_decays(g_ptr, token, valid, h, H)
@@ -205,10 +205,10 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
                   chunks_ptr, n_chunks, n_tok, H: tl.constexpr, HK: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, STORE_DB: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (Dk / BK, N_chunks, HK): dQ_i and dK_i of one q/k head for one BK block of
+    """Grid (N_chunks, Dk / BK, HK): dQ_i and dK_i of one q/k head for one BK block of
     channels, summed over the v-heads that read it (each summing dO V^T, dO h^T and V dh^T
     over Dv in BV blocks); STORE_DB: also each v-head's q . dq - k . dk over this block."""
-    pid_k, hk = tl.program_id(0), tl.program_id(2)
+    pid_k, hk = tl.program_id(1), tl.program_id(2)
     chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
     rk = pid_k * BK + tl.arange(0, BK)
     k_mask = valid[:, None] & (rk < DK)[None, :]
@@ -255,9 +255,9 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
 def _dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, dv_ptr, chunks_ptr, n_chunks,
                H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (Dv / BV, N_chunks, H): dV_i for one BV block, the scores Q K^T and
+    """Grid (N_chunks, Dv / BV, H): dV_i for one BV block, the scores Q K^T and
     (K * zeta) dh_i summed over Dk in BK blocks."""
-    pid_v, h = tl.program_id(0), tl.program_id(2)
+    pid_v, h = tl.program_id(1), tl.program_id(2)
     hk = h // (H // HK)
     chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
     b, b_last = _chunk_decays(g_ptr, token, valid, h, H)

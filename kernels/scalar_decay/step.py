@@ -22,8 +22,8 @@ import triton.language as tl
 def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, state_ptr, o_ptr, stride_sk, stride_sv,
                  H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr):
-    """Grid (Dv / BV, B * H)."""
-    pid_v, pid_bh = tl.program_id(0), tl.program_id(1)
+    """Grid (B * H, Dv / BV): the batch on axis 0, the only one that may pass 65,535."""
+    pid_bh, pid_v = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     qk_row = (b * HK + h // (H // HK)).to(tl.int64) * DK
     rk = tl.arange(0, BK)
@@ -57,7 +57,7 @@ def scalar_decay_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     o = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     bv = min(64, triton.next_power_of_2(dv))
     strides = (1, dk) if state_is_vk else (dv, 1)
-    _step_kernel[(triton.cdiv(dv, bv), batch * h)](
+    _step_kernel[(batch * h, triton.cdiv(dv, bv))](
         q, k, v, g, state, o, *strides, H=h, HK=hk, DK=dk, DV=dv,
         BK=triton.next_power_of_2(dk), BV=bv, num_warps=4)
     return o
