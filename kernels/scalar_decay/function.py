@@ -136,10 +136,11 @@ def backward(q, k, v, g, do, d_final, initial_state, p: _Problem, need_d_init, n
 
 
 # Known limit of the decay's gradient: it is a sum of q . dq - k . dk terms that cancel. Under
-# strong decays (g of -2 to -100 every step) the terms are large and their float32 rounding
-# survives the cancellation: the review measured dA off by 1.2e-2 (relative) where the
-# float32 chunked reference is off by 3.5e-7. Moderate decays (Mamba-2's initial dt A of
-# -0.001 to -1.6) are unaffected, as the tests show; a stable form is open work.
+# strong decays (g of -2 or less at every step) the terms are large and their float32
+# rounding survives the cancellation, so A's gradient is much less accurate there than the
+# chunked reference's (which sums the decays of each pair directly). Moderate decays, such
+# as Mamba-2's initial dt A of -0.001 to -1.6, keep the accuracy the tests check; a stable
+# form is open work.
 def decay_gradient(db: torch.Tensor, final: torch.Tensor | None, d_final: torch.Tensor | None,
                    seqs: torch.Tensor) -> torch.Tensor:
     """dL/dg_t from db = dL/dB_t [N_tok, H]: g_t enters every B_s with s >= t in its sequence,
