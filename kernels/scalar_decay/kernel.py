@@ -22,10 +22,13 @@ chunk the final state's gradient, or 0):
     dK_i = ((dO_i V_i^T) * D)^T Q_i + zeta * (V_i dh_i^T)                  (_dq_dk_kernel)
     dV_i = ((Q_i K_i^T) * D)^T dO_i + (K_i * zeta) dh_i                    (_dv_kernel)
 and the initial state's gradient is what the backward scan carries past the first chunk.
-The decay's gradient: with B_t = g_0 + ... + g_t over the whole sequence, dL/dB_t = q_t . dq_t
-- k_t . dk_t per head (a token's query reads everything before it decayed by B_t - B_s, its
-key is read decayed by B_s' - B_t); _dq_dk_kernel writes that sum over its Dk block, and
-function.py turns it into dL/dg_t (a reverse cumulative sum, plus the final state's term).
+The decay's gradient: g_r enters every factor that spans step r, so dL/dg_r sums, per
+chunk, the in-chunk pairs that straddle r, the reads of the entering state at or after r,
+the writes to the leaving state before r, and the entering state carried through the chunk
+(_decay_grad). Every term is computed directly: the shorter form dL/dB_t = q_t . dq_t -
+k_t . dk_t with a reverse sum over the sequence cancels large terms in float32 under strong
+decays. The chunk's states carry everything outside it, the initial and final states
+included, so nothing is summed across chunks.
 
 Grouped q/k (Mamba-2's B/C groups): q, k have HK heads and v-head h reads q/k head
 h // (H / HK). Layout: q, k [N_tok, HK, Dk], v, o [N_tok, H, Dv], g [N_tok, H] float32, all
@@ -201,13 +204,42 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunks_ptr, n_chunk
 
 
 @triton.jit
+def _decay_grad(pairs, xi, zeta, b_last, q, k, dq_state, dk_state, state_dot, C: tl.constexpr):
+    """dL/dg_r [C] for the chunk's rows, from this block of Dk (the blocks add up).
+
+    g_r enters every decay factor that spans step r, so its gradient sums the terms whose
+    factor spans it, each computed directly (no difference of large sums):
+      pairs (i >= r > j) inside the chunk    pairs[i, j] = (dO_i . V_j)(Q_i . K_j) D[i, j]
+      reads (i >= r) of the entering state   xi_i Q_i . (dO_i h^T)
+      writes (j < r) to the leaving state    zeta_j K_j . (V_j dh^T)
+      the entering state carried through     exp(b_L) <h, dh>
+
+    Only the wanted terms are ever added: a sum formed as a difference of two running sums
+    (an inclusive minus an exclusive one) would cancel under strong decays, where the large
+    undecayed terms dwarf the decayed ones that make up the answer.
+    """
+    i = tl.arange(0, C)[:, None]  # [C, 1]: the row (query, or the summed index)
+    r = tl.arange(0, C)[None, :]  # [1, C]: the step whose decay is differentiated
+    strict = tl.where(i > r, pairs, 0.0)  # a pair (i, i) spans no step
+    upto = tl.cumsum(strict, axis=1)  # [i, s] = sum over j <= s of pairs[i, j]
+    span_after = tl.sum(tl.where(i >= r + 1, upto, 0.0), axis=0)  # [s]: i > s >= j
+    spanning = tl.sum(tl.where(i == r - 1, span_after[:, None], 0.0), axis=0)  # [r] = [r - 1]
+    reads = xi * tl.sum(q.to(tl.float32) * dq_state, axis=1)  # [C]
+    writes = zeta * tl.sum(k.to(tl.float32) * dk_state, axis=1)
+    reads_after = tl.sum(tl.where(i >= r, reads[:, None], 0.0), axis=0)  # i >= r
+    writes_before = tl.sum(tl.where(i < r, writes[:, None], 0.0), axis=0)  # j < r
+    return spanning + reads_after + writes_before + tl.exp(b_last) * state_dot
+
+
+@triton.jit
 def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, db_ptr,
                   chunks_ptr, n_chunks, n_tok, H: tl.constexpr, HK: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, STORE_DB: tl.constexpr, IEEE: tl.constexpr):
     """Grid (N_chunks, Dk / BK, HK): dQ_i and dK_i of one q/k head for one BK block of
     channels, summed over the v-heads that read it (each summing dO V^T, dO h^T and V dh^T
-    over Dv in BV blocks); STORE_DB: also each v-head's q . dq - k . dk over this block."""
+    over Dv in BV blocks); STORE_DB: also each v-head's dL/dg over this block of channels
+    (see _decay_grad)."""
     pid_k, hk = tl.program_id(1), tl.program_id(2)
     chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
     rk = pid_k * BK + tl.arange(0, BK)
@@ -224,6 +256,7 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
         d_scores = tl.zeros((C, C), dtype=tl.float32)  # dO V^T
         dq_state = tl.zeros((C, BK), dtype=tl.float32)
         dk_state = tl.zeros((C, BK), dtype=tl.float32)
+        state_dot = 0.0  # <h_i, dh_i> over this block of Dk
         for vb in tl.static_range(0, DV, BV):
             rv = vb + tl.arange(0, BV)
             v_mask = valid[:, None] & (rv < DV)[None, :]
@@ -233,20 +266,24 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
                          other=0.0)
             v = tl.load(v_ptr + (token[:, None] * H + h) * DV + rv[None, :], mask=v_mask,
                         other=0.0)
-            state = tl.load(h_ptr + state_at, mask=state_mask, other=0.0).to(dtype)
-            dstate = tl.load(dh_ptr + state_at, mask=state_mask, other=0.0).to(dtype)
+            state = tl.load(h_ptr + state_at, mask=state_mask, other=0.0)
+            dstate = tl.load(dh_ptr + state_at, mask=state_mask, other=0.0)
+            if STORE_DB:
+                state_dot += tl.sum(state.to(tl.float32) * dstate.to(tl.float32))
+            state, dstate = state.to(dtype), dstate.to(dtype)
             d_scores += _mm(do, tl.trans(v), IEEE)
             dq_state += _mm(do, tl.trans(state), IEEE)
             dk_state += _mm(v, tl.trans(dstate), IEEE)
         zeta = tl.where(valid, tl.exp(b_last - b), 0.0)
-        d_scores = (d_scores * _causal_decay(b, C)).to(dtype)  # [C, C]
-        dq_h = dq_state * tl.exp(b)[:, None] + _mm(d_scores, k, IEEE)
-        dk_h = dk_state * zeta[:, None] + _mm(tl.trans(d_scores), q, IEEE)
-        dq += dq_h
-        dk += dk_h
+        xi = tl.exp(b)
+        d_scores = d_scores * _causal_decay(b, C)  # [C, C], float32
         if STORE_DB:
-            db = tl.sum(q.to(tl.float32) * dq_h - k.to(tl.float32) * dk_h, axis=1)  # [C]
-            tl.store(db_ptr + (pid_k * n_tok + token) * H + h, db, mask=valid)
+            dg = _decay_grad(d_scores * _mm(q, tl.trans(k), IEEE), xi, zeta, b_last, q, k,
+                             dq_state, dk_state, state_dot, C)
+            tl.store(db_ptr + (pid_k * n_tok + token) * H + h, dg, mask=valid)
+        d_scores = d_scores.to(dtype)
+        dq += dq_state * xi[:, None] + _mm(d_scores, k, IEEE)
+        dk += dk_state * zeta[:, None] + _mm(tl.trans(d_scores), q, IEEE)
     tl.store(dq_ptr + qk_at, dq.to(dtype), mask=k_mask)
     tl.store(dk_ptr + qk_at, dk.to(dtype), mask=k_mask)
 
