@@ -23,7 +23,7 @@ from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_starts
 from stripes.arch.registry import register_mixer
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
-from stripes.core.config import ConfigError, require_positive
+from stripes.core.config import ConfigError
 from stripes.core.log import note_once
 from stripes.kernels.rotary import apply_rotary_qk
 
@@ -68,7 +68,7 @@ class AttnConfig(MixerConfig):
             raise ConfigError(f"{key}.backend", self.backend, ", ".join(BACKENDS))
         if self.backend == "flash_attn":
             _require_flash_attn(f"{key}.backend")
-        require_positive(f"{key}.rope.theta", self.rope.theta)
+        self.rope.validate(f"{key}.rope")
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Attention(Mixer):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         rope_dtype = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope, rope_dtype)
         q, k = apply_rotary_qk(q, k, cos, sin)
         return q, k, v
 

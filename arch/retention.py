@@ -78,7 +78,7 @@ class RetentionConfig(MixerConfig):
                               f"a number in [{FASTEST_DECAY_EXPONENT:g}, "
                               f"{SLOWEST_ALLOWED_EXPONENT:g}]",
                               "slower decays are lost in a float32 state")
-        require_positive(f"{key}.rope.theta", self.rope.theta)
+        self.rope.validate(f"{key}.rope")
         require_positive(f"{key}.norm_eps", self.norm_eps)
 
 
@@ -188,7 +188,7 @@ class Retention(Mixer):
         k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_value_dim)
         rope_dtype = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope.theta, rope_dtype)
+        cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope, rope_dtype)
         # The paper scales k by Dk^-1/2 (eq. 5); rotation keeps norms, so order is immaterial.
         q, k = apply_rotary_qk(q, k, cos, sin)
         k = k * self.head_dim ** -0.5

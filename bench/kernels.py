@@ -88,7 +88,7 @@ from kernel_timing import (
 )
 from mixer_kernel_cases import causal_conv_cases, fft_conv_cases, retention_cases, ssd_cases
 
-from stripes.arch.rope import rope_angles
+from stripes.arch.rope import RopeConfig, rope_angles
 
 KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "causal_conv",
            "fft_conv")
@@ -204,7 +204,7 @@ def rotary_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
     B, T, H, Dh = (2, 40, 3, 34) if quick else (4, 4096, 32, 128)
     rope, why = liger("liger_kernel.ops.rope", "LigerRopeFunction", device)
-    cos, sin = rope_angles(torch.arange(T, device=device), Dh, 10000.0)  # [T, Dh/2] float32
+    cos, sin = rope_angles(torch.arange(T, device=device), Dh, RopeConfig())  # [T, Dh/2] float32
     q, k = (torch.randn(B, T, H, Dh, device=device, dtype=BF16, requires_grad=True)
             for _ in range(2))
     inputs = [q, k]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stripes.arch.attention import Attention, AttnConfig
-from stripes.arch.rope import rope_angles
+from stripes.arch.rope import RopeConfig, rope_angles
 from stripes.core.config import ConfigError
 from stripes.kernels.rotary.reference import apply_rotary
 
@@ -33,7 +33,7 @@ def reference(attn: Attention, x: torch.Tensor, doc_ids=None) -> torch.Tensor:
     q = (x @ attn.q_proj.weight.T).view(B, T, H, Dh)
     k = (x @ attn.k_proj.weight.T).view(B, T, Hkv, Dh)
     v = (x @ attn.v_proj.weight.T).view(B, T, Hkv, Dh)
-    cos, sin = rope_angles(torch.arange(T), Dh, attn.cfg.rope.theta, torch.float64)
+    cos, sin = rope_angles(torch.arange(T), Dh, attn.cfg.rope, torch.float64)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(Dh)
@@ -57,7 +57,7 @@ def test_matches_reference(kw):
 
 def test_rope_rotates_pairs_by_position():
     x = torch.randn(1, 3, 1, 4, dtype=torch.float64)
-    cos, sin = rope_angles(torch.arange(3), 4, theta=100.0, dtype=torch.float64)
+    cos, sin = rope_angles(torch.arange(3), 4, RopeConfig(theta=100.0), dtype=torch.float64)
     y = apply_rotary(x, cos, sin)
     # Rotation keeps each (x[i], x[i + Dh/2]) pair's length; position 0 is the identity.
     pairs = lambda t: t[..., :2] ** 2 + t[..., 2:] ** 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stripes.arch.rope import rope_angles
+from stripes.arch.rope import RopeConfig, rope_angles
 from stripes.kernels.rotary import apply_rotary, apply_rotary_qk, kernel
 from stripes.kernels.rotary.kernel import apply_rotary_qk_triton, apply_rotary_triton
 from stripes.kernels.rotary.reference import apply_rotary as apply_rotary_reference
@@ -24,7 +24,7 @@ def poisoned_empty(monkeypatch):
 
 
 def tables(length: int, head_dim: int, device=DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_angles(torch.arange(length, device=device), head_dim, 10000.0)  # [L, Dh/2]
+    return rope_angles(torch.arange(length, device=device), head_dim, RopeConfig())  # [L, Dh/2]
 
 
 def forward_backward(fn, x, cos, sin, offset, interleaved, grad):

@@ -144,7 +144,7 @@ def reference(mixer: Retention, x: torch.Tensor) -> torch.Tensor:
     q = (x @ mixer.q_proj.weight.T).view(B_, T_, H_, dk)
     k = (x @ mixer.k_proj.weight.T).view(B_, T_, H_, dk)
     v = (x @ mixer.v_proj.weight.T).view(B_, T_, H_, dv)
-    cos, sin = rope_angles(torch.arange(T_), dk, mixer.cfg.rope.theta, torch.float64)
+    cos, sin = rope_angles(torch.arange(T_), dk, mixer.cfg.rope, torch.float64)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin) / math.sqrt(dk)
     log_decay = torch.tensor([math.log1p(-(2.0 ** (-5 - h))) for h in range(H_)],
                              dtype=torch.float64)

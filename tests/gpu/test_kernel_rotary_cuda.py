@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stripes.arch.rope import rope_angles
+from stripes.arch.rope import RopeConfig, rope_angles
 from stripes.kernels import rotary as rotary_package
 from stripes.kernels.rotary import apply_rotary, apply_rotary_qk
 from stripes.kernels.rotary.kernel import apply_rotary_triton
@@ -20,7 +20,7 @@ B, T, H, Dh = 4, 2048, 16, 128
 
 
 def tables(length: int, head_dim: int = Dh) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_angles(torch.arange(length, device="cuda"), head_dim, 10000.0)
+    return rope_angles(torch.arange(length, device="cuda"), head_dim, RopeConfig())
 
 
 def forward_backward(fn, x, cos, sin, offset, interleaved, grad):
