@@ -58,6 +58,7 @@ def check(args, tol, **kw):
     (2, 37, 4, 16, 2, 16, 16),  # two heads a group; 3 chunks, the last one 5 steps
     (1, 20, 3, 24, 1, 16, 16),  # one group for all heads; P not a power of two
     (1, 9, 2, 16, 2, 40, 32),   # shorter than a chunk; N over two blocks of 16..64
+    (1, 150, 4, 64, 1, 128, 64),  # the GPU's tiles: chunk 64, N in two 64-wide blocks
 ])
 def test_float32_matches_float64_reference(batch, T, H, P, G, N, chunk):
     check(inputs(batch, T, H, P, G, N), 2e-5, chunk_size=chunk)
