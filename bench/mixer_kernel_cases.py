@@ -16,9 +16,10 @@ benchmark's setting; the anchor), and the chunked reference run eagerly in float
 Gradients of x, dt, A, B and C; FLOPs counted as for retention with Dk = N, Dv = P.
 
 causal_conv: Hyena-SE's gated filter, q * (h * (k v)), B*T = 65,536 tokens, D = 2048
-channels, 7 taps, bf16 activations and a float32 filter. Rows: stripes `causal_conv` (one
-kernel each way), the same composition in PyTorch (k * v, conv1d, * q) run eagerly, and
-torch.compile of it: the anchor, no library of such kernels being installable here.
+channels, 7 taps (and 128, Hyena-MR's length, beside fft_conv's row at that shape), bf16
+activations and a float32 filter. Rows: stripes `causal_conv` (one kernel each way), the
+same composition in PyTorch (k * v, conv1d, * q) run eagerly, and torch.compile of it: the
+anchor, no library of such kernels being installable here.
 GB/s count q, k, v and out once forward, and dout, q, k, v, dq, dk, dv once backward.
 """
 
@@ -154,14 +155,16 @@ def causal_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     from stripes.arch.hyena_filters import direct_causal_conv
     from stripes.kernels.causal_conv import causal_conv
 
-    B, T, D, L = (2, 40, 24, 7) if quick else (16, 4096, 2048, 7)
-    q, k, v = (torch.randn(B, T, D, device=device).to(BF16).requires_grad_()
-               for _ in range(3))
-    h = (torch.randn(D, L, device=device) / L ** 0.5).requires_grad_()
-    yield gated_conv_case("causal_conv", f"B{B} T{T} D{D} L{L} gated bf16", device,
-                          [q, k, v, h], lambda q, k, v, h: q * direct_causal_conv(k * v, h),
-                          lambda q, k, v, h: causal_conv(k, h, x2=v, gate=q),
-                          "stripes causal_conv", "torch: q * conv1d(k * v)")
+    B, T, D = (2, 40, 24) if quick else (16, 4096, 2048)
+    for L in (7,) if quick else (7, 128):  # Hyena-SE's filter, and MR's length
+        q, k, v = (torch.randn(B, T, D, device=device).to(BF16).requires_grad_()
+                   for _ in range(3))
+        h = (torch.randn(D, L, device=device) / L ** 0.5).requires_grad_()
+        yield gated_conv_case("causal_conv", f"B{B} T{T} D{D} L{L} gated bf16", device,
+                              [q, k, v, h],
+                              lambda q, k, v, h: q * direct_causal_conv(k * v, h),
+                              lambda q, k, v, h: causal_conv(k, h, x2=v, gate=q),
+                              "stripes causal_conv", "torch: q * conv1d(k * v)")
 
 
 def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, composed, fused,
@@ -188,11 +191,14 @@ def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, compo
 def fft_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     from stripes.kernels.fft_conv import fft_gated_conv, reference
 
-    B, C = (2, 16) if quick else (64, 768)
-    for T in (24,) if quick else (1024, 4096):
+    # The issue's shapes (filter as long as the sequence), then Hyena-MR's 128 taps at the
+    # causal_conv case's shape: the two rows at L = 128 decide which path MR should take.
+    shapes = ([(2, 24, 16, 24)] if quick else
+              [(64, 1024, 768, 1024), (64, 4096, 768, 4096), (16, 4096, 2048, 128)])
+    for B, T, C, L in shapes:
         q, k, v = (torch.randn(B, T, C, device=device).to(BF16).requires_grad_()
                    for _ in range(3))
-        h = (torch.randn(C, T, device=device) / T ** 0.5).requires_grad_()
-        yield gated_conv_case("fft_conv", f"B{B} T{T} C{C} L{T} bf16", device,
+        h = (torch.randn(C, L, device=device) / L ** 0.5).requires_grad_()
+        yield gated_conv_case("fft_conv", f"B{B} T{T} C{C} L{L} bf16", device,
                               [q, k, v, h], reference.fft_gated_conv, fft_gated_conv,
                               "stripes fft_gated_conv", "torch: q * fft_causal_conv(k * v)")
