@@ -87,23 +87,25 @@ class _Problem:
         return (self.n_seqs * self.h, triton.cdiv(self.dk, self.bk),
                 triton.cdiv(self.dv, self.bv))
 
-    def states(self, k, v, g, initial_state, store_final):
-        """h [N_chunks, H, Dk, Dv] in k's dtype, and the final states [S, H, Dk, Dv] float32
-        (or None)."""
-        h = torch.empty(self.n_chunks, self.h, self.dk, self.dv, dtype=k.dtype, device=k.device)
-        final = (torch.empty(self.n_seqs, self.h, self.dk, self.dv, dtype=torch.float32,
-                             device=k.device) if store_final else None)
-        kernel._states_kernel[self.scan_grid()](
-            k, v, g, h, h if initial_state is None else initial_state,
-            h if final is None else final, self.seqs, self.n_seqs,
-            HAS_INIT=initial_state is not None, STORE_FINAL=store_final, **self.consts())
-        return h, final
+    def scan(self, a, y, g, first, store_last, reverse, like):
+        """The per-chunk states [N_chunks, H, Dk, Dv] in `like`'s dtype, and the last one
+        [S, H, Dk, Dv] float32 (or None): see kernel._scan_kernel."""
+        states = torch.empty(self.n_chunks, self.h, self.dk, self.dv, dtype=like.dtype,
+                             device=like.device)
+        last = (torch.empty(self.n_seqs, self.h, self.dk, self.dv, dtype=torch.float32,
+                            device=like.device) if store_last else None)
+        kernel._scan_kernel[self.scan_grid()](
+            a, y, g, states, states if first is None else first,
+            states if last is None else last, self.seqs, self.n_seqs,
+            HAS_FIRST=first is not None, STORE_LAST=store_last, REVERSE=reverse,
+            **self.consts())
+        return states, last
 
 
 def forward(q, k, v, g, initial_state, p: _Problem, return_state):
     """q, k [N_tok, HK, Dk], v [N_tok, H, Dv], g [N_tok, H] float32 -> o [N_tok, H, Dv],
     final state or None."""
-    h, final = p.states(k, v, g, initial_state, return_state)
+    h, final = p.scan(k, v, g, initial_state, return_state, False, k)
     o = torch.empty_like(v)
     if p.n_chunks:
         kernel._output_kernel[(p.n_chunks, triton.cdiv(p.dv, p.bv), p.h)](
@@ -114,14 +116,8 @@ def forward(q, k, v, g, initial_state, p: _Problem, return_state):
 def backward(q, k, v, g, do, d_final, initial_state, p: _Problem, need_d_init, need_db):
     """Gradients of q, k, v (their dtype), of the initial state (float32, or None) and of
     the log decays g [N_tok, H] (float32, or None)."""
-    h, _ = p.states(k, v, g, initial_state, False)
-    dh = torch.empty_like(h)
-    d_init = (torch.empty(p.n_seqs, p.h, p.dk, p.dv, dtype=torch.float32, device=q.device)
-              if need_d_init else None)
-    kernel._state_grads_kernel[p.scan_grid()](
-        q, do, g, dh, dh if d_final is None else d_final, dh if d_init is None else d_init,
-        p.seqs, p.n_seqs, HAS_DFINAL=d_final is not None, STORE_DINIT=need_d_init,
-        **p.consts())
+    h, _ = p.scan(k, v, g, initial_state, False, False, k)
+    dh, d_init = p.scan(q, do, g, d_final, need_d_init, True, k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_kblocks = triton.cdiv(p.dk, p.bk)
     db = (torch.zeros(n_kblocks, p.n_tok, p.h, dtype=torch.float32, device=q.device)

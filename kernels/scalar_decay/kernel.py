@@ -1,6 +1,6 @@
-"""Triton kernels for chunked linear attention with a scalar decay per token and head: two
-sequential scans over chunks (the state, forward and backward) and three kernels parallel
-over chunks (the output, dq/dk with the decay's gradient, dv).
+"""Triton kernels for chunked linear attention with a scalar decay per token and head: one
+sequential scan over chunks (the state forward, its gradient in reverse) and three kernels
+parallel over chunks (the output, dq/dk with the decay's gradient, dv).
 
 Per sequence and v-head, with g_t <= 0 the log decay of step t, the state S [Dk, Dv] and
 output follow S_t = exp(g_t) S_{t-1} + k_t^T v_t and o_t = q_t S_t. Retention is g_t =
@@ -13,11 +13,11 @@ accumulated inside the chunk, inclusive; padded rows have g = 0), b_L = b at the
     zeta_j = exp(b_L - b_j)           a token's write into the state that leaves its chunk
     D[j, l] = exp(b_j - b_l) for l <= j, else 0
     h_i    = the state entering chunk i [Dk, Dv], h_0 = the initial state (or 0)
-    h_{i+1} = exp(b_L) h_i + (K_i * zeta)^T V_i                            (_states_kernel)
+    h_{i+1} = exp(b_L) h_i + (K_i * zeta)^T V_i                            (_scan_kernel)
     O_i     = ((Q_i K_i^T) * D) V_i + (Q_i * xi) h_i                       (_output_kernel)
 Backward, with dh_i the gradient of the state LEAVING chunk i (entering i + 1; for the last
 chunk the final state's gradient, or 0):
-    dh_{i-1} = exp(b_L) dh_i + (Q_i * xi)^T dO_i                          (_state_grads_kernel)
+    dh_{i-1} = exp(b_L) dh_i + (Q_i * xi)^T dO_i                  (_scan_kernel, REVERSE)
     dQ_i = ((dO_i V_i^T) * D) K_i + xi * (dO_i h_i^T)                      (_dq_dk_kernel)
     dK_i = ((dO_i V_i^T) * D)^T Q_i + zeta * (V_i dh_i^T)                  (_dq_dk_kernel)
     dV_i = ((Q_i K_i^T) * D)^T dO_i + (K_i * zeta) dh_i                    (_dv_kernel)
@@ -90,12 +90,18 @@ def _chunk(chunks_ptr, n_chunks, C: tl.constexpr):
 
 
 @triton.jit
-def _states_kernel(k_ptr, v_ptr, g_ptr, h_ptr, init_ptr, final_ptr, seqs_ptr, S,
-                   H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, IEEE: tl.constexpr):
+def _scan_kernel(a_ptr, c_ptr, g_ptr, states_ptr, first_ptr, last_ptr, seqs_ptr, S,
+                 H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 HAS_FIRST: tl.constexpr, STORE_LAST: tl.constexpr, REVERSE: tl.constexpr,
+                 IEEE: tl.constexpr):
     """Grid (S * H, Dk / BK, Dv / BV): one [BK, BV] tile of one head's state walks its
-    sequence's chunks in order, storing h_i before each chunk's update."""
+    sequence's chunks, storing the tile before each chunk's update
+        X <- exp(b_L) X + (A_i * w)^T Y_i.
+    Forward, the state: A = K, w = zeta, Y = V, in
+    chunk order; `states` gets h_i, `first` is the initial state and `last` the final one.
+    REVERSE, its gradient: A = Q, w = xi, Y = dO, last chunk first; `states` gets dh_i,
+    `first` is the final state's gradient and `last` the initial state's."""
     pid_sh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s, h = pid_sh // H, pid_sh % H
     hk = h // (H // HK)
@@ -105,70 +111,30 @@ def _states_kernel(k_ptr, v_ptr, g_ptr, h_ptr, init_ptr, final_ptr, seqs_ptr, S,
     rc = tl.arange(0, C)  # [C]
     tile = rk[:, None] * DV + rv[None, :]  # [BK, BV] offsets inside one [Dk, Dv] state
     tile_mask = (rk < DK)[:, None] & (rv < DV)[None, :]
-    dtype = k_ptr.dtype.element_ty
+    dtype = a_ptr.dtype.element_ty
 
     state = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_INIT:
-        state = tl.load(init_ptr + pid_sh.to(tl.int64) * DK * DV + tile, mask=tile_mask,
+    if HAS_FIRST:
+        state = tl.load(first_ptr + pid_sh.to(tl.int64) * DK * DV + tile, mask=tile_mask,
                         other=0.0).to(tl.float32)
-    for i in range(tl.cdiv(length, C)):
+    n_chunks = tl.cdiv(length, C)
+    for step in range(n_chunks):
+        i = n_chunks - 1 - step if REVERSE else step
         chunk = (first_chunk + i).to(tl.int64)
-        tl.store(h_ptr + (chunk * H + h) * DK * DV + tile, state.to(h_ptr.dtype.element_ty),
-                 mask=tile_mask)
+        tl.store(states_ptr + (chunk * H + h) * DK * DV + tile,
+                 state.to(states_ptr.dtype.element_ty), mask=tile_mask)
         valid = rc < length - i * C  # [C]
         token = (start + i * C + rc).to(tl.int64)  # [C]
         b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
-        k = tl.load(k_ptr + (token[:, None] * HK + hk) * DK + rk[None, :],
+        a = tl.load(a_ptr + (token[:, None] * HK + hk) * DK + rk[None, :],
                     mask=valid[:, None] & (rk < DK)[None, :], other=0.0)  # [C, BK]
-        v = tl.load(v_ptr + (token[:, None] * H + h) * DV + rv[None, :],
+        y = tl.load(c_ptr + (token[:, None] * H + h) * DV + rv[None, :],
                     mask=valid[:, None] & (rv < DV)[None, :], other=0.0)  # [C, BV]
-        zeta = tl.where(valid, tl.exp(b_last - b), 0.0)  # [C]
-        k_zeta = (k.to(tl.float32) * zeta[:, None]).to(dtype)
-        state = state * tl.exp(b_last) + _mm(tl.trans(k_zeta), v, IEEE)
-    if STORE_FINAL:
-        tl.store(final_ptr + pid_sh.to(tl.int64) * DK * DV + tile, state, mask=tile_mask)
-
-
-@triton.jit
-def _state_grads_kernel(q_ptr, do_ptr, g_ptr, dh_ptr, dfinal_ptr, dinit_ptr, seqs_ptr, S,
-                        H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr,
-                        DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr,
-                        IEEE: tl.constexpr):
-    """Grid as _states_kernel: the state's gradient walks the chunks backwards, storing dh_i
-    (the gradient of the state leaving chunk i) before folding in chunk i's reads."""
-    pid_sh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    s, h = pid_sh // H, pid_sh % H
-    hk = h // (H // HK)
-    start, length, first_chunk = _sequence(seqs_ptr, S, s)
-    rk = pid_k * BK + tl.arange(0, BK)
-    rv = pid_v * BV + tl.arange(0, BV)
-    rc = tl.arange(0, C)
-    tile = rk[:, None] * DV + rv[None, :]
-    tile_mask = (rk < DK)[:, None] & (rv < DV)[None, :]
-    dtype = q_ptr.dtype.element_ty
-
-    dstate = tl.zeros((BK, BV), dtype=tl.float32)
-    if HAS_DFINAL:
-        dstate = tl.load(dfinal_ptr + pid_sh.to(tl.int64) * DK * DV + tile, mask=tile_mask,
-                         other=0.0).to(tl.float32)
-    n_chunks = tl.cdiv(length, C)
-    for back in range(n_chunks):
-        i = n_chunks - 1 - back
-        chunk = (first_chunk + i).to(tl.int64)
-        tl.store(dh_ptr + (chunk * H + h) * DK * DV + tile, dstate.to(dh_ptr.dtype.element_ty),
-                 mask=tile_mask)
-        valid = rc < length - i * C
-        token = (start + i * C + rc).to(tl.int64)
-        b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
-        q = tl.load(q_ptr + (token[:, None] * HK + hk) * DK + rk[None, :],
-                    mask=valid[:, None] & (rk < DK)[None, :], other=0.0)  # [C, BK]
-        do = tl.load(do_ptr + (token[:, None] * H + h) * DV + rv[None, :],
-                     mask=valid[:, None] & (rv < DV)[None, :], other=0.0)  # [C, BV]
-        q_xi = (q.to(tl.float32) * tl.exp(b)[:, None]).to(dtype)
-        dstate = dstate * tl.exp(b_last) + _mm(tl.trans(q_xi), do, IEEE)
-    if STORE_DINIT:
-        tl.store(dinit_ptr + pid_sh.to(tl.int64) * DK * DV + tile, dstate, mask=tile_mask)
+        w = tl.exp(b) if REVERSE else tl.where(valid, tl.exp(b_last - b), 0.0)  # xi, zeta
+        weighted = (a.to(tl.float32) * w[:, None]).to(dtype)
+        state = state * tl.exp(b_last) + _mm(tl.trans(weighted), y, IEEE)
+    if STORE_LAST:
+        tl.store(last_ptr + pid_sh.to(tl.int64) * DK * DV + tile, state, mask=tile_mask)
 
 
 @triton.jit
