@@ -33,6 +33,25 @@ def _load_rows(ptr, b, rows, c, stride_b, stride_t, mask):
 
 
 @triton.jit
+def _tap_input(x_ptr, x2_ptr, b, t, t_ok, pos, j, c, c_ok, sxb, sxt, sx2b, sx2t,
+               HAS_X2: tl.constexpr):
+    """u = x x2 at rows t - j [BT, BC], zero where the tap leaves the sequence or t's
+    document (j > pos)."""
+    rows = t - j
+    mask = ((rows >= 0) & (pos >= j) & t_ok)[:, None] & c_ok[None, :]
+    u = _load_rows(x_ptr, b, rows, c, sxb, sxt, mask)
+    if HAS_X2:
+        u *= _load_rows(x2_ptr, b, rows, c, sx2b, sx2t, mask)
+    return u
+
+
+@triton.jit
+def _tap(h_ptr, c, c_ok, j, L):
+    """h[c, j] as a [1, BC] float32 row."""
+    return tl.load(h_ptr + c * L + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr, T, C, L,
                      sxb, sxt, sx2b, sx2t, sgb, sgt, sob, sot,
                      HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -44,12 +63,8 @@ def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr,
     pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t_ok, other=0) if HAS_POS else t
     y = tl.zeros((BT, BC), dtype=tl.float32)
     for j in range(L):
-        rows = t - j
-        mask = ((rows >= 0) & (pos >= j) & t_ok)[:, None] & c_ok[None, :]
-        u = _load_rows(x_ptr, b, rows, c, sxb, sxt, mask)
-        if HAS_X2:
-            u *= _load_rows(x2_ptr, b, rows, c, sx2b, sx2t, mask)
-        y += u * tl.load(h_ptr + c * L + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        u = _tap_input(x_ptr, x2_ptr, b, t, t_ok, pos, j, c, c_ok, sxb, sxt, sx2b, sx2t, HAS_X2)
+        y += u * _tap(h_ptr, c, c_ok, j, L)
     if HAS_BIAS:
         y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     mask = t_ok[:, None] & c_ok[None, :]
@@ -80,13 +95,9 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
     # Taps reading rows t - j: y again (for dgate) and dh's partial sums.
     y = tl.zeros((BT, BC), dtype=tl.float32)
     for j in range(L):
-        rows = t - j
-        mask = ((rows >= 0) & (pos >= j) & t_ok)[:, None] & c_ok[None, :]
-        u = _load_rows(x_ptr, b, rows, c, sxb, sxt, mask)
-        if HAS_X2:
-            u *= _load_rows(x2_ptr, b, rows, c, sx2b, sx2t, mask)
+        u = _tap_input(x_ptr, x2_ptr, b, t, t_ok, pos, j, c, c_ok, sxb, sxt, sx2b, sx2t, HAS_X2)
         if HAS_GATE:
-            y += u * tl.load(h_ptr + c * L + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            y += u * _tap(h_ptr, c, c_ok, j, L)
         tl.store(dh_ptr + (part * C + c) * L + j, tl.sum(gy * u, axis=0), mask=c_ok)
     if HAS_BIAS:
         tl.store(dbias_ptr + part * C + c, tl.sum(gy, axis=0), mask=c_ok)
@@ -103,7 +114,7 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
         g = _load_rows(dout_ptr, b, rows, c, sdb, sdt, mask)
         if HAS_GATE:
             g *= _load_rows(gate_ptr, b, rows, c, sgb, sgt, mask)
-        du += g * tl.load(h_ptr + c * L + j, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        du += g * _tap(h_ptr, c, c_ok, j, L)
 
     out_at = b.to(tl.int64) * T * C + t.to(tl.int64)[:, None] * C + c[None, :]
     x = _load_rows(x_ptr, b, t, c, sxb, sxt, here)
