@@ -10,7 +10,9 @@ alone; that is the "f+b ms" the ratios use, and the eager time sits beside it ("
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import importlib.util
 import os
 import statistics
 import time
@@ -115,6 +117,21 @@ def compiled(fn: Callable, device: torch.device) -> tuple[Callable, str]:
         return torch.compile(fn, dynamic=False), ""
     # CPU (CI): no C++ build, but dynamo and AOTAutograd trace the same function.
     return torch.compile(fn, backend="aot_eager", dynamic=False), "aot_eager backend (CPU)"
+
+
+def anchor_op(module: str, attr: str, device: torch.device) -> tuple[object | None, str]:
+    """Another library's `module.attr` (liger-kernel, fla), or None and why it cannot run
+    here: not installed, no CUDA, or an import that fails (a broken install must not end
+    the run)."""
+    package = module.split(".")[0]
+    if importlib.util.find_spec(package) is None:
+        return None, "not installed"
+    if device.type != "cuda":
+        return None, f"skipped: {package} needs CUDA"
+    try:
+        return getattr(importlib.import_module(module), attr), ""
+    except Exception as err:
+        return None, f"import failed: {type(err).__name__}: {err}"
 
 
 def capture(fn: Callable[[], object], repeat: int = 1,

@@ -59,8 +59,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
-import importlib.util
 import json
 import sys
 import traceback
@@ -75,6 +73,7 @@ from kernel_timing import (
     Impl,
     Runner,
     Tensors,
+    anchor_op,
     ceilings,
     compiled,
     first_line,
@@ -95,20 +94,6 @@ KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "caus
 MATMUL_BOUND = {"linear_ce", "retention", "ssd"}  # their "% ceiling" is against a bf16 matmul
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
-
-
-def liger(module: str, attr: str, device: torch.device) -> tuple[object | None, str]:
-    """liger-kernel's `module.attr`, or None and why it cannot run here."""
-    if importlib.util.find_spec("liger_kernel") is None:
-        return None, "not installed"
-    if device.type != "cuda":
-        return None, "skipped: liger needs CUDA"
-    try:
-        return getattr(importlib.import_module(module), attr), ""
-    except ImportError as err:
-        return None, f"not installed: {err}"
-    except Exception as err:  # a broken install must not end the run
-        return None, f"import failed: {type(err).__name__}: {err}"
 
 
 def rmsnorm_case(device: torch.device, n: int, d: int, label: str, xt, wt, rt, norm,
@@ -162,8 +147,8 @@ def rmsnorm_case(device: torch.device, n: int, d: int, label: str, xt, wt, rt, n
 
 def rmsnorm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     n, d = (300, 200) if quick else (65536, 2048)
-    norm, why = liger("liger_kernel.ops.rms_norm", "LigerRMSNormFunction", device)
-    add_norm, why_add = liger("liger_kernel.ops.fused_add_rms_norm",
+    norm, why = anchor_op("liger_kernel.ops.rms_norm", "LigerRMSNormFunction", device)
+    add_norm, why_add = anchor_op("liger_kernel.ops.fused_add_rms_norm",
                               "LigerFusedAddRMSNormFunction", device)
     for label, xt, wt, rt in (("x bf16, w fp32", BF16, F32, None), ("all bf16", BF16, BF16, None),
                               ("+res: x bf16, res fp32, w fp32", BF16, F32, F32),
@@ -175,7 +160,7 @@ def swiglu_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     from stripes.kernels.swiglu import reference, swiglu
 
     n, d = (300, 200) if quick else (65536, 2048)
-    silu_mul, why = liger("liger_kernel.ops.swiglu", "LigerSiLUMulFunction", device)
+    silu_mul, why = anchor_op("liger_kernel.ops.swiglu", "LigerSiLUMulFunction", device)
     gate, up = (torch.randn(n, d, device=device, dtype=BF16, requires_grad=True)
                 for _ in range(2))
     inputs, grads = [gate, up], [torch.randn(n, d, device=device, dtype=BF16)]
@@ -203,7 +188,7 @@ def rotary_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     from stripes.kernels.rotary import apply_rotary, apply_rotary_qk, reference
 
     B, T, H, Dh = (2, 40, 3, 34) if quick else (4, 4096, 32, 128)
-    rope, why = liger("liger_kernel.ops.rope", "LigerRopeFunction", device)
+    rope, why = anchor_op("liger_kernel.ops.rope", "LigerRopeFunction", device)
     cos, sin = rope_angles(torch.arange(T, device=device), Dh, RopeConfig())  # [T, Dh/2] float32
     q, k = (torch.randn(B, T, H, Dh, device=device, dtype=BF16, requires_grad=True)
             for _ in range(2))
@@ -261,7 +246,7 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
     from stripes.kernels.linear_ce import linear_cross_entropy, reference
 
     N, D, V = (300, 64, 1000) if quick else (32768, 2048, 32000)
-    flce, why = liger("liger_kernel.ops.fused_linear_cross_entropy",
+    flce, why = anchor_op("liger_kernel.ops.fused_linear_cross_entropy",
                       "LigerFusedLinearCrossEntropyFunction", device)
     x = torch.randn(N, D, device=device, dtype=BF16, requires_grad=True)
     w = (0.02 * torch.randn(V, D, device=device)).to(BF16).requires_grad_()  # logits ~ N(0, 1)

@@ -33,22 +33,10 @@ import types
 from collections.abc import Iterator
 
 import torch
-from kernel_timing import Case, Impl, compiled, float64_reference, fwd_bwd
+from kernel_timing import Case, Impl, anchor_op, compiled, float64_reference, fwd_bwd
 
 BF16 = torch.bfloat16
 CHUNK = 64
-
-
-def fla_op(module: str, attr: str, device: torch.device) -> tuple[object | None, str]:
-    """fla's `module.attr`, or None and why it cannot run here."""
-    if importlib.util.find_spec("fla") is None:
-        return None, "not installed"
-    if device.type != "cuda":
-        return None, "skipped: fla needs CUDA"
-    try:
-        return getattr(importlib.import_module(module), attr), ""
-    except Exception as err:  # a broken install must not end the run
-        return None, f"import failed: {type(err).__name__}: {err}"
 
 
 def mamba_chunk_scan(device: torch.device) -> tuple[object | None, str]:
@@ -78,7 +66,7 @@ def retention_flops(tokens: int, heads: int, dk: int, dv: int) -> float:
 
 
 def retention_cases(device: torch.device, quick: bool) -> Iterator[Case]:
-    fla_retention, why = fla_op("fla.ops.retention", "chunk_retention", device)
+    fla_retention, why = anchor_op("fla.ops.retention", "chunk_retention", device)
     heads, dim = (2, 16) if quick else (16, 128)
     for T in (40,) if quick else (2048, 8192, 32768):
         yield retention_case(device, (80 if quick else 65536) // T, T, heads, dim,
