@@ -38,6 +38,21 @@ def cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat((starts, end))
 
 
+def sequence_bounds(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int]]:
+    """[(first token, end)] of each sequence, as flat indices into x's B * T tokens ([B, T,
+    ...]): its rows, or the cu_seqlens spans of one packed row. Reading cu_seqlens is one
+    copy to the host."""
+    B, T = x.shape[:2]
+    if cu_seqlens is None:
+        return [(b * T, (b + 1) * T) for b in range(B)]
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
+        shown = cu if len(cu) <= 6 else [*cu[:3], "...", *cu[-2:]]
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {T} (never "
+                         f"falling), got {shown}")
+    return list(zip(cu[:-1], cu[1:], strict=True))
+
+
 def per_document(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                  doc_ids: torch.Tensor) -> torch.Tensor:
     """Apply `fn` ([N, L, C] -> [N, L, C']) to every document of x [B, T, C] separately."""

@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
-from stripes.arch.packing import cu_seqlens
+from stripes.arch.packing import cu_seqlens, sequence_bounds
 from stripes.arch.registry import register_mixer
 from stripes.arch.retention_forms import retention_parallel
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
 from stripes.kernels.retention import chunk_retention, retention_step
-from stripes.kernels.retention.reference import sequence_bounds
 from stripes.kernels.rotary import apply_rotary_qk
 
 FASTEST_DECAY_EXPONENT = 5.0  # gamma = 1 - 2^-5 for head 0 (paper)

@@ -25,20 +25,20 @@ from stripes.arch.hyena_filters import compute_dtype
 
 
 def _spectra(q, k, v, h):
-    """(dtype, n, U [B, n/2+1, C], H [n/2+1, C], u [B, T, C]) in the compute dtype."""
+    """(dtype, n, U [B, n/2+1, C], H [n/2+1, C]) in the compute dtype."""
     T = q.shape[1]
     dtype, n = compute_dtype(q, k, v, h), 2 * T
     u = k.to(dtype) * v.to(dtype)  # [B, T, C]
     U = torch.fft.rfft(u, n=n, dim=1)  # [B, n/2+1, C]
     H = torch.fft.rfft(h[:, :T].to(dtype), n=n, dim=1).T  # [n/2+1, C]
-    return dtype, n, U, H, u
+    return dtype, n, U, H
 
 
 class FFTGatedConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, h):
         with torch.autocast(q.device.type, enabled=False):
-            dtype, n, U, H, _ = _spectra(q, k, v, h)
+            dtype, n, U, H = _spectra(q, k, v, h)
             y = torch.fft.irfft(U * H, n=n, dim=1)[:, :q.shape[1]]  # [B, T, C]
             out = (q.to(dtype) * y).to(q.dtype)
         ctx.save_for_backward(q, k, v, h)
@@ -50,7 +50,7 @@ class FFTGatedConvFunction(torch.autograd.Function):
         q, k, v, h = ctx.saved_tensors
         T, L = q.shape[1], h.shape[1]
         with torch.autocast(q.device.type, enabled=False):
-            dtype, n, U, H, _ = _spectra(q, k, v, h)
+            dtype, n, U, H = _spectra(q, k, v, h)
             y = torch.fft.irfft(U * H, n=n, dim=1)[:, :T]
             dout = dout.to(dtype)
             dq = (dout * y).to(q.dtype)

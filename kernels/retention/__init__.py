@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from stripes.arch.packing import sequence_bounds
 from stripes.arch.retention_forms import retention_recurrent
 from stripes.kernels.dispatch import use_triton
-from stripes.kernels.retention.reference import (
-    check_inputs,
-    sequence_bounds,
-)
+from stripes.kernels.retention.reference import check_inputs
 from stripes.kernels.retention.reference import chunk_retention as chunk_retention_reference
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from stripes.arch.packing import sequence_bounds
 from stripes.arch.retention_forms import retention_chunkwise
 
 
@@ -38,20 +39,6 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: t
         raise ValueError(f"chunk_retention: initial_state must be [S, H, Dk, Dv] = "
                          f"{list(want)}, got {tuple(initial_state.shape)}")
     return S
-
-
-def sequence_bounds(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int]]:
-    """[(first token, end)] of each sequence, as flat indices into q's B * T tokens. Reading
-    cu_seqlens is one copy to the host."""
-    B, T = q.shape[:2]
-    if cu_seqlens is None:
-        return [(b * T, (b + 1) * T) for b in range(B)]
-    cu = [int(c) for c in cu_seqlens.tolist()]
-    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
-        shown = cu if len(cu) <= 6 else [*cu[:3], "...", *cu[-2:]]
-        raise ValueError(f"chunk_retention: cu_seqlens must rise from 0 to T = {T} (never "
-                         f"falling), got {shown}")
-    return list(zip(cu[:-1], cu[1:], strict=True))
 
 
 def chunk_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,

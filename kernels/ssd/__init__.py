@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from stripes.arch.packing import sequence_bounds
 from stripes.arch.ssd import ssd_scan
 from stripes.kernels.dispatch import use_triton
-from stripes.kernels.retention.reference import sequence_bounds
 from stripes.kernels.ssd.reference import check_inputs
 from stripes.kernels.ssd.reference import ssd as ssd_reference
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from stripes.arch.packing import sequence_bounds
 from stripes.arch.ssd import ssd_chunked
-from stripes.kernels.retention.reference import sequence_bounds
 
 
 def check_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
