@@ -15,6 +15,7 @@ import importlib.metadata
 import importlib.util
 import os
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -191,6 +192,8 @@ def restorer(*tensors: torch.Tensor) -> Callable[[], None]:
 
 
 def measure(runner: Runner, case: Case) -> list[dict]:
+    print(f"[{time.strftime('%H:%M:%S')}] {case.kernel} {case.case}: built, measuring",
+          file=sys.stderr, flush=True)
     rows = []
     for impl in case.impls:
         row = {"kernel": case.kernel, "case": case.case, "impl": impl.name, "role": impl.role,
@@ -201,7 +204,9 @@ def measure(runner: Runner, case: Case) -> list[dict]:
         try:
             if impl.setup is not None:
                 impl.setup()
-            got = impl.step()  # also the warm-up that compiles
+            started = time.perf_counter()
+            got = impl.step()  # also the warm-up that compiles (and autotunes)
+            row["first_call_s"] = time.perf_counter() - started
             if len(got) != len(case.names):
                 raise ValueError(f"step returned {len(got)} tensors, expected {case.names}")
             errs = {}
@@ -228,6 +233,7 @@ def measure(runner: Runner, case: Case) -> list[dict]:
             row["note"] = f"error: {first_line(err)}"
         if row["status"] == "ok" and not row["max_rel_err"] < TOL:
             row["note"] = (row["note"] + f"; rel err above {TOL:g}").lstrip("; ")
+        progress(row)
     for row in rows:
         if row["status"] != "ok":
             continue
@@ -242,6 +248,15 @@ def measure(runner: Runner, case: Case) -> list[dict]:
             if anchor:
                 row[f"vs_{role}"] = anchor[0]["fb"]["ms"] / row["fb"]["ms"]
     return rows
+
+
+def progress(row: dict) -> None:
+    """One line per row on stderr as it finishes, so a run cut short still shows where it got
+    and what the first call (compiling, autotuning) cost."""
+    timing = f"f+b {row['fb']['ms']:.3f} ms, first call {row['first_call_s']:.1f} s" \
+        if row["status"] == "ok" else row["note"]
+    print(f"[{time.strftime('%H:%M:%S')}] {row['kernel']} {row['case']} | {row['impl']}: "
+          f"{row['status']} {timing}", file=sys.stderr, flush=True)
 
 
 def ceilings(runner: Runner, device: torch.device, quick: bool, matmul: bool) -> list[dict]:

@@ -280,6 +280,31 @@ BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_c
             "causal_conv": causal_conv_cases, "fft_conv": fft_conv_cases}
 
 
+def write_report(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> str:
+    """Writes DIR/kernels.json and DIR/kernels.md for the rows so far; returns the text."""
+    copy_gbs = rows[0]["fb_gbs"]
+    mm_tflops = next((r["fb_tflops"] for r in rows if r["kernel"] == "matmul"), None)
+    for r in rows:
+        if r["role"] != "ceiling" and "fb_gbs" in r:
+            r["pct_ceiling"] = 100 * r["fb_gbs"] / copy_gbs
+        elif r["role"] != "ceiling" and "fb_tflops" in r and mm_tflops:
+            r["pct_ceiling"] = 100 * r["fb_tflops"] / mm_tflops
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "triton": version("triton"),
+              "liger_kernel": version("liger-kernel"), "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "quick": args.quick, "command": " ".join(sys.argv), "copy_gbs": copy_gbs,
+              "matmul_tflops": mm_tflops, "rel_err_tolerance": TOL, "rows": rows}
+    header = (f"{report['device']}  torch {report['torch']}  triton {report['triton']}  "
+              f"liger-kernel {report['liger_kernel']}  commit {report['commit']}  "
+              f"{report['date']}{'  (--quick)' if args.quick else ''}")
+    text = f"{header}\n\n{table(rows)}\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(report, indent=1))
+    (args.out / "kernels.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="writes kernels.json here")
@@ -299,34 +324,14 @@ def main() -> None:
             for case in BUILDERS[kernel](device, args.quick):
                 rows += measure(runner, case)
                 del case
+                write_report(args, device, rows)  # what a run cut short has measured
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         except Exception as err:  # a kernel whose inputs cannot even be built
             traceback.print_exc()
             rows.append({"kernel": kernel, "case": "", "impl": "stripes", "role": "stripes",
                          "status": "error", "note": f"error building the case: {first_line(err)}"})
-    copy_gbs = rows[0]["fb_gbs"]
-    mm_tflops = next((r["fb_tflops"] for r in rows if r["kernel"] == "matmul"), None)
-    for r in rows:
-        if r["role"] != "ceiling" and "fb_gbs" in r:
-            r["pct_ceiling"] = 100 * r["fb_gbs"] / copy_gbs
-        elif r["role"] != "ceiling" and "fb_tflops" in r and mm_tflops:
-            r["pct_ceiling"] = 100 * r["fb_tflops"] / mm_tflops
-
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "triton": version("triton"),
-              "liger_kernel": version("liger-kernel"), "commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quick": args.quick, "command": " ".join(sys.argv), "copy_gbs": copy_gbs,
-              "matmul_tflops": mm_tflops, "rel_err_tolerance": TOL, "rows": rows}
-    header = (f"{report['device']}  torch {report['torch']}  triton {report['triton']}  "
-              f"liger-kernel {report['liger_kernel']}  commit {report['commit']}  "
-              f"{report['date']}{'  (--quick)' if args.quick else ''}")
-    text = f"{header}\n\n{table(rows)}\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(report, indent=1))
-    (args.out / "kernels.md").write_text(text)
-    print(text)
+    print(write_report(args, device, rows))
     failed = [r for r in rows if (r["role"] in ("stripes", "torch") and r["status"] == "error")
               or (r["role"] == "stripes" and r["status"] == "ok" and not r["max_rel_err"] < TOL)]
     for r in failed:

@@ -7,7 +7,9 @@
 #   smoke    the trainer on the demo hybrid, one process / FSDP2 / compile        (240 s;
 #            needs zstandard, docs/gpu.md)
 # Pick parts so that one call stays under the machine's 10 minutes; a part's failure does
-# not stop the next.
+# not stop the next. The first call of fla's and mamba_ssm's kernels autotunes (compiling
+# every config); pointing TRITON_CACHE_DIR at a carried folder, with
+# TRITON_CACHE_AUTOTUNING=1, makes later calls skip that.
 #
 #   STRIPES_COMMIT=<sha> bash bench/mixer_kernels_gpu.sh OUT [tests,kernels,convs,decode,smoke]
 set -uo pipefail
@@ -15,10 +17,13 @@ OUT=${1:?usage: bash bench/mixer_kernels_gpu.sh OUT_DIR [tests,kernels,convs,dec
 PARTS=",${2:-tests,kernels,convs,decode,smoke},"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done; }
 if [[ $PARTS == *,tests,* ]]; then
-  timeout -k 10 150 python3 -m pytest -q -m gpu tests/gpu -p no:warnings \
-    -k "retention or ssd or causal_conv or fft_conv or step or mixers" > "$OUT/gpu_tests.log" 2>&1
-  echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
+  timeout -k 10 150 python3 -m pytest -v -m gpu tests/gpu -p no:warnings --tb=short \
+    -k "retention or ssd or causal_conv or fft_conv or step or mixers" 2>&1 | stamp \
+    > "$OUT/gpu_tests.log"
+  echo "gpu tests: exit ${PIPESTATUS[0]}"; grep -E "PASSED|FAILED|ERROR|passed|failed" \
+    "$OUT/gpu_tests.log" | grep -v "PASSED" | tail -20
 fi
 if [[ $PARTS == *,kernels,* ]]; then
   timeout -k 10 240 python3 -W ignore bench/kernels.py --only retention,ssd \

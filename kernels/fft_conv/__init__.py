@@ -15,6 +15,12 @@ Zero padding to n = 2T keeps every circular product equal to the linear one on t
 kept (a wrapped index lands in the padding). Transforms run along time on [B, T, C] as it
 lies (no transposed copies), in float32 (float64 for float64 inputs) with autocast off.
 Taps at or beyond T reach no output and get zero gradient.
+
+Every step but the filter's gradient is independent per sequence, so both passes walk the
+batch in chunks of at most CHUNK_ELEMENTS padded elements: the padded float32 copy, the
+spectra and the inverse transform exist for one chunk at a time, and the results are written
+straight into the outputs in their own dtype. The transient memory is then a fixed workspace
+instead of several float32 copies of the whole activation.
 """
 
 from __future__ import annotations
@@ -23,24 +29,40 @@ import torch
 
 from stripes.arch.hyena_filters import compute_dtype
 
+CHUNK_ELEMENTS = 1 << 25  # padded elements per batch chunk: 128 MiB in float32
 
-def _spectra(q, k, v, h):
-    """(dtype, n, U [B, n/2+1, C], H [n/2+1, C]) in the compute dtype."""
-    T = q.shape[1]
-    dtype, n = compute_dtype(q, k, v, h), 2 * T
-    u = k.to(dtype) * v.to(dtype)  # [B, T, C]
-    U = torch.fft.rfft(u, n=n, dim=1)  # [B, n/2+1, C]
-    H = torch.fft.rfft(h[:, :T].to(dtype), n=n, dim=1).T  # [n/2+1, C]
-    return dtype, n, U, H
+
+def _batch_chunks(batch: int, n: int, channels: int) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // (n * channels))
+    return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+
+
+def _spectrum(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """rfft along time of a * b zero-padded to n: a, b [R, T, C] -> [R, n/2+1, C] complex.
+    The product is written into the padded buffer, so it is materialised once."""
+    R, T, C = a.shape
+    padded = torch.empty((R, n, C), dtype=dtype, device=a.device)
+    torch.mul(a, b, out=padded[:, :T])
+    padded[:, T:].zero_()
+    return torch.fft.rfft(padded, dim=1)
+
+
+def _filter_spectrum(h: torch.Tensor, T: int, dtype: torch.dtype, n: int) -> torch.Tensor:
+    return torch.fft.rfft(h[:, :T].to(dtype), n=n, dim=1).T  # [n/2+1, C]
 
 
 class FFTGatedConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, h):
+        (B, T, C), out = q.shape, torch.empty_like(q)
         with torch.autocast(q.device.type, enabled=False):
-            dtype, n, U, H = _spectra(q, k, v, h)
-            y = torch.fft.irfft(U * H, n=n, dim=1)[:, :q.shape[1]]  # [B, T, C]
-            out = (q.to(dtype) * y).to(q.dtype)
+            dtype, n = compute_dtype(q, k, v, h), 2 * T
+            H = _filter_spectrum(h, T, dtype, n)
+            for rows in _batch_chunks(B, n, C):
+                U = _spectrum(k[rows], v[rows], dtype, n).mul_(H)
+                y = torch.fft.irfft(U, n=n, dim=1)[:, :T]  # [R, T, C]
+                del U
+                torch.mul(q[rows], y, out=out[rows])
         ctx.save_for_backward(q, k, v, h)
         return out
 
@@ -48,20 +70,27 @@ class FFTGatedConvFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, h = ctx.saved_tensors
-        T, L = q.shape[1], h.shape[1]
+        (B, T, C), L = q.shape, h.shape[1]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         with torch.autocast(q.device.type, enabled=False):
-            dtype, n, U, H = _spectra(q, k, v, h)
-            y = torch.fft.irfft(U * H, n=n, dim=1)[:, :T]
-            dout = dout.to(dtype)
-            dq = (dout * y).to(q.dtype)
-            del y
-            G = torch.fft.rfft(dout * q.to(dtype), n=n, dim=1)  # [B, n/2+1, C]
-            du = torch.fft.irfft(G * H.conj(), n=n, dim=1)[:, :T]  # [B, T, C]
-            dk = (du * v.to(dtype)).to(k.dtype)
-            dv = (du * k.to(dtype)).to(v.dtype)
-            del du
-            # sum_b G conj(U) without a [B, n/2+1, C] product tensor
-            taps = torch.fft.irfft(torch.einsum("bfc,bfc->fc", G, U.conj()), n=n, dim=0)
+            dtype, n = compute_dtype(q, k, v, h), 2 * T
+            H = _filter_spectrum(h, T, dtype, n)
+            cross = None  # sum over the batch of G conj(U): [n/2+1, C]
+            for rows in _batch_chunks(B, n, C):
+                G = _spectrum(dout[rows], q[rows], dtype, n)
+                U = _spectrum(k[rows], v[rows], dtype, n)
+                part = (G * U.conj()).sum(0)
+                cross = part if cross is None else cross.add_(part)
+                y = torch.fft.irfft(U.mul_(H), n=n, dim=1)[:, :T]
+                del U
+                torch.mul(dout[rows], y, out=dq[rows])
+                del y
+                du = torch.fft.irfft(G.mul_(H.conj()), n=n, dim=1)[:, :T]
+                del G
+                torch.mul(du, v[rows], out=dk[rows])
+                torch.mul(du, k[rows], out=dv[rows])
+                del du
+            taps = torch.fft.irfft(cross, n=n, dim=0)  # [n, C]
             dh = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
             dh[:, :min(L, T)] = taps[:min(L, T)].T.to(h.dtype)
         return dq, dk, dv, dh
