@@ -73,6 +73,7 @@ def check(q, k, v, log_decay, init, tol, **kw):
     (1, 5, 1, 16, 16, 16),    # shorter than one chunk
     (1, 64, 2, 24, 40, 32),   # heads that are not powers of two; T a multiple of the chunk
     (2, 33, 3, 80, 16, 16),   # Dk over one 64-wide block
+    (1, 20, 2, 16, 80, 16),   # Dv over one 64-wide block
 ])
 def test_float32_matches_float64_reference(B, T, H, dk, dv, chunk):
     q, k, v, init = inputs(B, T, H, dk, dv, with_init=True)

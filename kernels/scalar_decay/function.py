@@ -77,15 +77,16 @@ class _Problem:
         self.seqs, self.chunks, self.chunk = seqs, chunks, chunk
         self.n_seqs, self.n_chunks = seqs.shape[1], chunks.shape[1]
         self.bk, self.bv = _blocks(self.dk, self.dv)
+        self.k_blocks = triton.cdiv(self.dk, self.bk)
+        self.v_blocks = triton.cdiv(self.dv, self.bv)
         self.ieee = q.dtype == torch.float32
 
     def consts(self) -> dict:
         return dict(H=self.h, HK=self.hk, DK=self.dk, DV=self.dv, C=self.chunk, BK=self.bk,
                     BV=self.bv, IEEE=self.ieee)
 
-    def scan_grid(self) -> tuple[int, int, int]:
-        return (self.n_seqs * self.h, triton.cdiv(self.dk, self.bk),
-                triton.cdiv(self.dv, self.bv))
+    def scan_grid(self) -> tuple[int]:
+        return (self.n_seqs * self.h * self.k_blocks * self.v_blocks,)
 
     def scan(self, a, y, g, first, store_last, reverse, like):
         """The per-chunk states [N_chunks, H, Dk, Dv] in `like`'s dtype, and the last one
@@ -108,7 +109,7 @@ def forward(q, k, v, g, initial_state, p: _Problem, return_state):
     h, final = p.scan(k, v, g, initial_state, return_state, False, k)
     o = torch.empty_like(v)
     if p.n_chunks:
-        kernel._output_kernel[(p.n_chunks, triton.cdiv(p.dv, p.bv), p.h)](
+        kernel._output_kernel[(p.n_chunks * p.v_blocks, p.h)](
             q, k, v, g, h, o, p.chunks, p.n_chunks, **p.consts())
     return o, final
 
@@ -119,14 +120,13 @@ def backward(q, k, v, g, do, d_final, initial_state, p: _Problem, need_d_init, n
     h, _ = p.scan(k, v, g, initial_state, False, False, k)
     dh, d_init = p.scan(q, do, g, d_final, need_d_init, True, k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    n_kblocks = triton.cdiv(p.dk, p.bk)
-    db = (torch.zeros(n_kblocks, p.n_tok, p.h, dtype=torch.float32, device=q.device)
+    db = (torch.zeros(p.k_blocks, p.n_tok, p.h, dtype=torch.float32, device=q.device)
           if need_db else None)
     if p.n_chunks:
-        kernel._dq_dk_kernel[(p.n_chunks, n_kblocks, p.hk)](
+        kernel._dq_dk_kernel[(p.n_chunks * p.k_blocks, p.hk)](
             q, k, v, g, do, h, dh, dq, dk, dq if db is None else db, p.chunks, p.n_chunks,
             p.n_tok, STORE_DB=need_db, **p.consts())
-        kernel._dv_kernel[(p.n_chunks, triton.cdiv(p.dv, p.bv), p.h)](
+        kernel._dv_kernel[(p.n_chunks * p.v_blocks, p.h)](
             q, k, g, do, dh, dv, p.chunks, p.n_chunks, **p.consts())
     return dq, dk, dv, d_init, None if db is None else db.sum(0)
 

@@ -79,10 +79,17 @@ def _sequence(seqs_ptr, S, s):
 
 
 @triton.jit
-def _chunk(chunks_ptr, n_chunks, C: tl.constexpr):
-    """The program's chunk (grid axis 0, which alone may pass 65,535 programs): (its index as
-    int64, flat token of each row [C] int64, row valid mask [C])."""
-    chunk = tl.program_id(0)
+def _split_axis0(N_INNER: tl.constexpr):
+    """Grid axis 0 is (outer index x N_INNER + inner index): (outer, inner). The programs
+    that share an outer index (a chunk, or a sequence and head) and so read the same tokens
+    run next to each other and find them in L2; axis 0 alone may pass 65,535 programs."""
+    pid = tl.program_id(0)
+    return pid // N_INNER, pid % N_INNER
+
+
+@triton.jit
+def _chunk(chunks_ptr, chunk, n_chunks, C: tl.constexpr):
+    """(the chunk's index as int64, flat token of each row [C] int64, row valid mask [C])."""
     start = tl.load(chunks_ptr + chunk)
     n_valid = tl.load(chunks_ptr + n_chunks + chunk)
     rc = tl.arange(0, C)
@@ -95,14 +102,16 @@ def _scan_kernel(a_ptr, c_ptr, g_ptr, states_ptr, first_ptr, last_ptr, seqs_ptr,
                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  HAS_FIRST: tl.constexpr, STORE_LAST: tl.constexpr, REVERSE: tl.constexpr,
                  IEEE: tl.constexpr):
-    """Grid (S * H, Dk / BK, Dv / BV): one [BK, BV] tile of one head's state walks its
+    """Grid (S * H * Dk / BK * Dv / BV,): one [BK, BV] tile of one head's state walks its
     sequence's chunks, storing the tile before each chunk's update
         X <- exp(b_L) X + (A_i * w)^T Y_i.
     Forward, the state: A = K, w = zeta, Y = V, in
     chunk order; `states` gets h_i, `first` is the initial state and `last` the final one.
     REVERSE, its gradient: A = Q, w = xi, Y = dO, last chunk first; `states` gets dh_i,
     `first` is the final state's gradient and `last` the initial state's."""
-    pid_sh, pid_k, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (DV + BV - 1) // BV
+    pid_sh, tile_id = _split_axis0((DK + BK - 1) // BK * NV)
+    pid_k, pid_v = tile_id // NV, tile_id % NV
     s, h = pid_sh // H, pid_sh % H
     hk = h // (H // HK)
     start, length, first_chunk = _sequence(seqs_ptr, S, s)
@@ -141,11 +150,12 @@ def _scan_kernel(a_ptr, c_ptr, g_ptr, states_ptr, first_ptr, last_ptr, seqs_ptr,
 def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunks_ptr, n_chunks,
                    H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (N_chunks, Dv / BV, H): O_i's [C, BV] tile = masked decayed scores @ V + the
+    """Grid (N_chunks * Dv / BV, H): O_i's [C, BV] tile = masked decayed scores @ V + the
     state's contribution, the scores and (Q * xi) h_i summed over Dk in BK blocks."""
-    pid_v, h = tl.program_id(1), tl.program_id(2)
+    chunk_id, pid_v = _split_axis0((DV + BV - 1) // BV)
+    h = tl.program_id(1)
     hk = h // (H // HK)
-    chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
+    chunk, token, valid = _chunk(chunks_ptr, chunk_id, n_chunks, C)
     b, _ = _chunk_decays(g_ptr, token, valid, h, H)
     rv = pid_v * BV + tl.arange(0, BV)
     v_mask = valid[:, None] & (rv < DV)[None, :]
@@ -202,12 +212,13 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
                   chunks_ptr, n_chunks, n_tok, H: tl.constexpr, HK: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, STORE_DB: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (N_chunks, Dk / BK, HK): dQ_i and dK_i of one q/k head for one BK block of
+    """Grid (N_chunks * Dk / BK, HK): dQ_i and dK_i of one q/k head for one BK block of
     channels, summed over the v-heads that read it (each summing dO V^T, dO h^T and V dh^T
     over Dv in BV blocks); STORE_DB: also each v-head's dL/dg over this block of channels
     (see _decay_grad)."""
-    pid_k, hk = tl.program_id(1), tl.program_id(2)
-    chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
+    chunk_id, pid_k = _split_axis0((DK + BK - 1) // BK)
+    hk = tl.program_id(1)
+    chunk, token, valid = _chunk(chunks_ptr, chunk_id, n_chunks, C)
     rk = pid_k * BK + tl.arange(0, BK)
     k_mask = valid[:, None] & (rk < DK)[None, :]
     qk_at = (token[:, None] * HK + hk) * DK + rk[None, :]
@@ -258,11 +269,12 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
 def _dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, dv_ptr, chunks_ptr, n_chunks,
                H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (N_chunks, Dv / BV, H): dV_i for one BV block, the scores Q K^T and
+    """Grid (N_chunks * Dv / BV, H): dV_i for one BV block, the scores Q K^T and
     (K * zeta) dh_i summed over Dk in BK blocks."""
-    pid_v, h = tl.program_id(1), tl.program_id(2)
+    chunk_id, pid_v = _split_axis0((DV + BV - 1) // BV)
+    h = tl.program_id(1)
     hk = h // (H // HK)
-    chunk, token, valid = _chunk(chunks_ptr, n_chunks, C)
+    chunk, token, valid = _chunk(chunks_ptr, chunk_id, n_chunks, C)
     b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
     rv = pid_v * BV + tl.arange(0, BV)
     v_mask = valid[:, None] & (rv < DV)[None, :]
