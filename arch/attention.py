@@ -30,6 +30,10 @@ from stripes.kernels.rotary import apply_rotary_qk
 # Backends tried in order under `auto` on CUDA; on CPU PyTorch picks its own kernel.
 _AUTO_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Decoding leaves cuDNN out: every step has a new key length, and cuDNN builds an execution
+# plan per shape (an eager attention step took 56 ms at any context on an H200, 2026-12-02,
+# bench/decode_step.py; the CUDA graph of the same step, one shape, 0.18 ms at 4k).
+_DECODE_CUDA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -137,7 +141,7 @@ class Attention(Mixer):
             # `enable_gqa` (PyTorch 2.11, H100): give it K/V at the full head count.
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
             gqa = False
-        with _backend_context(backend, q.device):
+        with _backend_context(backend, q.device, decoding):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=gqa)
         return y.transpose(1, 2)  # [B, Tq, H, Dh]
@@ -217,10 +221,11 @@ def _causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     return mask
 
 
-def _backend_context(backend: str, device: torch.device):
+def _backend_context(backend: str, device: torch.device, decoding: bool = False):
     if backend == "auto":
-        on_cuda = device.type == "cuda"
-        return sdpa_kernel(_AUTO_CUDA, set_priority=True) if on_cuda else nullcontext()
+        if device.type != "cuda":
+            return nullcontext()
+        return sdpa_kernel(_DECODE_CUDA if decoding else _AUTO_CUDA, set_priority=True)
     return sdpa_kernel(_SDPA_BACKENDS[backend])
 
 
