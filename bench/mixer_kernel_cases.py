@@ -3,16 +3,18 @@ Mamba-2's SSD beside mamba_ssm.
 
 retention: B*T = 65,536 tokens at T in {2k, 8k, 32k}, H = 16, Dk = Dv = 128, bf16, k scaled
 by Dk^-1/2, decays gamma_h = 1 - 2^(-5 - h) (what fla's chunk_retention fixes), no initial
-state. Rows: stripes `chunk_retention` (chunk 64), fla's `chunk_retention` with scale 1
-(the anchor), and the chunkwise reference run eagerly in float32 (the "torch" anchor).
+state. Rows: stripes `chunk_retention` (chunk 64, and 128 as an extra row), fla's
+`chunk_retention` with scale 1 (the anchor), and the chunkwise reference run eagerly in
+float32 (the "torch" anchor).
 TFLOP/s count the work the stripes kernels do (every chunk's full C x C tiles, not the causal
 half): per token and head, forward 2C(Dk + Dv) + 4 Dk Dv, backward 2C(3 Dk + 2 Dv) +
 10 Dk Dv (the state scan is run again, then dh, dq/dk and dv).
 
 ssd: B*L = 65,536 tokens at L in {2k, 8k}, H = 32, P = 64, N = 128, one group, bf16 x, B, C,
-float32 dt (after softplus) and A. Rows: stripes `ssd` (chunk 64; the scalar-decay kernels
-with Dk = N, Dv = P), mamba_ssm's `mamba_chunk_scan_combined` (chunk 256, its own
-benchmark's setting; the anchor), and the chunked reference run eagerly in float32.
+float32 dt (after softplus) and A. Rows: stripes `ssd` (chunk 64, and 128 as an extra row;
+the scalar-decay kernels with Dk = N, Dv = P), mamba_ssm's `mamba_chunk_scan_combined`
+(chunk 256, its own benchmark's setting; the anchor), and the chunked reference run eagerly
+in float32.
 Gradients of x, dt, A, B and C; FLOPs counted as for retention with Dk = N, Dv = P.
 
 causal_conv: Hyena-SE's gated filter, q * (h * (k v)), B*T = 65,536 tokens, D = 2048
@@ -89,7 +91,9 @@ def retention_case(device: torch.device, B: int, T: int, H: int, D: int, fla_ret
     impls = [impl("reference chunkwise (eager, float32)", "torch",
                   lambda: reference.chunk_retention(q, k, v, log_decay, chunk_size=CHUNK)[0]),
              impl("stripes chunk_retention", "stripes",
-                  lambda: chunk_retention(q, k, v, log_decay, chunk_size=CHUNK)[0])]
+                  lambda: chunk_retention(q, k, v, log_decay, chunk_size=CHUNK)[0]),
+             impl("stripes chunk_retention, chunk 128", "extra",
+                  lambda: chunk_retention(q, k, v, log_decay, chunk_size=128)[0])]
     if fla_retention is not None:
         impls.append(impl("fla chunk_retention", "anchor",
                           lambda: fla_retention(q, k, v, scale=1.0)[0]))
@@ -126,7 +130,8 @@ def ssd_case(device: torch.device, batch: int, L: int, H: int, P: int, N: int, a
 
     impls = [impl("reference chunked (eager, float32)", "torch",
                   lambda: reference.ssd(x, dt, A, B, C, CHUNK)[0]),
-             impl("stripes ssd", "stripes", lambda: ssd(x, dt, A, B, C, CHUNK)[0])]
+             impl("stripes ssd", "stripes", lambda: ssd(x, dt, A, B, C, CHUNK)[0]),
+             impl("stripes ssd, chunk 128", "extra", lambda: ssd(x, dt, A, B, C, 128)[0])]
     if anchor is not None:
         impls.append(impl("mamba_ssm mamba_chunk_scan_combined", "anchor",
                           lambda: anchor(x, dt, A, B, C, 256)))

@@ -3,6 +3,7 @@
 #   tests    the mixer kernels' GPU tests but the anchors' (below)             (limit 150 s)
 #   anchors  the GPU tests against fla's and mamba_ssm's error                     (300 s)
 #   kernels  bench/kernels.py for retention and ssd, beside fla and mamba_ssm     (400 s)
+#   sweep    bench/scalar_decay_sweep.py: launch settings of the retention/SSD kernels  (400 s)
 #   convs    bench/kernels.py for causal_conv and fft_conv, beside torch.compile  (240 s)
 #   decode   bench/decode_step.py at 4k / 32k / 128k                              (120 s)
 #   smoke    the trainer on the demo hybrid, one process / FSDP2 / compile        (240 s;
@@ -13,10 +14,10 @@
 # mamba_chunk_scan_combined on an H200 (2026-12-02). The compiled kernels and the tuning are
 # cached in one folder for the whole call, so a shape seen before costs nothing.
 #
-#   STRIPES_COMMIT=<sha> bash bench/mixer_kernels_gpu.sh OUT [tests,anchors,kernels,convs,decode,smoke]
+#   STRIPES_COMMIT=<sha> bash bench/mixer_kernels_gpu.sh OUT [tests,anchors,kernels,sweep,convs,decode,smoke]
 set -uo pipefail
-OUT=${1:?usage: bash bench/mixer_kernels_gpu.sh OUT_DIR [tests,anchors,kernels,convs,decode,smoke]}
-PARTS=",${2:-tests,anchors,kernels,convs,decode,smoke},"
+OUT=${1:?usage: bash bench/mixer_kernels_gpu.sh OUT_DIR [tests,anchors,kernels,sweep,convs,decode,smoke]}
+PARTS=",${2:-tests,anchors,kernels,sweep,convs,decode,smoke},"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/stripes-triton-cache}
@@ -38,6 +39,11 @@ if [[ $PARTS == *,kernels,* ]]; then
   timeout -k 10 400 python3 -W ignore bench/kernels.py --only retention,ssd \
     --out "$OUT/kernels" > "$OUT/kernels.log" 2>&1
   echo "bench/kernels.py retention,ssd: exit $?"; cat "$OUT/kernels/kernels.md" 2>/dev/null
+fi
+if [[ $PARTS == *,sweep,* ]]; then
+  timeout -k 10 400 python3 -W ignore bench/scalar_decay_sweep.py --out "$OUT/sweep" \
+    > "$OUT/sweep.log" 2>&1
+  echo "bench/scalar_decay_sweep.py: exit $?"; cat "$OUT/sweep/scalar_decay_sweep.md" 2>/dev/null
 fi
 if [[ $PARTS == *,convs,* ]]; then
   timeout -k 10 240 python3 -W ignore bench/kernels.py --only causal_conv,fft_conv \

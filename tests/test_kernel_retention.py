@@ -140,3 +140,26 @@ def test_bad_inputs_name_the_argument(kw, match):
     q, k, v, _ = inputs(1, 12, 2, 8, 8)
     with pytest.raises(ValueError, match=match):
         chunk_retention(q, k, v, log_decays(2), **kw)
+
+
+def test_launch_settings_change_nothing():
+    """Warps, stages and the scans' narrower state tiles (what bench/scalar_decay_sweep.py
+    tries) compute the same outputs and gradients, the decay's included."""
+    from stripes.kernels.scalar_decay.function import Launch, LaunchConfig, chunk_scalar_decay
+
+    torch.manual_seed(4)
+    q, k, v, init = inputs(2, 40, 2, 32, 48, with_init=True)
+    g = -torch.rand(2, 40, 2, dtype=torch.float64)
+    grads = (torch.randn_like(v, dtype=torch.float32), torch.randn(2, 2, 32, 48))
+    narrow = LaunchConfig(scan=Launch(8, 2), output=Launch(2, 1), dq_dk=Launch(8, 4),
+                          dv=Launch(2, 2), scan_block=16)
+
+    def run_with(launch):
+        leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v, g, init)]
+        o, state = chunk_scalar_decay(*leaves[:4], [(0, 40), (40, 80)], leaves[4], True, 16,
+                                      launch=launch)
+        torch.autograd.backward((o, state), (grads[0].to(DEVICE), grads[1].to(DEVICE)))
+        return [o, state] + [t.grad for t in leaves]
+
+    for a, b in zip(run_with(LaunchConfig()), run_with(narrow), strict=True):
+        assert rel_error(a, b) < 1e-6

@@ -11,6 +11,7 @@ dq/dk (with the decay's gradient when asked) and dv.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -28,10 +29,33 @@ def triton_chunk(chunk_size: int) -> int:
     return min(MAX_CHUNK, max(MIN_CHUNK, triton.next_power_of_2(chunk_size)))
 
 
-def _blocks(dk: int, dv: int) -> tuple[int, int]:
-    """(BK, BV): 64-wide tiles of the state, narrower when the head is (at least 16)."""
-    return (min(64, max(16, triton.next_power_of_2(dk))),
-            min(64, max(16, triton.next_power_of_2(dv))))
+def _blocks(dk: int, dv: int, widest: int = 64) -> tuple[int, int]:
+    """(BK, BV): `widest`-wide tiles of the state, narrower when the head is (at least 16)."""
+    return (min(widest, max(16, triton.next_power_of_2(dk))),
+            min(widest, max(16, triton.next_power_of_2(dv))))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Triton launch settings of one kernel."""
+    warps: int = 4
+    stages: int = 3
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How each kernel is launched. The defaults are Triton's own (4 warps, 3 stages) and
+    64-wide state tiles everywhere; bench/scalar_decay_sweep.py times the alternatives
+    kernel by kernel. scan_block narrows the scans' state tiles only: at long sequences few
+    sequences x heads remain, and narrower tiles give the scans more programs."""
+    scan: Launch = field(default_factory=Launch)
+    output: Launch = field(default_factory=Launch)
+    dq_dk: Launch = field(default_factory=Launch)
+    dv: Launch = field(default_factory=Launch)
+    scan_block: int = 64
+
+
+DEFAULT_LAUNCH = LaunchConfig()
 
 
 @torch.compiler.disable
@@ -71,7 +95,7 @@ def build_tables(bounds: tuple[tuple[int, int], ...], chunk: int, device: torch.
 class _Problem:
     """Shapes and launch settings shared by the forward and backward launches."""
 
-    def __init__(self, q, v, seqs, chunks, chunk):
+    def __init__(self, q, v, seqs, chunks, chunk, launch: LaunchConfig = DEFAULT_LAUNCH):
         self.n_tok, self.hk, self.dk = q.shape
         self.h, self.dv = v.shape[1:]
         self.seqs, self.chunks, self.chunk = seqs, chunks, chunk
@@ -80,13 +104,12 @@ class _Problem:
         self.k_blocks = triton.cdiv(self.dk, self.bk)
         self.v_blocks = triton.cdiv(self.dv, self.bv)
         self.ieee = q.dtype == torch.float32
+        self.launch = launch
 
-    def consts(self) -> dict:
-        return dict(H=self.h, HK=self.hk, DK=self.dk, DV=self.dv, C=self.chunk, BK=self.bk,
-                    BV=self.bv, IEEE=self.ieee)
-
-    def scan_grid(self) -> tuple[int]:
-        return (self.n_seqs * self.h * self.k_blocks * self.v_blocks,)
+    def consts(self, launch: Launch, blocks: tuple[int, int] | None = None) -> dict:
+        bk, bv = blocks or (self.bk, self.bv)
+        return dict(H=self.h, HK=self.hk, DK=self.dk, DV=self.dv, C=self.chunk, BK=bk, BV=bv,
+                    IEEE=self.ieee, num_warps=launch.warps, num_stages=launch.stages)
 
     def scan(self, a, y, g, first, store_last, reverse, like):
         """The per-chunk states [N_chunks, H, Dk, Dv] in `like`'s dtype, and the last one
@@ -95,23 +118,47 @@ class _Problem:
                              device=like.device)
         last = (torch.empty(self.n_seqs, self.h, self.dk, self.dv, dtype=torch.float32,
                             device=like.device) if store_last else None)
-        kernel._scan_kernel[self.scan_grid()](
+        bk, bv = _blocks(self.dk, self.dv, self.launch.scan_block)
+        grid = (self.n_seqs * self.h * triton.cdiv(self.dk, bk) * triton.cdiv(self.dv, bv),)
+        kernel._scan_kernel[grid](
             a, y, g, states, states if first is None else first,
             states if last is None else last, self.seqs, self.n_seqs,
             HAS_FIRST=first is not None, STORE_LAST=store_last, REVERSE=reverse,
-            **self.consts())
+            **self.consts(self.launch.scan, (bk, bv)))
         return states, last
+
+    def output_kernel(self, q, k, v, g, h):
+        """O [N_tok, H, Dv] from the entering states h: see kernel._output_kernel."""
+        o = torch.empty_like(v)
+        if self.n_chunks:
+            kernel._output_kernel[(self.n_chunks * self.v_blocks, self.h)](
+                q, k, v, g, h, o, self.chunks, self.n_chunks, **self.consts(self.launch.output))
+        return o
+
+    def dq_dk_kernel(self, q, k, v, g, do, h, dh, need_db):
+        """dQ, dK in their dtype and dL/dg [N_tok, H] float32 (or None)."""
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        db = (torch.zeros(self.k_blocks, self.n_tok, self.h, dtype=torch.float32,
+                          device=q.device) if need_db else None)
+        if self.n_chunks:
+            kernel._dq_dk_kernel[(self.n_chunks * self.k_blocks, self.hk)](
+                q, k, v, g, do, h, dh, dq, dk, dq if db is None else db, self.chunks,
+                self.n_chunks, self.n_tok, STORE_DB=need_db, **self.consts(self.launch.dq_dk))
+        return dq, dk, None if db is None else db.sum(0)
+
+    def dv_kernel(self, q, k, g, do, dh):
+        dv = torch.empty(self.n_tok, self.h, self.dv, dtype=q.dtype, device=q.device)
+        if self.n_chunks:
+            kernel._dv_kernel[(self.n_chunks * self.v_blocks, self.h)](
+                q, k, g, do, dh, dv, self.chunks, self.n_chunks, **self.consts(self.launch.dv))
+        return dv
 
 
 def forward(q, k, v, g, initial_state, p: _Problem, return_state):
     """q, k [N_tok, HK, Dk], v [N_tok, H, Dv], g [N_tok, H] float32 -> o [N_tok, H, Dv],
     final state or None."""
     h, final = p.scan(k, v, g, initial_state, return_state, False, k)
-    o = torch.empty_like(v)
-    if p.n_chunks:
-        kernel._output_kernel[(p.n_chunks * p.v_blocks, p.h)](
-            q, k, v, g, h, o, p.chunks, p.n_chunks, **p.consts())
-    return o, final
+    return p.output_kernel(q, k, v, g, h), final
 
 
 def backward(q, k, v, g, do, d_final, initial_state, p: _Problem, need_d_init, need_db):
@@ -119,27 +166,19 @@ def backward(q, k, v, g, do, d_final, initial_state, p: _Problem, need_d_init, n
     the log decays g [N_tok, H] (float32, or None)."""
     h, _ = p.scan(k, v, g, initial_state, False, False, k)
     dh, d_init = p.scan(q, do, g, d_final, need_d_init, True, k)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    db = (torch.zeros(p.k_blocks, p.n_tok, p.h, dtype=torch.float32, device=q.device)
-          if need_db else None)
-    if p.n_chunks:
-        kernel._dq_dk_kernel[(p.n_chunks * p.k_blocks, p.hk)](
-            q, k, v, g, do, h, dh, dq, dk, dq if db is None else db, p.chunks, p.n_chunks,
-            p.n_tok, STORE_DB=need_db, **p.consts())
-        kernel._dv_kernel[(p.n_chunks * p.v_blocks, p.h)](
-            q, k, g, do, dh, dv, p.chunks, p.n_chunks, **p.consts())
-    return dq, dk, dv, d_init, None if db is None else db.sum(0)
+    dq, dk, db = p.dq_dk_kernel(q, k, v, g, do, h, dh, need_db)
+    return dq, dk, p.dv_kernel(q, k, g, do, dh), d_init, db
 
 
 class ChunkScalarDecayFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, bounds, chunk, return_state):
+    def forward(ctx, q, k, v, g, initial_state, bounds, chunk, return_state, launch):
         B, T = q.shape[:2]
         flat = [t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v)]
         g_flat = g.reshape(B * T, -1).to(torch.float32).contiguous()
         init = None if initial_state is None else initial_state.to(torch.float32).contiguous()
         seqs, chunks = tables(tuple(bounds), chunk, q.device)
-        p = _Problem(flat[0], flat[2], seqs, chunks, chunk)
+        p = _Problem(flat[0], flat[2], seqs, chunks, chunk, launch)
         o, final = forward(*flat, g_flat, init, p, return_state)
         ctx.save_for_backward(*flat, g_flat, init)
         ctx.p, ctx.shape = p, (B, T)
@@ -162,12 +201,13 @@ class ChunkScalarDecayFunction(torch.autograd.Function):
         if d_init is not None:
             d_init = d_init.to(ctx.init_dtype)
         return (dq.view(B, T, *dq.shape[1:]), dk.view(B, T, *dk.shape[1:]),
-                dv.view(B, T, *dv.shape[1:]), dg, d_init, None, None, None)
+                dv.view(B, T, *dv.shape[1:]), dg, d_init, None, None, None, None)
 
 
 def chunk_scalar_decay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                        bounds: list[tuple[int, int]], initial_state: torch.Tensor | None = None,
-                       return_state: bool = False, chunk_size: int = 64
+                       return_state: bool = False, chunk_size: int = 64,
+                       launch: LaunchConfig = DEFAULT_LAUNCH
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton path shared by retention and SSD; its callers check shapes.
 
@@ -176,9 +216,10 @@ def chunk_scalar_decay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     token, end)] of each of the S sequences, in order and covering all of the B * T flat
     tokens; initial_state: [S, H, Dk, Dv] or None. Returns o [B, T, H, Dv] in q's dtype and
     the final states [S, H, Dk, Dv] float32 (or None). Gradients flow to q, k, v, g and the
-    initial state, and from the final state."""
+    initial state, and from the final state. launch: how the kernels are launched (the
+    default, or what bench/scalar_decay_sweep.py tries)."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         raise ValueError(f"chunk_scalar_decay: q, k, v must share one of float32, bfloat16, "
                          f"float16, got {q.dtype}, {k.dtype}, {v.dtype}")
     return ChunkScalarDecayFunction.apply(q, k, v, g, initial_state, bounds,
-                                          triton_chunk(chunk_size), return_state)
+                                          triton_chunk(chunk_size), return_state, launch)

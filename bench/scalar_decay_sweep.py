@@ -1,0 +1,169 @@
+"""Launch settings of the scalar-decay kernels (retention and SSD), kernel by kernel (issue 8).
+
+For each shape (bench/kernels.py's retention at T = 2k and 32k and SSD at L = 2k) and chunk
+(64, 128), each of the five launches of a training step is timed alone as a CUDA graph
+replay, L2 flushed: the forward state scan, the output, the reverse (gradient) scan, dq/dk
+(with the decay's gradient for SSD, whose dt and A train) and dv. Every (warps, stages) in
+the grid is tried, and the scans also with 32-wide state tiles. Then the whole
+forward+backward of `chunk_scalar_decay` is timed with each kernel's best setting against
+the defaults, so the per-kernel choices are checked together.
+
+    python3 bench/scalar_decay_sweep.py --out DIR [--shapes retention-2k,retention-32k,ssd-2k]
+                                        [--quick]
+
+Writes DIR/scalar_decay_sweep.json (every timing) and DIR/scalar_decay_sweep.md after each
+shape, so a run cut short keeps what it measured. --quick: one tiny shape, two settings,
+on CPU through the Triton interpreter (CI runs the script that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from kernel_timing import Runner, fwd_bwd, git_commit
+
+from stripes.kernels.scalar_decay import function
+from stripes.kernels.scalar_decay.function import Launch, LaunchConfig, chunk_scalar_decay
+
+# name: (B, T, H, HK, Dk, Dv, the decay trains)
+SHAPES = {"retention-2k": (32, 2048, 16, 16, 128, 128, False),
+          "retention-32k": (2, 32768, 16, 16, 128, 128, False),
+          "ssd-2k": (32, 2048, 32, 1, 128, 64, True)}
+QUICK_SHAPE = {"tiny": (1, 20, 2, 1, 16, 16, True)}
+KERNELS = ("scan", "output", "reverse scan", "dq_dk", "dv")
+FIELD = {"scan": "scan", "output": "output", "reverse scan": "scan", "dq_dk": "dq_dk",
+         "dv": "dv"}
+
+
+def inputs(shape, device):
+    B, T, H, HK, dk, dv, trains_decay = shape
+    n = B * T
+    q, k = (torch.randn(n, HK, dk, device=device).to(torch.bfloat16) for _ in range(2))
+    k = k * dk ** -0.5
+    v, do = (torch.randn(n, H, dv, device=device).to(torch.bfloat16) for _ in range(2))
+    g = -torch.rand(n, H, device=device) * 0.1  # log decays in (-0.1, 0]
+    return q, k, v, do, g, [(b * T, (b + 1) * T) for b in range(B)], trains_decay
+
+
+def launches(kernel: str, quick: bool) -> list[LaunchConfig]:
+    """The settings tried for one kernel, every other kernel left at its default."""
+    grid = ([Launch(), Launch(8, 2)] if quick
+            else [Launch(w, s) for w in (4, 8) for s in (2, 3)])
+    blocks = (64, 16) if quick else (64, 32)
+    configs = []
+    for launch in grid:
+        for block in blocks if FIELD[kernel] == "scan" else (64,):
+            configs.append(dataclasses.replace(LaunchConfig(), scan_block=block,
+                                               **{FIELD[kernel]: launch}))
+    return configs
+
+
+def one_kernel(kernel, p, q, k, v, do, g, trains_decay):
+    """A callable launching only `kernel` on the problem p (the states it reads made once)."""
+    h, _ = p.scan(k, v, g, None, False, False, k)
+    dh, _ = p.scan(q, do, g, None, False, True, k)
+    return {"scan": lambda: p.scan(k, v, g, None, False, False, k),
+            "output": lambda: p.output_kernel(q, k, v, g, h),
+            "reverse scan": lambda: p.scan(q, do, g, None, False, True, k),
+            "dq_dk": lambda: p.dq_dk_kernel(q, k, v, g, do, h, dh, trains_decay),
+            "dv": lambda: p.dv_kernel(q, k, g, do, dh)}[kernel]
+
+
+def timed(runner: Runner, fn) -> float:
+    return (runner.time_graph(fn, None) if runner.cuda else runner.time(fn, None))["ms"]
+
+
+def setting(config: LaunchConfig, kernel: str) -> str:
+    launch = getattr(config, FIELD[kernel])
+    block = f", {config.scan_block}-wide tiles" if FIELD[kernel] == "scan" else ""
+    return f"{launch.warps} warps, {launch.stages} stages{block}"
+
+
+def sweep_shape(name, shape, chunk, runner, device, quick) -> dict:
+    q, k, v, do, g, bounds, trains_decay = inputs(shape, device)
+    seqs, chunks = function.tables(tuple(bounds), chunk, device)
+    result = {"shape": name, "dims": shape, "chunk": chunk, "kernels": {}}
+    best = {}
+    for kernel in KERNELS:
+        rows = []
+        for config in launches(kernel, quick):
+            p = function._Problem(q, v, seqs, chunks, chunk, config)
+            ms = timed(runner, one_kernel(kernel, p, q, k, v, do, g, trains_decay))
+            rows.append({"setting": setting(config, kernel), "ms": ms, "config": config})
+            print(f"[{time.strftime('%H:%M:%S')}] {name} chunk {chunk} {kernel}: "
+                  f"{rows[-1]['setting']}: {ms:.4f} ms", file=sys.stderr, flush=True)
+        default = next(r for r in rows if r["config"] == LaunchConfig())
+        winner = min(rows, key=lambda r: r["ms"])
+        best[FIELD[kernel]] = getattr(winner["config"], FIELD[kernel])
+        if FIELD[kernel] == "scan" and kernel == "scan":
+            best["scan_block"] = winner["config"].scan_block
+        result["kernels"][kernel] = {
+            "default_ms": default["ms"], "best_ms": winner["ms"], "best": winner["setting"],
+            "all": [{"setting": r["setting"], "ms": r["ms"]} for r in rows]}
+    # The reverse scan shares the scans' setting; the forward scan's winner decides it.
+    tuned = LaunchConfig(**best)
+    result["tuned"] = dataclasses.asdict(tuned)
+    leaves = [t.view(shape[0], shape[1], *t.shape[1:]).requires_grad_() for t in (q, k, v)]
+    g4 = g.view(shape[0], shape[1], -1).requires_grad_(trains_decay)
+    grads = [do.view(shape[0], shape[1], *do.shape[1:])]
+    for label, config in (("default", LaunchConfig()), ("tuned", tuned)):
+        step = fwd_bwd(lambda c=config: chunk_scalar_decay(
+            *leaves, g4, bounds, chunk_size=chunk, launch=c)[0],
+            leaves + ([g4] if trains_decay else []), grads)
+        result[f"fb_{label}_ms"] = timed(runner, step)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines += [f"### {r['shape']} {r['dims'][:6]}, chunk {r['chunk']}", "",
+                  "| kernel | default ms | best ms | best setting |", "|---|---:|---:|---|"]
+        lines += [f"| {k} | {v['default_ms']:.4f} | {v['best_ms']:.4f} | {v['best']} |"
+                  for k, v in r["kernels"].items()]
+        lines += ["", f"forward+backward: default {r['fb_default_ms']:.4f} ms, tuned "
+                  f"{r['fb_tuned_ms']:.4f} ms ({r['fb_default_ms'] / r['fb_tuned_ms']:.2f}x)",
+                  ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma-separated subset of {','.join(SHAPES)}")
+    parser.add_argument("--quick", action="store_true", help="one tiny shape (CI)")
+    args = parser.parse_args()
+    names = [s for s in args.shapes.split(",") if s]
+    if set(names) - set(SHAPES):
+        parser.error(f"--shapes takes names from {','.join(SHAPES)}, got {args.shapes!r}")
+    shapes = QUICK_SHAPE if args.quick else {n: SHAPES[n] for n in names}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runner = Runner(device, args.quick)
+    torch.manual_seed(0)
+    results = []
+    for name, shape in shapes.items():
+        for chunk in (16,) if args.quick else (64, 128):
+            results.append(sweep_shape(name, shape, chunk, runner, device, args.quick))
+            report = {"device": torch.cuda.get_device_name() if runner.cuda else "cpu",
+                      "torch": torch.__version__, "commit": git_commit(),
+                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                          timespec="seconds"),
+                      "command": " ".join(sys.argv), "results": results}
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "scalar_decay_sweep.json").write_text(json.dumps(report, indent=1))
+            text = (f"{report['device']}  torch {report['torch']}  commit {report['commit']}  "
+                    f"{report['date']}\n\n{table(results)}")
+            (args.out / "scalar_decay_sweep.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
