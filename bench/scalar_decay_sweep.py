@@ -4,7 +4,8 @@ For each shape (bench/kernels.py's retention at T = 2k and 32k and SSD at L = 2k
 (64, 128), each of the five launches of a training step is timed alone as a CUDA graph
 replay, L2 flushed: the forward state scan, the output, the reverse (gradient) scan, dq/dk
 (with the decay's gradient for SSD, whose dt and A train) and dv. Every (warps, stages) in
-the grid is tried, and the scans also with 32-wide state tiles. Then the whole
+the grid is tried, the scans also with 32-wide state tiles, and dq/dk also with a q/k
+head's v-heads split among 4 and 8 programs (SSD's one group feeds 32 heads). Then the whole
 forward+backward of `chunk_scalar_decay` is timed with each kernel's best setting against
 the defaults, so the per-kernel choices are checked together.
 
@@ -56,13 +57,11 @@ def launches(kernel: str, quick: bool) -> list[LaunchConfig]:
     """The settings tried for one kernel, every other kernel left at its default."""
     grid = ([Launch(), Launch(8, 2)] if quick
             else [Launch(w, s) for w in (4, 8) for s in (2, 3)])
-    blocks = (64, 16) if quick else (64, 32)
-    configs = []
-    for launch in grid:
-        for block in blocks if FIELD[kernel] == "scan" else (64,):
-            configs.append(dataclasses.replace(LaunchConfig(), scan_block=block,
-                                               **{FIELD[kernel]: launch}))
-    return configs
+    blocks = ((64, 16) if quick else (64, 32)) if FIELD[kernel] == "scan" else (64,)
+    splits = ((1, 2) if quick else (1, 4, 8)) if kernel == "dq_dk" else (1,)
+    return [dataclasses.replace(LaunchConfig(), scan_block=block, head_split=split,
+                                **{FIELD[kernel]: launch})
+            for launch in grid for block in blocks for split in splits]
 
 
 def one_kernel(kernel, p, q, k, v, do, g, trains_decay):
@@ -82,8 +81,9 @@ def timed(runner: Runner, fn) -> float:
 
 def setting(config: LaunchConfig, kernel: str) -> str:
     launch = getattr(config, FIELD[kernel])
-    block = f", {config.scan_block}-wide tiles" if FIELD[kernel] == "scan" else ""
-    return f"{launch.warps} warps, {launch.stages} stages{block}"
+    extra = (f", {config.scan_block}-wide tiles" if FIELD[kernel] == "scan" else
+             f", v-heads split {config.head_split} ways" if kernel == "dq_dk" else "")
+    return f"{launch.warps} warps, {launch.stages} stages{extra}"
 
 
 def sweep_shape(name, shape, chunk, runner, device, quick) -> dict:
@@ -102,8 +102,10 @@ def sweep_shape(name, shape, chunk, runner, device, quick) -> dict:
         default = next(r for r in rows if r["config"] == LaunchConfig())
         winner = min(rows, key=lambda r: r["ms"])
         best[FIELD[kernel]] = getattr(winner["config"], FIELD[kernel])
-        if FIELD[kernel] == "scan" and kernel == "scan":
+        if kernel == "scan":
             best["scan_block"] = winner["config"].scan_block
+        if kernel == "dq_dk":
+            best["head_split"] = winner["config"].head_split
         result["kernels"][kernel] = {
             "default_ms": default["ms"], "best_ms": winner["ms"], "best": winner["setting"],
             "all": [{"setting": r["setting"], "ms": r["ms"]} for r in rows]}

@@ -22,10 +22,12 @@ def test_quick_sweep_times_every_kernel_and_the_tuned_step(tmp_path):
     assert set(result["kernels"]) == {"scan", "output", "reverse scan", "dq_dk", "dv"}
     for kernel, timing in result["kernels"].items():
         times = [row["ms"] for row in timing["all"]]
-        assert len(times) == (4 if "scan" in kernel else 2), kernel  # + 16-wide scan tiles
+        # two (warps, stages) settings, times two tile widths (scans) or head splits (dq/dk)
+        assert len(times) == (4 if "scan" in kernel or kernel == "dq_dk" else 2), kernel
         assert timing["best_ms"] == min(times) and timing["best_ms"] <= timing["default_ms"]
     assert result["fb_default_ms"] > 0 and result["fb_tuned_ms"] > 0
-    assert set(result["tuned"]) == {"scan", "output", "dq_dk", "dv", "scan_block"}
+    assert set(result["tuned"]) == {"scan", "output", "dq_dk", "dv", "scan_block",
+                                    "head_split"}
     assert "| dq_dk |" in (tmp_path / "scalar_decay_sweep.md").read_text()
 
 

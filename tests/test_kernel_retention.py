@@ -143,16 +143,17 @@ def test_bad_inputs_name_the_argument(kw, match):
 
 
 def test_launch_settings_change_nothing():
-    """Warps, stages and the scans' narrower state tiles (what bench/scalar_decay_sweep.py
-    tries) compute the same outputs and gradients, the decay's included."""
+    """Warps, stages, the scans' narrower state tiles and v-heads split among programs for
+    dq/dk (what bench/scalar_decay_sweep.py tries) compute the same outputs and gradients,
+    the decay's included, here with four v-heads reading one q/k head as in Mamba-2."""
     from stripes.kernels.scalar_decay.function import Launch, LaunchConfig, chunk_scalar_decay
 
     torch.manual_seed(4)
-    q, k, v, init = inputs(2, 40, 2, 32, 48, with_init=True)
-    g = -torch.rand(2, 40, 2, dtype=torch.float64)
-    grads = (torch.randn_like(v, dtype=torch.float32), torch.randn(2, 2, 32, 48))
-    narrow = LaunchConfig(scan=Launch(8, 2), output=Launch(2, 1), dq_dk=Launch(8, 4),
-                          dv=Launch(2, 2), scan_block=16)
+    q, k = (torch.randn(2, 40, 1, 32, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 40, 4, 48, dtype=torch.float64)
+    init = torch.randn(2, 4, 32, 48, dtype=torch.float64)
+    g = -torch.rand(2, 40, 4, dtype=torch.float64)
+    grads = (torch.randn_like(v, dtype=torch.float32), torch.randn(2, 4, 32, 48))
 
     def run_with(launch):
         leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v, g, init)]
@@ -161,5 +162,9 @@ def test_launch_settings_change_nothing():
         torch.autograd.backward((o, state), (grads[0].to(DEVICE), grads[1].to(DEVICE)))
         return [o, state] + [t.grad for t in leaves]
 
-    for a, b in zip(run_with(LaunchConfig()), run_with(narrow), strict=True):
-        assert rel_error(a, b) < 1e-6
+    default = run_with(LaunchConfig())
+    for split in (2, 4):
+        other = LaunchConfig(scan=Launch(8, 2), output=Launch(2, 1), dq_dk=Launch(8, 4),
+                             dv=Launch(2, 2), scan_block=16, head_split=split)
+        for a, b in zip(default, run_with(other), strict=True):
+            assert rel_error(a, b) < 1e-6, split

@@ -11,6 +11,7 @@ dq/dk (with the decay's gradient when asked) and dv.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +48,15 @@ class LaunchConfig:
     """How each kernel is launched. The defaults are Triton's own (4 warps, 3 stages) and
     64-wide state tiles everywhere; bench/scalar_decay_sweep.py times the alternatives
     kernel by kernel. scan_block narrows the scans' state tiles only: at long sequences few
-    sequences x heads remain, and narrower tiles give the scans more programs."""
+    sequences x heads remain, and narrower tiles give the scans more programs. head_split
+    (rounded down to a divisor of the v-heads per q/k head) gives dq/dk more programs when
+    many v-heads share a q/k head, at the cost of float32 partial sums."""
     scan: Launch = field(default_factory=Launch)
     output: Launch = field(default_factory=Launch)
     dq_dk: Launch = field(default_factory=Launch)
     dv: Launch = field(default_factory=Launch)
     scan_block: int = 64
+    head_split: int = 1  # dq/dk: programs sharing one q/k head's v-heads (see the kernel)
 
 
 DEFAULT_LAUNCH = LaunchConfig()
@@ -137,13 +141,19 @@ class _Problem:
 
     def dq_dk_kernel(self, q, k, v, g, do, h, dh, need_db):
         """dQ, dK in their dtype and dL/dg [N_tok, H] float32 (or None)."""
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        split = math.gcd(self.launch.head_split, self.h // self.hk)
+        parts = (split, *q.shape)
+        dq, dk = ((torch.empty_like(q), torch.empty_like(k)) if split == 1 else
+                  (torch.empty(parts, dtype=torch.float32, device=q.device) for _ in "qk"))
         db = (torch.zeros(self.k_blocks, self.n_tok, self.h, dtype=torch.float32,
                           device=q.device) if need_db else None)
         if self.n_chunks:
-            kernel._dq_dk_kernel[(self.n_chunks * self.k_blocks, self.hk)](
+            kernel._dq_dk_kernel[(self.n_chunks * self.k_blocks, self.hk * split)](
                 q, k, v, g, do, h, dh, dq, dk, dq if db is None else db, self.chunks,
-                self.n_chunks, self.n_tok, STORE_DB=need_db, **self.consts(self.launch.dq_dk))
+                self.n_chunks, self.n_tok, SPLIT=split, STORE_DB=need_db,
+                **self.consts(self.launch.dq_dk))
+        if split > 1:
+            dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
         return dq, dk, None if db is None else db.sum(0)
 
     def dv_kernel(self, q, k, g, do, dh):

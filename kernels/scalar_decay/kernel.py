@@ -211,13 +211,17 @@ def _decay_grad(pairs, xi, zeta, b_last, q, k, dq_state, dk_state, state_dot, C:
 def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, db_ptr,
                   chunks_ptr, n_chunks, n_tok, H: tl.constexpr, HK: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, STORE_DB: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (N_chunks * Dk / BK, HK): dQ_i and dK_i of one q/k head for one BK block of
-    channels, summed over the v-heads that read it (each summing dO V^T, dO h^T and V dh^T
+                  BV: tl.constexpr, SPLIT: tl.constexpr, STORE_DB: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """Grid (N_chunks * Dk / BK, HK * SPLIT): dQ_i and dK_i of one q/k head for one BK block
+    of channels, summed over the v-heads that read it (each summing dO V^T, dO h^T and V dh^T
     over Dv in BV blocks); STORE_DB: also each v-head's dL/dg over this block of channels
-    (see _decay_grad)."""
+    (see _decay_grad). SPLIT > 1 shares a q/k head's v-heads among SPLIT programs (Mamba-2's
+    one group feeds every head), each storing its part of the sum at dq/dk[part]
+    ([SPLIT, N_tok, HK, Dk], summed by the caller: the same order every run)."""
     chunk_id, pid_k = _split_axis0((DK + BK - 1) // BK)
-    hk = tl.program_id(1)
+    hk, part = tl.program_id(1) // SPLIT, tl.program_id(1) % SPLIT
+    HEADS: tl.constexpr = H // HK // SPLIT
     chunk, token, valid = _chunk(chunks_ptr, chunk_id, n_chunks, C)
     rk = pid_k * BK + tl.arange(0, BK)
     k_mask = valid[:, None] & (rk < DK)[None, :]
@@ -227,8 +231,8 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
     dtype = q_ptr.dtype.element_ty
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk = tl.zeros((C, BK), dtype=tl.float32)
-    for j in range(H // HK):  # the v-heads of this q/k head
-        h = hk * (H // HK) + j
+    for j in range(HEADS):  # this program's share of the v-heads of this q/k head
+        h = hk * (H // HK) + part * HEADS + j
         b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
         d_scores = tl.zeros((C, C), dtype=tl.float32)  # dO V^T
         dq_state = tl.zeros((C, BK), dtype=tl.float32)
@@ -261,8 +265,9 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
         d_scores = d_scores.to(dtype)
         dq += dq_state * xi[:, None] + _mm(d_scores, k, IEEE)
         dk += dk_state * zeta[:, None] + _mm(tl.trans(d_scores), q, IEEE)
-    tl.store(dq_ptr + qk_at, dq.to(dtype), mask=k_mask)
-    tl.store(dk_ptr + qk_at, dk.to(dtype), mask=k_mask)
+    out_at = part.to(tl.int64) * n_tok * HK * DK + qk_at
+    tl.store(dq_ptr + out_at, dq.to(dq_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(dk_ptr + out_at, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
 
 
 @triton.jit
