@@ -12,15 +12,19 @@ recomputes the spectra it needs:
     dk = du v,  dv = du k,  dh[c, j] = irfft(sum_b G conj(U))[j] for j < min(L, T)
 
 Zero padding to n = 2T keeps every circular product equal to the linear one on the outputs
-kept (a wrapped index lands in the padding). Transforms run along time on [B, T, C] as it
-lies (no transposed copies), in float32 (float64 for float64 inputs) with autocast off.
-Taps at or beyond T reach no output and get zero gradient.
+kept (a wrapped index lands in the padding). Taps at or beyond T reach no output and get zero
+gradient. Everything runs in float32 (float64 for float64 inputs) with autocast off.
 
 Every step but the filter's gradient is independent per sequence, so both passes walk the
 batch in chunks of at most CHUNK_ELEMENTS padded elements: the padded float32 copy, the
 spectra and the inverse transform exist for one chunk at a time, and the results are written
 straight into the outputs in their own dtype. The transient memory is then a fixed workspace
 instead of several float32 copies of the whole activation.
+
+The product k v is written time-last into the padded buffer, [R, C, n], so every transform
+runs over contiguous rows. Transforming along time where [B, T, C] lies (stride C) kept one
+copy less but ran the whole op at 0.58x the plain composition's speed on an H200
+(BENCHMARKS.md, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -38,17 +42,22 @@ def _batch_chunks(batch: int, n: int, channels: int) -> list[slice]:
 
 
 def _spectrum(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
-    """rfft along time of a * b zero-padded to n: a, b [R, T, C] -> [R, n/2+1, C] complex.
-    The product is written into the padded buffer, so it is materialised once."""
+    """rfft along time of a * b zero-padded to n: a, b [R, T, C] -> [R, C, n/2+1] complex.
+    The product is written time-last into the padded buffer, so it is materialised once."""
     R, T, C = a.shape
-    padded = torch.empty((R, n, C), dtype=dtype, device=a.device)
-    torch.mul(a, b, out=padded[:, :T])
-    padded[:, T:].zero_()
-    return torch.fft.rfft(padded, dim=1)
+    padded = torch.empty((R, C, n), dtype=dtype, device=a.device)
+    torch.mul(a.transpose(1, 2), b.transpose(1, 2), out=padded[..., :T])
+    padded[..., T:].zero_()
+    return torch.fft.rfft(padded)
 
 
 def _filter_spectrum(h: torch.Tensor, T: int, dtype: torch.dtype, n: int) -> torch.Tensor:
-    return torch.fft.rfft(h[:, :T].to(dtype), n=n, dim=1).T  # [n/2+1, C]
+    return torch.fft.rfft(h[:, :T].to(dtype), n=n)  # [C, n/2+1]
+
+
+def _time_major(y: torch.Tensor, T: int) -> torch.Tensor:
+    """The first T outputs of an inverse transform [R, C, n], as [R, T, C] (a view)."""
+    return y[..., :T].transpose(1, 2)
 
 
 class FFTGatedConvFunction(torch.autograd.Function):
@@ -60,7 +69,7 @@ class FFTGatedConvFunction(torch.autograd.Function):
             H = _filter_spectrum(h, T, dtype, n)
             for rows in _batch_chunks(B, n, C):
                 U = _spectrum(k[rows], v[rows], dtype, n).mul_(H)
-                y = torch.fft.irfft(U, n=n, dim=1)[:, :T]  # [R, T, C]
+                y = _time_major(torch.fft.irfft(U, n=n), T)  # [R, T, C]
                 del U
                 torch.mul(q[rows], y, out=out[rows])
         ctx.save_for_backward(q, k, v, h)
@@ -75,24 +84,24 @@ class FFTGatedConvFunction(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             dtype, n = compute_dtype(q, k, v, h), 2 * T
             H = _filter_spectrum(h, T, dtype, n)
-            cross = None  # sum over the batch of G conj(U): [n/2+1, C]
+            cross = None  # sum over the batch of G conj(U): [C, n/2+1]
             for rows in _batch_chunks(B, n, C):
                 G = _spectrum(dout[rows], q[rows], dtype, n)
                 U = _spectrum(k[rows], v[rows], dtype, n)
                 part = (G * U.conj()).sum(0)
                 cross = part if cross is None else cross.add_(part)
-                y = torch.fft.irfft(U.mul_(H), n=n, dim=1)[:, :T]
+                y = _time_major(torch.fft.irfft(U.mul_(H), n=n), T)
                 del U
                 torch.mul(dout[rows], y, out=dq[rows])
                 del y
-                du = torch.fft.irfft(G.mul_(H.conj()), n=n, dim=1)[:, :T]
+                du = _time_major(torch.fft.irfft(G.mul_(H.conj()), n=n), T)
                 del G
                 torch.mul(du, v[rows], out=dk[rows])
                 torch.mul(du, k[rows], out=dv[rows])
                 del du
-            taps = torch.fft.irfft(cross, n=n, dim=0)  # [n, C]
+            taps = torch.fft.irfft(cross, n=n)  # [C, n]
             dh = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
-            dh[:, :min(L, T)] = taps[:min(L, T)].T.to(h.dtype)
+            dh[:, :min(L, T)] = taps[:, :min(L, T)].to(h.dtype)
         return dq, dk, dv, dh
 
 
