@@ -10,20 +10,21 @@ x: [B, T, D] -> [B, T, D]; every one of the D channels is its own "head" of size
 
 The kinds differ only in the long filter h ([C, L], tap j multiplies u[t - j]; the
 formulas and convolutions are in `hyena_filters`):
-  hyena_se  short explicit taps, `filter_len` (7); trained by direct conv: at 7 taps it
-            costs 14 FLOPs per channel and token, the FFT path ~186 at T = 2048 (13x),
-            and conv1d is one kernel with no 2T-long padded buffers.
-  hyena_mr  explicit taps times a learned decay exp(-a_c t), `filter_len` (128); by FFT.
+  hyena_se  short explicit taps, `filter_len` (7).
+  hyena_mr  explicit taps times a learned decay exp(-a_c t), `filter_len` (128).
   hyena_li  modal filter Re(sum_n R_n p_n^t), `state_size` modes; by FFT in training, a
             diagonal complex recurrence in decoding.
 The filter's tap 0 multiplies the current token, so it also plays the role of Hyena's
 per-channel skip term D * u; there is no separate one.
 
 Channels may share filters: `filter_groups` G filters for the D channels, channel c uses
-filter c // (D / G). The featurizer and SE's gated filter run in stripes.kernels.causal_conv
-(Triton on CUDA), which keeps packed documents apart by position; MR and LI run
-q * (h * (k v)) in stripes.kernels.fft_conv (FFT, a backward that keeps only its inputs) and
-packed documents as separate rows (`per_document`).
+filter c // (D / G). The featurizer runs in stripes.kernels.causal_conv (Triton on CUDA),
+which keeps packed documents apart by position. The gated long convolution q * (h * (k v))
+of SE and MR is chosen by filter length (DIRECT_MAX_TAPS, 64): direct, in the same kernel,
+up to it (7 taps cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048);
+by FFT beyond, in stripes.kernels.fft_conv (a backward that keeps only its inputs), with
+packed documents as separate rows (`per_document`). LI's filter is as long as the
+sequence: always FFT.
 
 Decoding state (`HyenaState`): the featurizer's last short_len-1 inputs, plus for SE/MR the
 last filter_len-1 values of u (FIR history), for LI the complex modal state [B, D, N].
@@ -218,11 +219,44 @@ class Hyena(Mixer):
     def _init_filter(self) -> None: ...
 
 
+# Explicit filters up to this many taps convolve directly, longer ones by FFT. On an H200
+# (BENCHMARKS.md, 2026-12-02; B16 T4096 D2048, forward+backward) the direct kernel took 2.08
+# ms at 7 taps and 35.6 ms at 128, about 0.28 ms a tap, and plain PyTorch's FFT 17.8 ms at any
+# length: the two cross near 64 taps.
+DIRECT_MAX_TAPS = 64
+
+
 class _ExplicitHyena(Hyena):
-    """SE and MR: explicit taps `filter_taps` [G, L]; decoding keeps the last L-1 inputs."""
+    """SE and MR: explicit taps `filter_taps` [G, L]; decoding keeps the last L-1 inputs.
+
+    The long convolution is chosen by length: up to DIRECT_MAX_TAPS taps the direct kernel
+    with both gates fused into it (stripes.kernels.causal_conv), which keeps packed documents
+    apart by position; beyond, the FFT (stripes.kernels.fft_conv: nothing but the inputs kept
+    for backward), with packed documents run one a row."""
 
     cfg: HyenaSEConfig
-    train_conv: ClassVar = staticmethod(direct_causal_conv)
+
+    @property
+    def direct(self) -> bool:
+        return self.cfg.filter_len <= DIRECT_MAX_TAPS
+
+    @property
+    def packs_documents(self) -> bool:
+        return self.direct
+
+    @property
+    def train_conv(self):
+        """The plain convolution of the chosen kind (prefill uses it: training's rounding)."""
+        return direct_causal_conv if self.direct else fft_causal_conv
+
+    def gated_long_conv(self, q, k, v, positions):
+        h = self._per_channel(self.filter())
+        if self.direct:
+            return causal_conv(k, h, x2=v, gate=q, positions=positions)
+        return fft_gated_conv(q, k, v, h)
+
+    def _long_flops(self, seq_len: int) -> float:
+        return 2.0 * self.cfg.filter_len if self.direct else fft_conv_flops(seq_len)
 
     def __init__(self, d_model: int, cfg: HyenaSEConfig) -> None:
         super().__init__(d_model, cfg)
@@ -258,43 +292,25 @@ class _ExplicitHyena(Hyena):
 
 @register_mixer("hyena_se", HyenaSEConfig)
 class HyenaSE(_ExplicitHyena):
-    """Hyena-SE: short explicit filter (default 7 taps), direct convolution with both gates
-    fused into it (stripes.kernels.causal_conv), packed documents kept apart by position.
+    """Hyena-SE: short explicit filter (default 7 taps: the direct convolution).
     x: [B, T, D] -> [B, T, D]."""
-
-    packs_documents = True
-
-    def gated_long_conv(self, q, k, v, positions):
-        return causal_conv(k, self._per_channel(self.filter()), x2=v, gate=q,
-                           positions=positions)
-
-    def _long_flops(self, seq_len: int) -> float:
-        return 2.0 * self.cfg.filter_len
 
 
 @register_mixer("hyena_mr", HyenaMRConfig)
 class HyenaMR(_ExplicitHyena):
-    """Hyena-MR: explicit filter (default 128 taps) times exp(-a_c t), a_c = exp(log_decay),
-    FFT convolution in training. x: [B, T, D] -> [B, T, D]."""
+    """Hyena-MR: explicit filter (default 128 taps: by FFT) times exp(-a_c t),
+    a_c = exp(log_decay). x: [B, T, D] -> [B, T, D]."""
 
     fp32_params = ("log_decay",)
     no_decay_params = ("log_decay",)  # weight decay would pull every a_c towards 1
-    train_conv: ClassVar = staticmethod(fft_causal_conv)
 
     def __init__(self, d_model: int, cfg: HyenaMRConfig) -> None:
         super().__init__(d_model, cfg)
         self.log_decay = nn.Parameter(torch.empty(self.groups))  # [G], float32
 
-    def gated_long_conv(self, q, k, v, positions):
-        """By FFT (stripes.kernels.fft_conv): nothing but the inputs kept for backward."""
-        return fft_gated_conv(q, k, v, self._per_channel(self.filter()))
-
     def filter(self) -> torch.Tensor:
         """h[g, t] = w[g, t] exp(-a_g t): [G, L] in float32 (float64 in a float64 model)."""
         return decayed_filter(self.filter_taps, self.log_decay)
-
-    def _long_flops(self, seq_len: int) -> float:
-        return fft_conv_flops(seq_len)
 
     def _init_filter(self) -> None:
         """Decay lengths 1/a spread log-uniformly over the groups from 1 token to L, so some

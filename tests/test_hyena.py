@@ -230,10 +230,29 @@ def test_state_bytes_and_flops(kind):
         assert mixer.state_bytes(3, 64, dtype) == held
     proj = 2 * D * 3 * D + 2 * D * D
     assert mixer.flops_per_token(64) > proj + 2 * 3 * 3 * D
-    if kind == "hyena_se":  # direct conv: constant per token, 2 FLOPs per tap and channel
-        assert mixer.flops_per_token(64) == proj + 2 * 3 * 3 * D + 2 * D + 2 * 7 * D
+    if getattr(mixer, "direct", False):  # constant per token, 2 FLOPs per tap and channel
+        L = mixer.cfg.filter_len
+        assert mixer.flops_per_token(64) == proj + 2 * 3 * 3 * D + 2 * D + 2 * L * D
     else:  # FFT: grows like log T per token
         assert mixer.flops_per_token(4096) > mixer.flops_per_token(64)
+
+
+@pytest.mark.parametrize("kind", ["hyena_se", "hyena_mr"])
+def test_explicit_filters_convolve_by_length(kind, monkeypatch):
+    """SE and MR convolve directly up to DIRECT_MAX_TAPS taps and by FFT beyond, whatever
+    their kind; both ways compute the same function, packed documents included."""
+    import stripes.arch.hyena as hyena
+
+    mixer = make(kind, filter_len=9)
+    x = torch.randn(2, 24, D, dtype=torch.float64)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    assert mixer.direct and mixer.packs_documents
+    direct = mixer(x), mixer(x, doc_ids)
+    monkeypatch.setattr(hyena, "DIRECT_MAX_TAPS", 8)
+    assert not mixer.direct and not mixer.packs_documents
+    assert mixer.train_conv is hyena.fft_causal_conv
+    for a, b in zip(direct, (mixer(x), mixer(x, doc_ids)), strict=True):
+        assert rel_error(a, b) < 1e-10
 
 
 # -- configuration ----------------------------------------------------------------------------
