@@ -85,3 +85,16 @@ def test_selective_keeps_less_than_none_and_more_than_block(results):
     assert none > selective > block, (none, selective, block)
     assert selective < 0.8 * none  # the elementwise work is a real share of the bytes
 
+
+
+def test_selective_keeps_no_intermediate_of_a_self_recomputing_function():
+    """The FFT conv's backward recomputes its spectra from q, k, v and h: under `selective`
+    its FFT outputs are not kept (and may be worked on in place), other FFTs are."""
+    from stripes.kernels.dispatch import recomputes_in_backward
+    from stripes.train.recompute import _policy
+
+    fft = torch.ops.aten._fft_r2c.default
+    assert _policy(None, fft).name == "MUST_SAVE"
+    with recomputes_in_backward():
+        assert _policy(None, fft).name == "PREFER_RECOMPUTE"
+    assert _policy(None, fft).name == "MUST_SAVE"

@@ -23,6 +23,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from stripes.arch.model import StripedLM
+from stripes.kernels.dispatch import inside_self_recomputing
 from stripes.train.config import ACTIVATION_CHECKPOINTING
 
 _aten = torch.ops.aten
@@ -44,7 +45,9 @@ SAVED_OPS = frozenset({
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in SAVED_OPS and not inside_self_recomputing():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts():

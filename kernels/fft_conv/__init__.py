@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from stripes.arch.hyena_filters import compute_dtype
+from stripes.kernels.dispatch import recomputes_in_backward
 
 CHUNK_ELEMENTS = 1 << 25  # padded elements per batch chunk: 128 MiB in float32
 
@@ -64,7 +65,7 @@ class FFTGatedConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, h):
         (B, T, C), out = q.shape, torch.empty_like(q)
-        with torch.autocast(q.device.type, enabled=False):
+        with torch.autocast(q.device.type, enabled=False), recomputes_in_backward():
             dtype, n = compute_dtype(q, k, v, h), 2 * T
             H = _filter_spectrum(h, T, dtype, n)
             for rows in _batch_chunks(B, n, C):
