@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,3 +47,14 @@ def tiny_cfg():
     from stripes.core.config import load_config
 
     return load_config(ArchFile, TINY).model
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The bundled corpus, prepared once per test session (`stripes prepare`)."""
+    out = tmp_path_factory.mktemp("data") / "demo"
+    done = subprocess.run([sys.executable, "-m", "stripes.launch.cli", "prepare",
+                           "configs/data/demo.yaml", f"data.output={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out

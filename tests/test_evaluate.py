@@ -108,3 +108,35 @@ def test_separate_eval_sources_and_their_errors(data, tmp_path):
         build_eval_set(ds, [SourceWeight(str(tmp_path / "other"), "x")], samples=4)
     with pytest.raises(ConfigError, match=r"eval.sources.0.source='nope'"):
         build_eval_set(ds, [SourceWeight(str(data), "nope")], samples=4)
+
+
+def test_loss_by_position_splits_the_same_tokens(data, tiny_cfg, monkeypatch):
+    """Bucketed by context position, the evaluation tokens are the same tokens: the buckets'
+    token-weighted mean is the tokens' mean loss; positions count from each document's start
+    under document masking and from the window's start without it."""
+    import stripes.train.evaluate as evaluate_module
+    from stripes.arch.packing import document_positions
+
+    assert evaluate_module.position_edges(300) == [0, 64, 128, 256, 300]
+    assert evaluate_module.position_edges(8, first=4) == [0, 4, 8]
+    assert evaluate_module.position_edges(40) == [0, 40]
+    edges = [0, 2, 4, 8]
+    monkeypatch.setattr(evaluate_module, "position_edges", lambda seq_len: edges)
+    tiny_cfg.vocab_size = 64
+    torch.manual_seed(0)
+    model = StripedLM(tiny_cfg)
+    model.init_weights()
+    eval_set = build_eval_set(dataset(data), None, samples=5)
+    _, doc_ids = eval_set.dataset.read_windows(eval_set.streams, eval_set.windows)
+    for masking in (True, False):
+        args = (model, eval_set, 3, 0, 1, torch.device("cpu"), nullcontext(), masking)
+        loss_sum, count = loss_sums(*args)
+        buckets = evaluate_module.evaluate_by_position(*args)
+        assert list(buckets) == ["0-1", "2-3", "4-7"]
+        positions = (document_positions(torch.from_numpy(doc_ids)) if masking
+                     else torch.arange(T).expand(len(eval_set.windows), T))
+        tokens_in = [int(((positions >= lo) & (positions < hi)).sum())
+                     for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        mean = sum(loss * n for loss, n in zip(buckets.values(), tokens_in, strict=True))
+        assert mean / sum(tokens_in) == pytest.approx(float(loss_sum.sum() / count.sum()),
+                                                      rel=1e-9)

@@ -25,17 +25,6 @@ from conftest import ROOT
 TINY = "configs/train/tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """The bundled corpus, prepared once for this module."""
-    out = tmp_path_factory.mktemp("data") / "demo"
-    done = subprocess.run([sys.executable, "-m", "stripes.launch.cli", "prepare",
-                           "configs/data/demo.yaml", f"data.output={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 def data_overrides(data: Path) -> list[str]:
     return [f"data.sources=[{{path: {data}, source: devil}}, {{path: {data}, source: jargon}}]"]
 

@@ -50,7 +50,7 @@ from stripes.train.dcp_states import CheckpointMismatch, DcpStates
 from stripes.train.rng import load_rng, save_rng
 
 __all__ = ["CheckpointMismatch", "DcpStates", "States", "find_checkpoint", "load_checkpoint",
-           "save_checkpoint"]
+           "save_checkpoint", "saved_step"]
 
 FORMAT = "stripes-checkpoint/1"
 CHECKPOINTS = "checkpoints"
@@ -122,6 +122,11 @@ def find_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
                           "auto, never, or a checkpoint directory such as "
                           f"{Path(run_dir) / CHECKPOINTS / checkpoint_name(100)}", problem)
     return path
+
+
+def saved_step(path: str | Path) -> int:
+    """The step a complete checkpoint was saved at, without loading it."""
+    return int(json.loads((Path(path) / "trainer.json").read_text())["step"])
 
 
 def load_checkpoint(path: str | Path, states: States, seed: int | None = None) -> dict[str, Any]:

@@ -11,6 +11,8 @@
     checkpoint: {every_steps: 100, keep_last: 2}
     eval: {every_steps: 100}            # on data.heldout's tail of each source (train/evaluate.py)
     output_dir: runs/demo
+    stages: [...]                       # optional: a curriculum in one run (train/stages.py);
+                                        # then `steps` is their sum and may be left out
 
 Derived once (`TrainConfig.batch_plan`): sequences per global batch = global_batch_tokens /
 seq_len, and gradient accumulation = that / (micro_batch x world size); each must divide
@@ -34,6 +36,8 @@ from stripes.core.config import (
     to_typed,
 )
 from stripes.data.loader import LoaderConfig, SourceWeight
+from stripes.train.passkey import min_length
+from stripes.train.stages import StageConfig, validate_stages
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -72,6 +76,12 @@ class EvalConfig:
     samples: int = 64  # windows per source: the same ones at every evaluation
     micro_batch: int | None = None  # None: the training micro_batch
     sources: list[SourceWeight] | None = None  # None: the held-out tail of data.sources
+    # When a stage ends (train/stage_eval.py): held-out loss by context position, and
+    # passkey retrieval (train/passkey.py) at these depths of the stage's length.
+    at_stage_end: bool = True
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    passkey_samples: int = 16  # per depth; 0: no passkey
+    passkey_key_len: int = 4
 
 
 @dataclass
@@ -106,7 +116,7 @@ class ParallelConfig:
 class TrainConfig:
     model: ModelConfig = MISSING
     data: LoaderConfig = MISSING
-    steps: int = MISSING
+    steps: int | None = None  # required without stages; with them, their sum
     global_batch_tokens: int = MISSING
     micro_batch: int = 1
     output_dir: str = MISSING
@@ -123,8 +133,15 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # halt after this many non-finite steps in a row
     device: str = "auto"  # auto: cuda when available, else cpu
+    stages: list[StageConfig] | None = None  # train/stages.py
 
     def validate(self) -> None:
+        if self.stages is not None:
+            validate_stages(self)  # each stage's resolved config goes through the rest
+            self.steps = sum(stage.steps for stage in self.stages)
+            return
+        if self.steps is None:
+            raise ConfigError("steps", None, "a positive integer", "required without stages")
         self.model.expand("model")
         self.data.validate("data")
         for name in ("steps", "global_batch_tokens", "micro_batch", "log_every",
@@ -167,6 +184,18 @@ class TrainConfig:
         require_positive("eval.samples", self.eval.samples, integer=True)
         if self.eval.micro_batch is not None:
             require_positive("eval.micro_batch", self.eval.micro_batch, integer=True)
+        if not all(0 <= d <= 1 for d in self.eval.passkey_depths):
+            raise ConfigError("eval.passkey_depths", self.eval.passkey_depths,
+                              "fractions of the context in [0, 1]")
+        if not isinstance(self.eval.passkey_samples, int) or self.eval.passkey_samples < 0:
+            raise ConfigError("eval.passkey_samples", self.eval.passkey_samples,
+                              "an integer >= 0 (0: no passkey)")
+        require_positive("eval.passkey_key_len", self.eval.passkey_key_len, integer=True)
+        if self.eval.passkey_samples and self.data.seq_len < min_length(
+                self.eval.passkey_key_len):
+            raise ConfigError("eval.passkey_key_len", self.eval.passkey_key_len,
+                              f"at most {(self.data.seq_len - 1) // 2} at data.seq_len="
+                              f"{self.data.seq_len}", "the key must fit in twice")
         if self.eval.sources is not None:
             LoaderConfig(seq_len=self.data.seq_len, sources=self.eval.sources).validate("eval")
         elif self.eval.every_steps and not self.data.heldout:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from stripes.arch.packing import document_positions
 from stripes.core.config import ConfigError
 from stripes.data.loader import LoaderConfig, SourceWeight, TokenDataset
 
@@ -84,36 +85,84 @@ def evaluate(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
     return result
 
 
-@torch.no_grad()
 def loss_sums(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
               world_size: int, device: torch.device, autocast: AbstractContextManager,
               document_masking: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (token-loss sum, token count) per source, float64 [n_sources] each."""
     n_sources = len(eval_set.names)
+    loss_sum = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    token_count = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    for losses, weight, source, _ in window_losses(model, eval_set, micro_batch, rank,
+                                                   world_size, device, autocast,
+                                                   document_masking):
+        loss_sum.index_add_(0, source, losses.sum(1) * weight)
+        token_count.index_add_(0, source, weight * losses.shape[1])
+    return loss_sum, token_count
+
+
+def position_edges(seq_len: int, first: int = 64) -> list[int]:
+    """Bucket edges over context positions: [0, first, 2 first, 4 first, ..., seq_len]."""
+    edges = [0]
+    while edges[-1] < seq_len:
+        edges.append(min(seq_len, max(first, 2 * edges[-1])))
+    return edges
+
+
+def evaluate_by_position(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
+                         world_size: int, device: torch.device,
+                         autocast: AbstractContextManager, document_masking: bool
+                         ) -> dict[str, float]:
+    """Mean loss of the evaluation tokens by how much context they had: {"0-63": loss,
+    "64-127": ..., up to the sequence length} (position_edges). With document masking the
+    context is the position inside the token's document, else inside the window. All ranks
+    get the same numbers. Long-context training should lower the later buckets."""
+    edges = position_edges(eval_set.dataset.seq_len)
+    bounds = torch.tensor(edges[1:-1], device=device)
+    loss_sum = torch.zeros(len(edges) - 1, dtype=torch.float64, device=device)
+    token_count = torch.zeros_like(loss_sum)
+    for losses, weight, _, positions in window_losses(model, eval_set, micro_batch, rank,
+                                                      world_size, device, autocast,
+                                                      document_masking):
+        bucket = torch.bucketize(positions, bounds, right=True).flatten()
+        loss_sum.index_add_(0, bucket, (losses * weight[:, None]).flatten())
+        token_count.index_add_(0, bucket, weight[:, None].expand_as(losses).flatten())
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(token_count)
+    return {f"{lo}-{hi - 1}": float(total / count)
+            for lo, hi, total, count in zip(edges[:-1], edges[1:], loss_sum.tolist(),
+                                            token_count.tolist(), strict=True) if count}
+
+
+@torch.no_grad()
+def window_losses(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
+                  world_size: int, device: torch.device, autocast: AbstractContextManager,
+                  document_masking: bool):
+    """Per micro-batch of this rank's windows: (token losses [b, T] float64, row weight [b]
+    float64 (0 for padding rows), source [b], context position of each token [b, T])."""
     mine = np.arange(rank, len(eval_set.windows), world_size)  # round-robin over ranks
     per_rank = math.ceil(len(eval_set.windows) / world_size)
     rows = np.resize(mine, per_rank) if len(mine) else np.zeros(per_rank, dtype=np.int64)
     real = np.arange(per_rank) < len(mine)  # np.resize repeats rows to pad; they weigh 0
-    loss_sum = torch.zeros(n_sources, dtype=torch.float64, device=device)
-    token_count = torch.zeros(n_sources, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    for start in range(0, per_rank, micro_batch):
-        chunk = rows[start:start + micro_batch]
-        tokens, doc_ids = eval_set.dataset.read_windows(eval_set.streams[chunk],
-                                                        eval_set.windows[chunk])
-        tokens_t = torch.from_numpy(tokens).to(device)
-        docs = torch.from_numpy(doc_ids).to(device) if document_masking else None
-        with autocast:
-            logits = model(tokens_t[:, :-1], docs)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens_t[:, 1:].flatten(),
-                                 reduction="none").view(len(chunk), -1)
-        weight = torch.from_numpy(real[start:start + micro_batch]).to(device).double()
-        source = torch.from_numpy(eval_set.streams[chunk]).to(device)
-        loss_sum.index_add_(0, source, losses.sum(1).double() * weight)
-        token_count.index_add_(0, source, weight * losses.shape[1])
-    model.train(was_training)
-    return loss_sum, token_count
+    try:
+        for start in range(0, per_rank, micro_batch):
+            chunk = rows[start:start + micro_batch]
+            tokens, doc_ids = eval_set.dataset.read_windows(eval_set.streams[chunk],
+                                                            eval_set.windows[chunk])
+            tokens_t = torch.from_numpy(tokens).to(device)
+            docs = torch.from_numpy(doc_ids).to(device)
+            with torch.no_grad(), autocast:
+                logits = model(tokens_t[:, :-1], docs if document_masking else None)
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens_t[:, 1:].flatten(),
+                                     reduction="none").view(len(chunk), -1).double()
+            positions = (document_positions(docs) if document_masking else
+                         torch.arange(losses.shape[1], device=device).expand_as(docs))
+            weight = torch.from_numpy(real[start:start + micro_batch]).to(device).double()
+            yield losses, weight, torch.from_numpy(eval_set.streams[chunk]).to(device), positions
+    finally:
+        model.train(was_training)
 
 
 def _unique_names(entries: list[SourceWeight]) -> list[str]:

@@ -11,6 +11,9 @@ A step whose loss or gradient norm is not finite is skipped (no update) and coun
 `max_bad_steps` in a row the run halts with a clear message. Everything a step depends on
 is restored on resume (the schedule is a function of the step), so on CPU a resumed run
 reproduces the uninterrupted run's losses exactly.
+
+With `stages` (train/stages.py) the loop above runs once per stage, each built for its
+stage's settings and started from the checkpoint that ended the stage before.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from stripes.arch.model import StripedLM
 from stripes.core.config import ConfigError
 from stripes.core.log import log
 from stripes.data.loader import DataLoader, TokenDataset
-from stripes.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from stripes.train.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    saved_step,
+)
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World, all_reduce_mean, close_world, init_world
 from stripes.train.engine import build_engine
@@ -37,6 +45,8 @@ from stripes.train.evaluate import build_eval_set, evaluate
 from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
 from stripes.train.parallel import resolve_backend
 from stripes.train.schedule import lr_at
+from stripes.train.stage_eval import stage_end_eval
+from stripes.train.stages import Segment, stage_config
 
 
 class TrainingHalted(RuntimeError):
@@ -54,13 +64,30 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     world = init_world(cfg.device)
     try:
-        return _train(cfg, world)
+        if not cfg.stages:
+            return _train(cfg, world, Segment("", 0, 0, cfg.steps), cfg.steps)
+        result = TrainResult(0, {}, 0, None)
+        for index in range(len(cfg.stages)):
+            stage_cfg, segment = stage_config(cfg, index)
+            if result.steps_done:  # a stage ran here: the next starts from its checkpoint
+                stage_cfg.checkpoint.resume = "auto"
+            part = _train(stage_cfg, world, segment, cfg.steps)
+            result = TrainResult(result.steps_done + part.steps_done,
+                                 {**result.losses, **part.losses},
+                                 part.skipped_steps if part.steps_done else result.skipped_steps,
+                                 part.last_checkpoint or result.last_checkpoint)
+        return result
     finally:
         close_world()
 
 
-def _train(cfg: TrainConfig, world: World) -> TrainResult:
+def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int) -> TrainResult:
+    """Steps [segment.start, segment.end) = [.., cfg.steps) of the run, resuming from the
+    newest checkpoint inside or at the start of them (one past them: nothing to do)."""
     run_dir = Path(cfg.output_dir)
+    checkpoint = find_checkpoint(run_dir, cfg.checkpoint.resume)
+    if checkpoint is not None and saved_step(checkpoint) >= segment.end:
+        return TrainResult(0, {}, 0, None)  # a stage this run has already trained
     sequences, accum = cfg.batch_plan(world.world_size)
     backend = resolve_backend(cfg.parallel.backend, world)
     # CPUs without bf16 matrix units run bf16 autocast slower than float32.
@@ -75,20 +102,37 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     model.init_weights()
     engine = build_engine(model, cfg, backend, world, accum, bf16)
     loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)
+    stage_eval = bool(segment.name) and cfg.eval.at_stage_end
+    held_out = cfg.eval.sources is not None or cfg.data.heldout > 0
     eval_set = (build_eval_set(dataset, cfg.eval.sources, cfg.eval.samples)
-                if cfg.eval.every_steps else None)
+                if cfg.eval.every_steps or (stage_eval and held_out) else None)
 
-    start, tokens_seen, skipped = 0, 0, 0
-    checkpoint = find_checkpoint(run_dir, cfg.checkpoint.resume)
+    start, tokens_seen, skipped = segment.start, 0, 0
+    checkpoint_stage = None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine.states, seed=cfg.seed)
         start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
-        loader.load_state_dict(state["data"])
-        log.info(f"resumed from {checkpoint} at step {start}")
+        checkpoint_stage = state.get("stage", "")
+        if checkpoint_stage == segment.name:  # else the stage's own data starts afresh
+            loader.load_state_dict(state["data"])
+            log.info(f"resumed from {checkpoint} at step {start}")
+        else:
+            log.info(f"stage {segment.name!r} starts from {checkpoint} (step {start})")
+    if checkpoint is None and segment.start:
+        raise ConfigError("checkpoint.resume", cfg.checkpoint.resume, "a checkpoint from step "
+                          f"{segment.start} on in {run_dir / 'checkpoints'}",
+                          f"stage {segment.name!r} starts there and none was found")
+    if start < segment.start:
+        raise ConfigError("checkpoint.resume", str(checkpoint), f"a checkpoint at step >= "
+                          f"{segment.start}, where stage {segment.name!r} starts",
+                          f"it was saved at step {start}, inside an earlier stage")
 
-    metrics = MetricsLogger(run_dir, cfg.steps, world.rank, device=world.device)
-    if checkpoint is not None:
+    metrics = MetricsLogger(run_dir, total_steps, world.rank, device=world.device)
+    if checkpoint is not None and checkpoint_stage == segment.name:
         metrics.log_event("resumed", step=start, path=str(checkpoint))
+    elif segment.name:
+        metrics.log_event("stage", step=start, name=segment.name, index=segment.index,
+                          seq_len=cfg.data.seq_len, steps=segment.end - segment.start)
     throughput = Throughput()
     flops_fwd, peak = model.flops_per_token(cfg.data.seq_len), peak_flops(world.device)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -98,7 +142,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     bad_in_a_row, last_save, saved = 0, time.monotonic(), None
 
     for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg.schedule, cfg.optim.lr, cfg.steps)
+        lr = lr_at(step - segment.start, cfg.schedule, cfg.optim.lr,
+                   segment.end - segment.start)
         batch = next(loader)
         loss_sum = torch.zeros((), device=world.device)
         for micro in range(accum):
@@ -136,19 +181,23 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                         step_time_s=throughput.step_time(),
                         mfu=mfu(rate / world.world_size, flops_fwd, peak)
                         if rate and peak else None)
-        if eval_set is not None and ((step + 1) % cfg.eval.every_steps == 0
+        if cfg.eval.every_steps and ((step + 1) % cfg.eval.every_steps == 0
                                      or step + 1 == cfg.steps):
             losses_eval = evaluate(engine.module, eval_set, cfg.eval.micro_batch or cfg.micro_batch,
                                    world.rank, world.world_size, world.device, autocast,
                                    cfg.document_masking)
             metrics.log_eval(step + 1, losses_eval)
             throughput.mark()  # evaluation is not training time
+        if stage_eval and step + 1 == segment.end:
+            stage_end_eval(cfg, segment, engine.module, eval_set, world, autocast, metrics,
+                           run_dir)
+            throughput.mark()
         minutes = cfg.checkpoint.every_minutes
         due = ((step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps
                or (minutes is not None and time.monotonic() - last_save > 60 * minutes))
         if due:
             trainer_state = {"tokens_seen": tokens_seen, "skipped_steps": skipped,
-                             "data": loader.state_dict()}
+                             "data": loader.state_dict(), "stage": segment.name}
             saved = save_checkpoint(run_dir, step + 1, engine.states, trainer_state,
                                     config_yaml, cfg.checkpoint.keep_last)
             metrics.log_event("checkpoint", step=step + 1, path=str(saved))
