@@ -67,6 +67,9 @@ def test_each_stage_resolves_to_its_own_settings():
     ("[{name: a, seq_len: 64, steps: 2, schedule: {warmup_steps: 3}}]",
      "stages[0] (a): schedule.warmup_steps"),
     ("[]", "stages"),
+    ("[{name: a, seq_len: 64, steps: 2, init_from: /no/such/run}]", "stages[0].init_from"),
+    ("[{name: a, seq_len: 64, steps: 2}, {name: b, seq_len: 64, steps: 2, init_from: /tmp}]",
+     "stages[1].init_from"),
 ])
 def test_bad_stages_are_one_line_naming_the_key(stages, key):
     with pytest.raises(ConfigError) as err:
@@ -181,3 +184,25 @@ def test_the_long_context_demo_runs_every_stage(tmp_path, demo_data):
         assert set(result["passkey"]) == {"depth 0.1", "depth 0.5", "depth 0.9"}
         assert json.loads((tmp_path / "eval" / f"{name}.json").read_text()) == {
             k: v for k, v in result.items() if k not in ("event", "time")}
+
+
+def test_the_first_stage_starts_from_outside_weights(uninterrupted, tmp_path):
+    """`init_from` (a run directory: its latest checkpoint) starts the first stage from those
+    weights: after one step at a negligible learning rate they are still the source's, and
+    the first loss is below a fresh model's on the same batch."""
+    from stripes.train.dcp_states import read_dcp_weights
+
+    run_dir, _, data = uninterrupted
+    stage = "{name: more, seq_len: 128, steps: 1, lr: 1e-12, schedule: {warmup_steps: 0}%s}"
+    grafted = train(config(f"output_dir={tmp_path / 'grafted'}", data=data,
+                           stages=f"stages=[{stage % f', init_from: {run_dir}'}]"))
+    fresh = train(config(f"output_dir={tmp_path / 'fresh'}", data=data,
+                         stages=f"stages=[{stage % ''}]"))
+    assert grafted.losses[0] < fresh.losses[0] - 0.1, (grafted.losses, fresh.losses)
+    source = read_dcp_weights(run_dir / "checkpoints" / "step-000008")
+    started = read_dcp_weights(tmp_path / "grafted" / "checkpoints" / "step-000001")
+    assert source.keys() == started.keys()
+    for name, tensor in source.items():
+        torch.testing.assert_close(started[name], tensor, rtol=1e-6, atol=1e-9, msg=name)
+    starts = [e for e in events(tmp_path / "grafted") if e["event"] == "stage"]
+    assert starts[0]["init_from"] == str(run_dir)

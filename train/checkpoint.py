@@ -50,7 +50,7 @@ from stripes.train.dcp_states import CheckpointMismatch, DcpStates
 from stripes.train.rng import load_rng, save_rng
 
 __all__ = ["CheckpointMismatch", "DcpStates", "States", "find_checkpoint", "load_checkpoint",
-           "save_checkpoint", "saved_step"]
+           "load_weights", "save_checkpoint", "saved_step"]
 
 FORMAT = "stripes-checkpoint/1"
 CHECKPOINTS = "checkpoints"
@@ -122,6 +122,21 @@ def find_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
                           "auto, never, or a checkpoint directory such as "
                           f"{Path(run_dir) / CHECKPOINTS / checkpoint_name(100)}", problem)
     return path
+
+
+def load_weights(path: str | Path, model, key: str = "init_from") -> Path:
+    """The model weights of a checkpoint (a checkpoint directory, or a run directory's
+    latest) into an unwrapped `model`, nothing else: no optimizer, step, data or RNG.
+    Returns the checkpoint read. Tensors that do not fit raise `CheckpointMismatch`."""
+    path = Path(path)
+    found = path if (path / "trainer.json").exists() else _latest(path)
+    problem = "no checkpoint in it" if found is None else _incomplete(found)
+    if problem:
+        raise ConfigError(key, str(path), "a stripes checkpoint directory, or a run "
+                          "directory with one", problem)
+    saved = json.loads((found / "trainer.json").read_text())
+    DcpStates(model, None).load(found, saved.get("states", DcpStates.kind))
+    return found
 
 
 def saved_step(path: str | Path) -> int:

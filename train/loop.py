@@ -35,6 +35,7 @@ from stripes.data.loader import DataLoader, TokenDataset
 from stripes.train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     saved_step,
 )
@@ -100,6 +101,9 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int) -
         model = StripedLM(cfg.model)
     model.to_empty(device=world.device)
     model.init_weights()
+    if checkpoint is None and segment.init_from:
+        source = load_weights(segment.init_from, model, f"stages[{segment.index}].init_from")
+        log.info(f"stage {segment.name!r} starts from the weights of {source}")
     engine = build_engine(model, cfg, backend, world, accum, bf16)
     loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)
     stage_eval = bool(segment.name) and cfg.eval.at_stage_end
@@ -132,7 +136,8 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int) -
         metrics.log_event("resumed", step=start, path=str(checkpoint))
     elif segment.name:
         metrics.log_event("stage", step=start, name=segment.name, index=segment.index,
-                          seq_len=cfg.data.seq_len, steps=segment.end - segment.start)
+                          seq_len=cfg.data.seq_len, steps=segment.end - segment.start,
+                          init_from=segment.init_from if checkpoint is None else None)
     throughput = Throughput()
     flops_fwd, peak = model.flops_per_token(cfg.data.seq_len), peak_flops(world.device)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -12,6 +12,8 @@
         micro_batch: 4                    # default: micro_batch
         sources: [...]                    # the stage's data mixture; default: data.sources
         activation_checkpointing: block   # default: parallel.activation_checkpointing
+    # The first stage may also name `init_from`: a checkpoint (or run directory) whose model
+    # weights it starts from, e.g. a model pretrained at short context; optimizer fresh.
 
 A run with stages trains for the sum of their steps; step numbers are global (the second
 stage above runs steps 300..399) and each stage's learning-rate schedule spans its own steps.
@@ -31,6 +33,7 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING
@@ -55,6 +58,7 @@ class StageConfig:
     micro_batch: int | None = None
     sources: list[SourceWeight] | None = None
     activation_checkpointing: str | None = None
+    init_from: str | None = None  # first stage only: weights of this checkpoint (or run)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Segment:
     index: int
     start: int
     end: int
+    init_from: str | None = None  # a checkpoint whose weights start the stage, if it is new
 
 
 def attention_names(cfg: TrainConfig) -> list[str]:
@@ -100,7 +105,7 @@ def stage_config(cfg: TrainConfig, index: int) -> tuple[TrainConfig, Segment]:
             settings = dict(out.model.mixers.get(name) or {})
             settings["rope"] = {**dict(settings.get("rope") or {}), **dict(stage.rope)}
             out.model.mixers[name] = settings
-    return out, Segment(stage.name, index, start, start + stage.steps)
+    return out, Segment(stage.name, index, start, start + stage.steps, stage.init_from)
 
 
 def validate_stages(cfg: TrainConfig) -> None:
@@ -116,6 +121,13 @@ def validate_stages(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}.name", stage.name, "a name no other stage has")
         require_positive(f"{key}.seq_len", stage.seq_len, integer=True)
         require_positive(f"{key}.steps", stage.steps, integer=True)
+        if stage.init_from is not None and not Path(stage.init_from).is_dir():
+            raise ConfigError(f"{key}.init_from", stage.init_from, "a stripes checkpoint "
+                              "directory, or a run directory with one", "no such directory")
+        if i and stage.init_from is not None:
+            raise ConfigError(f"{key}.init_from", stage.init_from, "null (only the first "
+                              "stage starts from outside weights)", "a later stage continues "
+                              "the one before it")
         if i and stage.seq_len < stages[i - 1].seq_len:
             raise ConfigError(f"{key}.seq_len", stage.seq_len,
                               f">= the previous stage's {stages[i - 1].seq_len}",
