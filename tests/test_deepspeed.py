@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-# demo_data and single_process_run are test_train's fixtures: imported, pytest uses them
-# (module-scoped, so prepared once here too), which ruff reads as unused or redefined names.
+# single_process_run is test_train's fixture: imported, pytest uses it (module-scoped, so
+# run once here too), which ruff reads as an unused or redefined name. demo_data is
+# conftest's.
 from test_train import (  # noqa: F401
     FLAT,
     TINY,
     data_overrides,
-    demo_data,
     eval_losses,
     kill_after_checkpoint,
     run,
