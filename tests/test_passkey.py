@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from stripes.train.passkey import min_length, passkey_accuracy, passkey_batch
+from stripes.train.passkey import FIRST_ID, min_length, passkey_accuracy, passkey_batch
 
 V = 50
 
@@ -17,6 +17,7 @@ V = 50
 def test_samples_hold_the_key_at_the_depth_and_at_the_end():
     tokens, keys = passkey_batch(V, 40, 0.5, 4, 6, torch.Generator().manual_seed(0))
     assert tokens.shape == (6, 41) and keys.shape == (6, 4)
+    assert tokens.min() >= FIRST_ID  # never sentencepiece's unk, bos or eos
     marker = V - 1
     for row, key in zip(tokens, keys, strict=True):
         (first, last) = (row == marker).nonzero().flatten().tolist()  # exactly two markers

@@ -67,6 +67,11 @@ def test_each_stage_resolves_to_its_own_settings():
     ("[{name: a, seq_len: 64, steps: 2, schedule: {warmup_steps: 3}}]",
      "stages[0] (a): schedule.warmup_steps"),
     ("[]", "stages"),
+    ("[{name: a/b, seq_len: 64, steps: 2}]", "stages[0].name"),
+    ("[{name: a, seq_len: 64, steps: 3}, {name: b, seq_len: 64, steps: 1}]",
+     "stages[1] (b): schedule.warmup_steps"),  # the run's warm-up of 2, inherited
+    ("[{name: a, seq_len: 64, steps: 2, rope: {scaling: yarn, factor: 2}}]",
+     "stages[0].rope.original_max_len"),
     ("[{name: a, seq_len: 64, steps: 2, init_from: /no/such/run}]", "stages[0].init_from"),
     ("[{name: a, seq_len: 64, steps: 2}, {name: b, seq_len: 64, steps: 2, init_from: /tmp}]",
      "stages[1].init_from"),
@@ -75,6 +80,19 @@ def test_bad_stages_are_one_line_naming_the_key(stages, key):
     with pytest.raises(ConfigError) as err:
         config(stages=f"stages={stages}")
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_a_stage_keeps_the_rope_scaling_it_was_extended_with():
+    stages = ("stages=[{name: a, seq_len: 64, steps: 4}, {name: b, seq_len: 128, steps: 4, "
+              "rope: {scaling: yarn, factor: 2, original_max_len: 64}}, "
+              "{name: c, seq_len: 128, steps: 4}, "
+              "{name: d, seq_len: 256, steps: 4, micro_batch: 2, rope: {factor: 4}}]")
+    cfg = config(stages=stages)
+    ropes = [stage_config(cfg, i)[0].model.mixers["attn"]["rope"] for i in range(4)]
+    assert "scaling" not in ropes[0]
+    assert ropes[1] == ropes[2] == {"theta": 10000, "scaling": "yarn", "factor": 2,
+                                    "original_max_len": 64}
+    assert ropes[3]["factor"] == 4 and ropes[3]["scaling"] == "yarn"
 
 
 def test_steps_must_be_the_stages_sum_or_left_out():
@@ -139,6 +157,42 @@ def test_resume_inside_the_second_stage_reproduces_the_run(uninterrupted, tmp_pa
     assert resumed == [6]
     # A finished run has nothing left to do, in any stage.
     assert train(config(f"output_dir={resumed_dir}", data=data)).steps_done == 0
+
+
+def resume_from(run_dir: Path, tmp_path: Path, step: int) -> Path:
+    """A copy of the run as if killed right after saving `step`."""
+    copy = tmp_path / f"at-{step}"
+    shutil.copytree(run_dir, copy)
+    for later in (copy / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    (copy / "checkpoints" / "latest").write_text(f"step-{step:06d}")
+    return copy
+
+
+def test_resume_at_a_stage_boundary_reproduces_the_run(uninterrupted, tmp_path):
+    run_dir, result, data = uninterrupted
+    copy = resume_from(run_dir, tmp_path, 4)
+    again = train(config(f"output_dir={copy}", "checkpoint.every_steps=2",
+                         "checkpoint.keep_last=4", data=data))
+    assert sorted(again.losses) == [4, 5, 6, 7]
+    assert [again.losses[s] for s in range(4, 8)] == [result.losses[s] for s in range(4, 8)]
+
+
+def test_a_checkpoint_of_other_stages_is_refused(uninterrupted, tmp_path):
+    run_dir, _, data = uninterrupted
+    copy = resume_from(run_dir, tmp_path, 6)
+    renamed = STAGES.replace("name: long", "name: longer")
+    with pytest.raises(ConfigError, match="saved at step 6 by stage 'long'; the stages have "
+                                          "stage 'longer' there"):
+        train(config(f"output_dir={copy}", stages=renamed, data=data))
+    shorter = STAGES.replace("name: short, seq_len: 64, steps: 4", "name: short, seq_len: 64, "
+                             "steps: 6")
+    with pytest.raises(ConfigError, match="by stage 'long'; the stages have stage 'short'"):
+        train(config(f"output_dir={copy}", stages=shorter, data=data))
+    with pytest.raises(ConfigError, match="saved by stage 'long' of a staged run"):
+        train(load_train_config(TINY, [f"output_dir={copy}", "steps=12",
+                                       f"data.sources=[{{path: {data}, source: devil}}]"]))
 
 
 def test_the_result_evaluates_beyond_its_training_length(uninterrupted):

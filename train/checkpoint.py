@@ -50,7 +50,7 @@ from stripes.train.dcp_states import CheckpointMismatch, DcpStates
 from stripes.train.rng import load_rng, save_rng
 
 __all__ = ["CheckpointMismatch", "DcpStates", "States", "find_checkpoint", "load_checkpoint",
-           "load_weights", "save_checkpoint", "saved_step"]
+           "load_weights", "save_checkpoint", "saved_record"]
 
 FORMAT = "stripes-checkpoint/1"
 CHECKPOINTS = "checkpoints"
@@ -139,9 +139,11 @@ def load_weights(path: str | Path, model, key: str = "init_from") -> Path:
     return found
 
 
-def saved_step(path: str | Path) -> int:
-    """The step a complete checkpoint was saved at, without loading it."""
-    return int(json.loads((Path(path) / "trainer.json").read_text())["step"])
+def saved_record(path: str | Path) -> dict[str, Any]:
+    """The caller's trainer state of a complete checkpoint with `step` added, without
+    loading anything else."""
+    saved = json.loads((Path(path) / "trainer.json").read_text())
+    return {**saved["trainer"], "step": int(saved["step"])}
 
 
 def load_checkpoint(path: str | Path, states: States, seed: int | None = None) -> dict[str, Any]:

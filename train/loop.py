@@ -18,6 +18,7 @@ stage's settings and started from the checkpoint that ended the stage before.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -37,7 +38,6 @@ from stripes.train.checkpoint import (
     load_checkpoint,
     load_weights,
     save_checkpoint,
-    saved_step,
 )
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World, all_reduce_mean, close_world, init_world
@@ -47,7 +47,7 @@ from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
 from stripes.train.parallel import resolve_backend
 from stripes.train.schedule import lr_at
 from stripes.train.stage_eval import stage_end_eval
-from stripes.train.stages import Segment, stage_config
+from stripes.train.stages import Segment, resume_step, stage_config
 
 
 class TrainingHalted(RuntimeError):
@@ -65,30 +65,47 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     world = init_world(cfg.device)
     try:
+        # Read once per process: `latest` is rewritten as the run goes.
+        checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.checkpoint.resume)
         if not cfg.stages:
-            return _train(cfg, world, Segment("", 0, 0, cfg.steps), cfg.steps)
+            return _train(cfg, world, Segment("", 0, 0, cfg.steps), cfg.steps, checkpoint)
+        plan = [stage_config(cfg, i) for i in range(len(cfg.stages))]
+        for stage_cfg, segment in plan:  # every stage fits this world before any trains
+            try:
+                stage_cfg.batch_plan(world.world_size)
+            except ConfigError as err:
+                raise ConfigError(f"stages[{segment.index}] ({segment.name}): {err.key}",
+                                  err.value, err.allowed, err.reason) from None
+        done = resume_step(checkpoint, [segment for _, segment in plan])
         result = TrainResult(0, {}, 0, None)
-        for index in range(len(cfg.stages)):
-            stage_cfg, segment = stage_config(cfg, index)
-            if result.steps_done:  # a stage ran here: the next starts from its checkpoint
-                stage_cfg.checkpoint.resume = "auto"
-            part = _train(stage_cfg, world, segment, cfg.steps)
+        for stage_cfg, segment in plan:
+            if done >= segment.end:
+                continue  # trained before this process started
+            part = _train(stage_cfg, world, segment, cfg.steps, checkpoint)
+            checkpoint, done = part.last_checkpoint, segment.end  # the next starts there
             result = TrainResult(result.steps_done + part.steps_done,
-                                 {**result.losses, **part.losses},
-                                 part.skipped_steps if part.steps_done else result.skipped_steps,
-                                 part.last_checkpoint or result.last_checkpoint)
+                                 {**result.losses, **part.losses}, part.skipped_steps,
+                                 part.last_checkpoint)
+            release_memory()
         return result
     finally:
         close_world()
 
 
-def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int) -> TrainResult:
-    """Steps [segment.start, segment.end) = [.., cfg.steps) of the run, resuming from the
-    newest checkpoint inside or at the start of them (one past them: nothing to do)."""
+def release_memory() -> None:
+    """Between stages: the finished stage's model, optimizer and compiled graphs go before
+    the next (longer) stage allocates."""
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
+           checkpoint: Path | None) -> TrainResult:
+    """Steps [segment.start, segment.end) = [.., cfg.steps) of the run, from `checkpoint`
+    (inside the segment, or at its start: the previous stage's last) or from scratch."""
     run_dir = Path(cfg.output_dir)
-    checkpoint = find_checkpoint(run_dir, cfg.checkpoint.resume)
-    if checkpoint is not None and saved_step(checkpoint) >= segment.end:
-        return TrainResult(0, {}, 0, None)  # a stage this run has already trained
     sequences, accum = cfg.batch_plan(world.world_size)
     backend = resolve_backend(cfg.parallel.backend, world)
     # CPUs without bf16 matrix units run bf16 autocast slower than float32.
@@ -117,6 +134,10 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int) -
         state = load_checkpoint(checkpoint, engine.states, seed=cfg.seed)
         start, tokens_seen, skipped = state["step"], state["tokens_seen"], state["skipped_steps"]
         checkpoint_stage = state.get("stage", "")
+        if not segment.name and checkpoint_stage:
+            raise ConfigError("checkpoint.resume", str(checkpoint), "a checkpoint of a run "
+                              "without stages, or checkpoint.resume=never",
+                              f"it was saved by stage {checkpoint_stage!r} of a staged run")
         if checkpoint_stage == segment.name:  # else the stage's own data starts afresh
             loader.load_state_dict(state["data"])
             log.info(f"resumed from {checkpoint} at step {start}")
@@ -193,10 +214,6 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int) -
                                    cfg.document_masking)
             metrics.log_eval(step + 1, losses_eval)
             throughput.mark()  # evaluation is not training time
-        if stage_eval and step + 1 == segment.end:
-            stage_end_eval(cfg, segment, engine.module, eval_set, world, autocast, metrics,
-                           run_dir)
-            throughput.mark()
         minutes = cfg.checkpoint.every_minutes
         due = ((step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps
                or (minutes is not None and time.monotonic() - last_save > 60 * minutes))
@@ -208,6 +225,9 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int) -
             metrics.log_event("checkpoint", step=step + 1, path=str(saved))
             last_save = time.monotonic()
             throughput.mark()  # the save is not training time
+        if stage_eval and step + 1 == segment.end:  # after the save: a failure loses no step
+            stage_end_eval(cfg, segment, engine.module, eval_set, world, autocast, metrics,
+                           run_dir)
     metrics.close()
     return TrainResult(cfg.steps - start, losses, skipped, saved)
 

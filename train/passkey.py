@@ -9,10 +9,12 @@ end the marker again followed by the key:
 
 Scored by teacher forcing: a sample counts when the model's most likely token is right at
 every key position at the end. Tokens, not text, so it needs no tokenizer and runs on any
-model: the marker is the vocabulary's last id and filler and keys are drawn from the rest.
-A model that learned to copy from its context (induction) solves it at any distance its
-mixers carry the key over; chance is vocab^-key_len. The accuracy per depth, measured at
-each stage's length, shows whether an extended context is actually used.
+model: the marker is the vocabulary's last id and filler and keys are drawn from ids
+FIRST_ID..vocab-2 (below FIRST_ID are sentencepiece's unk, bos and eos, which text never
+contains). A model that learned to copy from its context (induction) solves it at any
+distance its mixers carry the key over; chance is (vocab - 1 - FIRST_ID)^-key_len. The
+accuracy per depth, measured at each stage's length, shows whether an extended context is
+actually used.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+
+FIRST_ID = 3
 
 
 def min_length(key_len: int) -> int:
@@ -34,12 +38,13 @@ def passkey_batch(vocab_size: int, seq_len: int, depth: float, key_len: int, sam
     """(tokens [samples, seq_len + 1], keys [samples, key_len]), int64, on the CPU."""
     length = seq_len + 1
     room = length - min_length(key_len) - 1  # the last place the first marker may go
-    if room < 0 or vocab_size < 3:
+    if room < 0 or vocab_size < FIRST_ID + 3:
         raise ValueError(f"passkey: seq_len {seq_len} is too short for a key of {key_len} "
-                         f"tokens (at least {min_length(key_len)}), or vocab {vocab_size} < 3")
+                         f"tokens (at least {min_length(key_len)}), or vocab {vocab_size} < "
+                         f"{FIRST_ID + 3}")
     marker = vocab_size - 1
-    tokens = torch.randint(0, marker, (samples, length), generator=generator)
-    keys = torch.randint(0, marker, (samples, key_len), generator=generator)
+    tokens = torch.randint(FIRST_ID, marker, (samples, length), generator=generator)
+    keys = torch.randint(FIRST_ID, marker, (samples, key_len), generator=generator)
     at = round(depth * room)
     tokens[:, at] = marker
     tokens[:, at + 1:at + 1 + key_len] = keys

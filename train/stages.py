@@ -5,7 +5,8 @@
       - name: long
         seq_len: 1024
         steps: 100
-        rope: {scaling: yarn, factor: 4, original_max_len: 256}  # every attention layer
+        rope: {scaling: yarn, factor: 4, original_max_len: 256}  # every attention layer;
+                                          # later stages keep it unless they say otherwise
         lr: 1e-3                          # default: optim.lr
         schedule: {warmup_steps: 10}      # default: schedule (merged onto it)
         global_batch_tokens: 16384        # default: the run's, the same tokens per step
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,8 @@ from stripes.data.loader import SourceWeight
 
 if TYPE_CHECKING:
     from stripes.train.config import TrainConfig
+
+NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -70,6 +74,28 @@ class Segment:
     start: int
     end: int
     init_from: str | None = None  # a checkpoint whose weights start the stage, if it is new
+
+
+def resume_step(checkpoint: Path | None, segments: list[Segment]) -> int:
+    """The step a staged run resumes at (0: none), after checking that the checkpoint is one
+    this list of stages wrote: the stage it names must be the one whose steps it ends
+    (start < step <= end). A renamed stage, changed step counts or another run's checkpoint
+    are refused in one line rather than resumed into the wrong stage."""
+    from stripes.train.checkpoint import saved_record  # checkpoint -> config -> stages
+
+    if checkpoint is None:
+        return 0
+    record = saved_record(checkpoint)
+    step, stage = record["step"], record.get("stage", "")
+    owner = next((s for s in segments if s.start < step <= s.end), None)
+    if owner is None or owner.name != stage:
+        where = (f"stage {owner.name!r} there" if owner else
+                 f"{segments[-1].end} steps in all")
+        raise ConfigError("checkpoint.resume", str(checkpoint), "a checkpoint written by "
+                          "this list of stages, or checkpoint.resume=never",
+                          f"it was saved at step {step} by stage {stage!r}; the stages "
+                          f"have {where}")
+    return step
 
 
 def attention_names(cfg: TrainConfig) -> list[str]:
@@ -100,12 +126,22 @@ def stage_config(cfg: TrainConfig, index: int) -> tuple[TrainConfig, Segment]:
                                 dict(stage.schedule), prefix="schedule")
     if stage.activation_checkpointing is not None:
         out.parallel.activation_checkpointing = stage.activation_checkpointing
-    if stage.rope:
+    rope = carried_rope(cfg, index)
+    if rope:
         for name in attention_names(cfg):
             settings = dict(out.model.mixers.get(name) or {})
-            settings["rope"] = {**dict(settings.get("rope") or {}), **dict(stage.rope)}
+            settings["rope"] = {**dict(settings.get("rope") or {}), **rope}
             out.model.mixers[name] = settings
     return out, Segment(stage.name, index, start, start + stage.steps, stage.init_from)
+
+
+def carried_rope(cfg: TrainConfig, index: int) -> dict[str, Any]:
+    """The RoPE keys in force at stage `index`: every earlier stage's, each later one
+    overriding, so a stage that names none keeps the scaling it was extended with."""
+    rope: dict[str, Any] = {}
+    for stage in cfg.stages[:index + 1]:
+        rope.update(dict(stage.rope or {}))
+    return rope
 
 
 def validate_stages(cfg: TrainConfig) -> None:
@@ -117,8 +153,9 @@ def validate_stages(cfg: TrainConfig) -> None:
     names = [s.name for s in stages]
     for i, stage in enumerate(stages):
         key = f"stages[{i}]"
-        if not stage.name or names.index(stage.name) != i:
-            raise ConfigError(f"{key}.name", stage.name, "a name no other stage has")
+        if not NAME.fullmatch(stage.name or "") or names.index(stage.name) != i:
+            raise ConfigError(f"{key}.name", stage.name, "letters, digits, '.', '_' or '-', "
+                              "a name no other stage has", "it names files and log records")
         require_positive(f"{key}.seq_len", stage.seq_len, integer=True)
         require_positive(f"{key}.steps", stage.steps, integer=True)
         if stage.init_from is not None and not Path(stage.init_from).is_dir():
@@ -132,6 +169,11 @@ def validate_stages(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}.seq_len", stage.seq_len,
                               f">= the previous stage's {stages[i - 1].seq_len}",
                               "stages extend the context, never shorten it")
+        rope = carried_rope(cfg, i)
+        if rope.get("scaling") == "yarn" and "original_max_len" not in rope:
+            raise ConfigError(f"{key}.rope.original_max_len", None, "the length the model "
+                              "was trained at before its context was extended",
+                              "yarn needs it")
         if stage.rope:
             unknown = set(stage.rope) - {f.name for f in dataclasses.fields(RopeConfig)}
             if unknown:
@@ -144,11 +186,15 @@ def validate_stages(cfg: TrainConfig) -> None:
     if cfg.steps is not None and cfg.steps != sum(s.steps for s in stages):
         raise ConfigError("steps", cfg.steps, f"the sum of the stages' steps, "
                           f"{sum(s.steps for s in stages)}, or left out")
-    for i in range(len(stages)):
-        resolved, _ = stage_config(cfg, i)
+    for i, stage in enumerate(stages):
         try:
+            resolved, _ = stage_config(cfg, i)
             resolved.validate()
-            resolved.batch_plan(1)
+            resolved.batch_plan(1)  # the world size is checked when the run starts
         except ConfigError as err:
-            raise ConfigError(f"stages[{i}] ({stages[i].name}): {err.key}", err.value,
+            raise ConfigError(f"stages[{i}] ({stage.name}): {err.key}", err.value,
                               err.allowed, err.reason) from None
+        if resolved.schedule.warmup_steps > stage.steps:
+            raise ConfigError(f"stages[{i}] ({stage.name}): schedule.warmup_steps",
+                              resolved.schedule.warmup_steps, f"0..{stage.steps}, the "
+                              "stage's steps", "each stage's schedule spans its own steps")
