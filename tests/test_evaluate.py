@@ -140,3 +140,13 @@ def test_loss_by_position_splits_the_same_tokens(data, tiny_cfg, monkeypatch):
         mean = sum(loss * n for loss, n in zip(buckets.values(), tokens_in, strict=True))
         assert mean / sum(tokens_in) == pytest.approx(float(loss_sum.sum() / count.sum()),
                                                       rel=1e-9)
+
+
+def test_token_losses_in_chunks_equal_the_whole():
+    from stripes.train.evaluate import token_losses
+
+    logits = torch.randn(2, 10, 7, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 7, (2, 10), generator=torch.Generator().manual_seed(1))
+    whole = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                              reduction="none").view(2, 10).double()
+    assert torch.equal(token_losses(logits, targets, chunk=3), whole)

@@ -155,14 +155,24 @@ def window_losses(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: i
             docs = torch.from_numpy(doc_ids).to(device)
             with torch.no_grad(), autocast:
                 logits = model(tokens_t[:, :-1], docs if document_masking else None)
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), tokens_t[:, 1:].flatten(),
-                                     reduction="none").view(len(chunk), -1).double()
+            losses = token_losses(logits, tokens_t[:, 1:])
             positions = (document_positions(docs) if document_masking else
                          torch.arange(losses.shape[1], device=device).expand_as(docs))
             weight = torch.from_numpy(real[start:start + micro_batch]).to(device).double()
             yield losses, weight, torch.from_numpy(eval_set.streams[chunk]).to(device), positions
     finally:
         model.train(was_training)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096
+                 ) -> torch.Tensor:
+    """Cross-entropy of each token, float64 [B, T], computed `chunk` positions at a time: at
+    long context a float32 copy of all the logits would dwarf the model (42 GB for one
+    sequence of 128k at a 32k vocabulary)."""
+    return torch.cat([F.cross_entropy(logits[:, i:i + chunk].flatten(0, 1).float(),
+                                      targets[:, i:i + chunk].flatten(), reduction="none")
+                      .view(len(targets), -1) for i in range(0, targets.shape[1], chunk)],
+                     dim=1).double()
 
 
 def _unique_names(entries: list[SourceWeight]) -> list[str]:
