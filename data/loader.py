@@ -25,8 +25,9 @@ replays nothing. A global batch at step t is samples [t*GB, (t+1)*GB) after the 
 rank r of W reads the contiguous slice [r*GB/W, (r+1)*GB/W). Every sample of a stream is seen
 exactly once per epoch of that stream, whatever the number of ranks.
 
-Held out. With `heldout: f`, the last ceil(f x windows) windows of each stream are never
-sampled for training (n_samples counts the rest); train/evaluate.py reads them by index.
+Held out. With `heldout: f`, the windows in the last ceil(f x tokens) tokens of each stream
+are never sampled for training (n_samples counts the windows before them; the tail is cut in
+tokens, so it is the same at every seq_len); train/evaluate.py reads them by index.
 
 State. {samples_consumed (global), seed, fingerprint, components}: the same on every rank, so
 a run saved on 2 ranks resumes on 1 or 4 with the same global order. The fingerprint covers
@@ -81,7 +82,7 @@ class LoaderConfig:
     mix_block: int = 1000  # samples per mixture block: shares are exact to 1/mix_block
     verify: bool = True  # hash every shard on open (sizes are always checked)
     allow_changed_data: bool = False  # resume even if data, mixture, seq_len or seed changed
-    heldout: float = 0.0  # fraction of each source's windows, at its end, never trained on
+    heldout: float = 0.0  # fraction of each source's tokens, at its end, never trained on
 
     def validate(self, prefix: str = "data") -> None:
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -107,10 +108,17 @@ class _Stream:
         self.offsets = np.cumsum([0] + [s.tokens for s in self.shards]).tolist()
         self.tokens = self.offsets[-1]
         self.n_windows = (self.tokens - 1) // seq_len
-        # Windows [n_samples, n_windows) are held out: the stream's tail, at least one window
-        # when any fraction is asked for. Training samples only [0, n_samples).
-        self.n_heldout = math.ceil(heldout * self.n_windows) if heldout > 0 else 0
-        self.n_samples = self.n_windows - self.n_heldout
+        # Training samples windows [0, n_samples); windows [first_heldout, n_windows) are held
+        # out. The cut is made in tokens, the last ceil(heldout x tokens) of the stream, so
+        # runs and stages of different seq_len hold out the same tokens (a longer stage never
+        # evaluates on what a shorter one trained on); the window that straddles the cut is
+        # in neither. At least one window is held out when any fraction is asked for.
+        self.n_samples = self.first_heldout = self.n_windows
+        if heldout > 0:
+            boundary = self.tokens - math.ceil(heldout * (self.tokens - 1))  # first held out
+            self.first_heldout = min(-(-boundary // seq_len), self.n_windows - 1)
+            self.n_samples = min((boundary - 1) // seq_len, self.first_heldout)
+        self.n_heldout = self.n_windows - self.first_heldout
 
     def read(self, start: int, seq_len: int, tokens_out: np.ndarray,
              starts_out: np.ndarray) -> None:
@@ -279,7 +287,7 @@ class TokenDataset:
     def read_windows(self, streams: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray,
                                                                                np.ndarray]:
         """Window windows[i] of stream streams[i], for each i: (tokens [n, T + 1], doc_ids
-        [n, T]), int64. Held-out windows are those >= the stream's `n_samples`."""
+        [n, T]), int64. Held-out windows are those >= the stream's `first_heldout`."""
         T, count = self.seq_len, len(windows)
         tokens = np.empty((count, T + 1), dtype=np.int64)
         starts = np.zeros((count, T), dtype=np.int64)

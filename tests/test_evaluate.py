@@ -34,17 +34,20 @@ def dataset(directory, heldout=0.1, **kw) -> TokenDataset:
 def test_heldout_tail_is_never_sampled_for_training(data):
     ds = dataset(data)
     web, code = ds.streams
-    assert (web.n_windows, web.n_heldout, web.n_samples) == (68, 7, 61)  # ceil(6.8)
-    assert (code.n_windows, code.n_heldout, code.n_samples) == (21, 3, 18)
+    # The tail is cut in tokens: web's 551 tokens hold out the last ceil(0.1 x 550) = 55,
+    # from token 496: windows of 8 from 62 on; 61 windows end before it; window 61 straddles.
+    assert (web.tokens, web.n_windows, web.n_heldout, web.n_samples) == (551, 68, 6, 61)
+    assert (code.tokens, code.n_windows, code.n_heldout, code.n_samples) == (173, 21, 1, 19)
+    assert (web.first_heldout, code.first_heldout) == (62, 20)
     streams, windows = ds.locate(0, 5000)  # many epochs of both streams
     for s, stream in enumerate(ds.streams):
         assert set(windows[streams == s].tolist()) == set(range(stream.n_samples))
     eval_set = build_eval_set(ds, None, samples=5)
     assert eval_set.names == ["web", "code"]
-    assert eval_set.windows.tolist() == [61, 62, 63, 64, 65, 18, 19, 20]  # capped at 3 held out
+    assert eval_set.windows.tolist() == [62, 63, 64, 65, 66, 20]  # code holds out only one
     # Held-out windows read like any other: token offsets continue past the trained ones.
-    tokens, _ = ds.read_windows(np.array([0]), np.array([61]))
-    whole, _ = dataset(data, heldout=0.0).read_windows(np.array([0]), np.array([61]))
+    tokens, _ = ds.read_windows(np.array([0]), np.array([62]))
+    whole, _ = dataset(data, heldout=0.0).read_windows(np.array([0]), np.array([62]))
     np.testing.assert_array_equal(tokens, whole)
 
 
@@ -78,16 +81,16 @@ def test_evaluation_matches_direct_loss_and_any_split_over_ranks(data, tiny_cfg)
     model = StripedLM(tiny_cfg)
     model.init_weights()
     ds = dataset(data)
-    eval_set = build_eval_set(ds, None, samples=5)  # 8 windows: 5 web + 3 code
+    eval_set = build_eval_set(ds, None, samples=5)  # 6 windows: 5 web + 1 code
     args = (torch.device("cpu"), nullcontext(), True)
     got = evaluate(model, eval_set, 3, 0, 1, *args)
     want = reference(model, ds, eval_set)
     for name in ("web", "code"):
         assert abs(got[name] - want[name]) < 1e-5 * want[name], (name, got, want)
     assert got["loss"] == pytest.approx((3 * got["web"] + got["code"]) / 4, rel=1e-12)
-    # 3 ranks over 8 windows: one rank pads a row that must weigh nothing.
+    # 4 ranks over 6 windows: two ranks pad a row that must weigh nothing.
     one_rank = loss_sums(model, eval_set, 3, 0, 1, *args)
-    split = [loss_sums(model, eval_set, 2, r, 3, *args) for r in range(3)]
+    split = [loss_sums(model, eval_set, 2, r, 4, *args) for r in range(4)]
     for i in range(2):
         total = sum(part[i] for part in split)
         torch.testing.assert_close(total, one_rank[i], rtol=1e-6, atol=0)
@@ -150,3 +153,16 @@ def test_token_losses_in_chunks_equal_the_whole():
     whole = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                               reduction="none").view(2, 10).double()
     assert torch.equal(token_losses(logits, targets, chunk=3), whole)
+
+
+def test_the_held_out_tokens_are_the_same_at_every_length(data):
+    """Stages of different seq_len (train/stages.py) hold out the same tail of tokens: no
+    training window of one length reaches a token a held-out window of another reads."""
+    first_held, last_trained = [], []
+    for seq_len in (4, 8, 16):
+        sources = [SourceWeight(str(data), "web")]
+        (web,) = TokenDataset(LoaderConfig(seq_len=seq_len, sources=sources,
+                                           heldout=0.1)).streams
+        first_held.append(web.first_heldout * seq_len)
+        last_trained.append(web.n_samples * seq_len)  # the last training target's index
+    assert max(last_trained) < min(first_held), (last_trained, first_held)

@@ -50,7 +50,7 @@ def build_eval_set(train_data: TokenDataset, sources: list[SourceWeight] | None,
     """The held-out tail of the training streams (`sources` None) or the whole of `sources`."""
     if sources is None:
         dataset, entries = train_data, train_data.cfg.sources
-        ranges = [(s.n_samples, s.n_windows) for s in dataset.streams]
+        ranges = [(s.first_heldout, s.n_windows) for s in dataset.streams]
     else:
         cfg = LoaderConfig(seq_len=train_data.seq_len, sources=sources,
                            verify=train_data.cfg.verify)
