@@ -326,8 +326,11 @@ class TokenDataset:
 def fingerprint(components: dict[str, Any]) -> str:
     """sha256 over what fixes the sample order: data, sources, slots, block and seq_len (not the
     directories' paths, nor weights whose rounding gives the same slots)."""
+    # "heldout_cut": the tail has been cut in tokens since 2026-12-02 (in windows before), so
+    # a state saved under the old rule is told apart instead of resuming another order.
     fixed = {"seq_len": components["seq_len"], "mix_block": components["mix_block"],
-             **({"heldout": components["heldout"]} if components.get("heldout") else {}),
+             **({"heldout": components["heldout"], "heldout_cut": "tokens"}
+                if components.get("heldout") else {}),
              "streams": [{k: s[k] for k in ("data", "source", "slots")}
                          for s in components["streams"]]}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
@@ -355,6 +358,9 @@ def describe_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
         if a.get("data") != b["data"]:
             changes.append(f"the tokens of {b['path']} (manifest fingerprint "
                            f"{str(a.get('data'))[:12]} -> {b['data'][:12]})")
+    if not changes and new.get("heldout"):
+        changes.append("the held-out tail is cut in tokens now, in windows when this state "
+                       "was saved")
     return "; ".join(changes or ["the fingerprint differs (state edited by hand?)"])
 
 
