@@ -118,11 +118,18 @@ class HFLlama:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the checkpoint under its stripes name (float as stored)."""
-        out: dict[str, torch.Tensor] = {}
+        return self._read(lambda f, name: f.get_tensor(name))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape under its stripes name, from the files' headers only."""
+        return self._read(lambda f, name: tuple(f.get_slice(name).get_shape()))
+
+    def _read(self, value) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for file in self._files():
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    out[stripes_name(name, self.key)] = f.get_tensor(name)
+                    out[stripes_name(name, self.key)] = value(f, name)
         if self.config.get("tie_word_embeddings"):
             out.pop("lm_head.weight", None)  # saved by some versions beside the tie
         return out

@@ -15,6 +15,7 @@ from stripes.launch import (
     data_cmd,
     export_cmd,
     generate_cmd,
+    graft_cmd,
     inspect_model,
     plot_cmd,
     prepare_cmd,
@@ -22,7 +23,7 @@ from stripes.launch import (
 )
 
 # Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "eval, graft, launch"
+_PLANNED = "eval, launch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
     plot_cmd.add_parser(sub)
+    graft_cmd.add_parser(sub)
     return parser
 
 
