@@ -36,6 +36,7 @@ from stripes.core.config import (
     to_typed,
 )
 from stripes.data.loader import LoaderConfig, SourceWeight
+from stripes.train.freeze import FreezeConfig, validate_freeze
 from stripes.train.passkey import min_length
 from stripes.train.stages import StageConfig, validate_stages
 
@@ -134,6 +135,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # halt after this many non-finite steps in a row
     device: str = "auto"  # auto: cuda when available, else cpu
     stages: list[StageConfig] | None = None  # train/stages.py
+    freeze: list[FreezeConfig] = field(default_factory=list)  # train/freeze.py
 
     def validate(self) -> None:
         if self.stages is not None:
@@ -174,6 +176,7 @@ class TrainConfig:
             raise ConfigError("parallel.deepspeed.zero_stage", self.parallel.deepspeed.zero_stage,
                               "1, 2 or 3")
         self._validate_eval()
+        validate_freeze(self.freeze, self.parallel.backend)
         if self.grad_clip is not None:
             require_positive("grad_clip", self.grad_clip)
 

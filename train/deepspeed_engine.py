@@ -136,7 +136,9 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss, scale_wrt_gas=False)  # the loop already divided by accum
 
-    def step(self, lr: float, loss_finite: bool) -> tuple[float, bool]:
+    def step(self, lr: float, loss_finite: bool, frozen=()) -> tuple[float, bool]:
+        if frozen:  # TrainConfig refuses `freeze` with this backend
+            raise ValueError("DeepSpeedEngine cannot freeze parameters")
         apply_lr(self.module.optimizer, lr)
         self.module.step()
         norm = self.module.get_global_grad_norm()

@@ -17,7 +17,7 @@ The loop knows nothing else about either, so a backend is one class here and one
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
@@ -42,9 +42,11 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, lr: float, loss_finite: bool) -> tuple[float, bool]:
+    def step(self, lr: float, loss_finite: bool, frozen: Sequence[nn.Parameter] = ()
+             ) -> tuple[float, bool]:
         """Apply the accumulated gradients at `lr` unless the loss or the gradient norm is not
-        finite; always clear them. Returns (global gradient norm before clipping, applied)."""
+        finite, leaving `frozen` parameters as they are; always clear the gradients. Returns
+        (global gradient norm before clipping, over the parameters that train; applied)."""
         ...
 
 
@@ -69,8 +71,11 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float, loss_finite: bool) -> tuple[float, bool]:
+    def step(self, lr: float, loss_finite: bool, frozen: Sequence[nn.Parameter] = ()
+             ) -> tuple[float, bool]:
         apply_lr(self.optimizer, lr)
+        for param in frozen:  # AdamW skips a parameter without a gradient: no move, no decay
+            param.grad = None
         grad_norm = _clip(self.model, self.grad_clip)
         applied = loss_finite and math.isfinite(grad_norm)
         if applied:

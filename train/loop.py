@@ -43,6 +43,7 @@ from stripes.train.config import TrainConfig
 from stripes.train.distributed import World, all_reduce_mean, close_world, init_world
 from stripes.train.engine import build_engine
 from stripes.train.evaluate import build_eval_set, evaluate
+from stripes.train.freeze import Freezer
 from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
 from stripes.train.parallel import resolve_backend
 from stripes.train.schedule import lr_at
@@ -122,6 +123,7 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
         source = load_weights(segment.init_from, model, f"stages[{segment.index}].init_from")
         log.info(f"stage {segment.name!r} starts from the weights of {source}")
     engine = build_engine(model, cfg, backend, world, accum, bf16)
+    freezer = Freezer(engine.model, cfg.freeze)
     loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)
     stage_eval = bool(segment.name) and cfg.eval.at_stage_end
     held_out = cfg.eval.sources is not None or cfg.data.heldout > 0
@@ -167,7 +169,11 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
     losses: dict[int, float] = {}
     bad_in_a_row, last_save, saved = 0, time.monotonic(), None
 
+    if freezer.groups:
+        metrics.log_event("frozen", step=start, params=freezer.count(start))
     for step in range(start, cfg.steps):
+        if step > start and freezer.count(step) != freezer.count(step - 1):
+            metrics.log_event("frozen", step=step, params=freezer.count(step))
         lr = lr_at(step - segment.start, cfg.schedule, cfg.optim.lr,
                    segment.end - segment.start)
         batch = next(loader)
@@ -182,7 +188,7 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
                 engine.backward(loss)
             loss_sum += loss.detach()
         loss_mean = float(all_reduce_mean(loss_sum))
-        grad_norm, applied = engine.step(lr, math.isfinite(loss_mean))
+        grad_norm, applied = engine.step(lr, math.isfinite(loss_mean), freezer.frozen(step))
         tokens_seen += cfg.global_batch_tokens
 
         if applied:
