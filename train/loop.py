@@ -40,6 +40,7 @@ from stripes.train.checkpoint import (
     save_checkpoint,
 )
 from stripes.train.config import TrainConfig
+from stripes.train.distill import Distiller
 from stripes.train.distributed import World, all_reduce_mean, close_world, init_world
 from stripes.train.engine import build_engine
 from stripes.train.evaluate import build_eval_set, evaluate
@@ -124,6 +125,14 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
         log.info(f"stage {segment.name!r} starts from the weights of {source}")
     engine = build_engine(model, cfg, backend, world, accum, bf16)
     freezer = Freezer(engine.model, cfg.freeze)
+    objective = engine.module
+    if segment.kind == "distill":
+        if backend != "single":
+            raise ConfigError("parallel.backend", backend, "one process (single) for a "
+                              f"distill stage ({segment.name})", "its mixers run outside the "
+                              "wrapped model's forward, which DDP, FSDP and DeepSpeed need")
+        objective = Distiller(engine.model, segment.distill, world.device,
+                              f"stages[{segment.index}].distill")
     loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)
     stage_eval = bool(segment.name) and cfg.eval.at_stage_end
     held_out = cfg.eval.sources is not None or cfg.data.heldout > 0
@@ -183,8 +192,8 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
             with engine.accumulating(last=micro == accum - 1):
                 with autocast:
                     doc_ids = batch["doc_ids"][rows] if cfg.document_masking else None
-                    loss = engine.module(batch["input_ids"][rows], doc_ids,
-                                         batch["targets"][rows]) / accum
+                    loss = objective(batch["input_ids"][rows], doc_ids,
+                                     batch["targets"][rows]) / accum
                 engine.backward(loss)
             loss_sum += loss.detach()
         loss_mean = float(all_reduce_mean(loss_sum))

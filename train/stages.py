@@ -15,6 +15,8 @@
         activation_checkpointing: block   # default: parallel.activation_checkpointing
     # The first stage may also name `init_from`: a checkpoint (or run directory) whose model
     # weights it starts from, e.g. a model pretrained at short context; optimizer fresh.
+    # `kind: distill` with `distill: {...}` trains new mixers to imitate a source model's
+    # attention (train/distill.py) instead of predicting tokens.
 
 A run with stages trains for the sum of their steps; step numbers are global (the second
 stage above runs steps 300..399) and each stage's learning-rate schedule spans its own steps.
@@ -43,11 +45,13 @@ from omegaconf import MISSING
 from stripes.arch.rope import RopeConfig
 from stripes.core.config import ConfigError, require_positive, to_typed
 from stripes.data.loader import SourceWeight
+from stripes.train.distill import DistillConfig, distill_pairs
 
 if TYPE_CHECKING:
     from stripes.train.config import TrainConfig
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
+KINDS = ("train", "distill")
 
 
 @dataclass
@@ -63,6 +67,8 @@ class StageConfig:
     sources: list[SourceWeight] | None = None
     activation_checkpointing: str | None = None
     init_from: str | None = None  # first stage only: weights of this checkpoint (or run)
+    kind: str = "train"  # one of KINDS; distill: train/distill.py
+    distill: DistillConfig | None = None  # kind: distill
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class Segment:
     start: int
     end: int
     init_from: str | None = None  # a checkpoint whose weights start the stage, if it is new
+    kind: str = "train"
+    distill: DistillConfig | None = None
 
 
 def resume_step(checkpoint: Path | None, segments: list[Segment]) -> int:
@@ -132,7 +140,8 @@ def stage_config(cfg: TrainConfig, index: int) -> tuple[TrainConfig, Segment]:
             settings = dict(out.model.mixers.get(name) or {})
             settings["rope"] = {**dict(settings.get("rope") or {}), **rope}
             out.model.mixers[name] = settings
-    return out, Segment(stage.name, index, start, start + stage.steps, stage.init_from)
+    return out, Segment(stage.name, index, start, start + stage.steps, stage.init_from,
+                        stage.kind, stage.distill)
 
 
 def carried_rope(cfg: TrainConfig, index: int) -> dict[str, Any]:
@@ -158,6 +167,17 @@ def validate_stages(cfg: TrainConfig) -> None:
                               "a name no other stage has", "it names files and log records")
         require_positive(f"{key}.seq_len", stage.seq_len, integer=True)
         require_positive(f"{key}.steps", stage.steps, integer=True)
+        if stage.kind not in KINDS:
+            raise ConfigError(f"{key}.kind", stage.kind, ", ".join(KINDS))
+        if (stage.kind == "distill") != (stage.distill is not None):
+            raise ConfigError(f"{key}.distill", stage.distill, "{source, source_layers, "
+                              "target_layers} with kind: distill, else nothing")
+        if stage.distill is not None:
+            from stripes.graft.hf_llama import HFLlama
+
+            source = HFLlama(stage.distill.source or "", key=f"{key}.distill.source")
+            distill_pairs(stage.distill, source.config["num_hidden_layers"],
+                          cfg.model.n_layers, f"{key}.distill")
         if stage.init_from is not None and not Path(stage.init_from).is_dir():
             raise ConfigError(f"{key}.init_from", stage.init_from, "a stripes checkpoint "
                               "directory, or a run directory with one", "no such directory")
