@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from stripes.arch.config import ModelConfig
 from stripes.core.config import ConfigError, load_config, to_typed
 from stripes.graft.hf_llama import HFLlama
 from stripes.graft.spec import COMPONENTS, LAYERED, SOURCE_KINDS, GraftSpec, layer_list
+from stripes.graft.stripes_source import StripesCheckpoint
 
 _KIND_OF = {"attention": "attn"}  # the mixer kind a layered component needs
 
@@ -49,10 +50,22 @@ class Copy:
     params: dict[str, str] = field(default_factory=dict)  # target name -> source name
 
 
+class Source(Protocol):
+    """What a source format gives (graft/hf_llama.py, graft/stripes_source.py): its network
+    as a stripes config, tensor shapes under stripes names without reading them, and the
+    whole model."""
+
+    def model_config(self) -> ModelConfig: ...
+
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def load(self) -> StripedLM: ...
+
+
 @dataclass
 class Plan:
     target: ModelConfig
-    sources: dict[str, HFLlama]
+    sources: dict[str, Source]
     copies: list[Copy]
 
 
@@ -66,12 +79,15 @@ def target_config(spec: GraftSpec) -> ModelConfig:
     raise ConfigError("target", spec.target, "a model YAML path or {model: {...}}")
 
 
-def open_sources(spec: GraftSpec) -> dict[str, HFLlama]:
+READERS = {"hf_llama": HFLlama, "stripes": StripesCheckpoint}  # kind -> source reader
+
+
+def open_sources(spec: GraftSpec) -> dict[str, Source]:
     sources = {}
     for name, source in spec.sources.items():
         if source.kind not in SOURCE_KINDS:
             raise ConfigError(f"sources.{name}.kind", source.kind, ", ".join(SOURCE_KINDS))
-        sources[name] = HFLlama(source.path, key=f"sources.{name}.path")
+        sources[name] = READERS[source.kind](source.path, key=f"sources.{name}.path")
     return sources
 
 
@@ -84,7 +100,7 @@ def component_params(component: str, layer: int | None, model_cfg: ModelConfig,
         return ["norm.weight"]
     if component == "head":
         return ["embed.weight" if model_cfg.tie_embeddings else "lm_head.weight"]
-    part, norm = ("mixer", "mixer_norm") if component == "attention" else ("mlp", "mlp_norm")
+    part, norm = ("mlp", "mlp_norm") if component == "mlp" else ("mixer", "mixer_norm")
     prefix = f"blocks.{layer}.{part}."
     return [f"blocks.{layer}.{norm}.weight"] + sorted(n for n in names if n.startswith(prefix))
 
@@ -111,6 +127,7 @@ def plan_graft(spec: GraftSpec) -> Plan:
             continue
         source = sources[rule.source]
         source_cfg, source_shapes = source.model_config(), source.shapes()
+        source_layers = source_cfg.expand(f"sources.{rule.source}")
         try:
             pairs = _layer_pairs(rule, key, source_cfg, target_cfg)
         except ConfigError as err:
@@ -119,7 +136,8 @@ def plan_graft(spec: GraftSpec) -> Plan:
         for source_layer, target_layer in pairs:
             where = (f"{key} ({rule.component} {source_layer} -> {target_layer})"
                      if target_layer is not None else f"{key} ({rule.component})")
-            needed = _KIND_OF.get(rule.component)
+            needed = (source_layers[source_layer].kind if rule.component == "mixer"
+                      else _KIND_OF.get(rule.component))
             if needed and target_layers[target_layer].kind != needed:
                 problems.append(f"{where}: target layer {target_layer} is "
                                 f"{target_layers[target_layer].kind}, not {needed}")
@@ -219,7 +237,7 @@ def component_error(copy: Copy, target: StripedLM, source: StripedLM) -> float:
     if copy.component == "head":
         return _rel(F.linear(x, target._head_weight()), F.linear(x, source._head_weight()))
     t, s = target.blocks[copy.target_layer], source.blocks[copy.source_layer]
-    if copy.component == "attention":
+    if copy.component in ("attention", "mixer"):
         return _rel(t.mixer(t.mixer_norm(x)), s.mixer(s.mixer_norm(x)))
     return _rel(t.mlp(t.mlp_norm(x)), s.mlp(s.mlp_norm(x)))
 

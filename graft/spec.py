@@ -4,6 +4,7 @@
                                                 # {model: {...}} inline
     sources:
       llama: {kind: hf_llama, path: runs/llama-src}   # a Hugging Face Llama/Mistral dir
+      mine: {kind: stripes, path: runs/transformer-1b}  # a stripes checkpoint or run dir
     rules:                                       # applied in order; later rules win
       - {source: llama, component: attention, from: "0..3", to: "1..7:2"}
       - {source: llama, component: mlp, from: "0..3", to: "0..3"}
@@ -13,11 +14,12 @@
     parity_tolerance: 1.0e-5                     # max relative error of a grafted component
     seed: 0                                      # the target's own init of what is not grafted
 
-Components: `attention` (a layer's attention with its pre-norm), `mlp` (its MLP with its
-pre-norm), `embeddings`, `head` (the output projection; a tied target takes it through its
-embeddings) and `final_norm`. Layer lists: "a..b" (inclusive), "a..b:step", "a,b,c", or a
-list of integers; negative indices count from the end. `from` and `to` pair up in order and
-must be as long as each other.
+Components: `attention` (a layer's attention with its pre-norm), `mixer` (a layer's mixer
+of any kind, into a layer of the same kind, e.g. Hyena from a stripes checkpoint), `mlp`
+(its MLP with its pre-norm), `embeddings`, `head` (the output projection; a tied target
+takes it through its embeddings) and `final_norm`. Layer lists: "a..b" (inclusive),
+"a..b:step", "a,b,c", or a list of integers; negative indices count from the end. `from`
+and `to` pair up in order and must be as long as each other.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from omegaconf import MISSING, OmegaConf
 
 from stripes.core.config import ConfigError, read_yaml, to_typed
 
-COMPONENTS = ("attention", "mlp", "embeddings", "head", "final_norm")
-LAYERED = ("attention", "mlp")
-SOURCE_KINDS = ("hf_llama",)
+COMPONENTS = ("attention", "mixer", "mlp", "embeddings", "head", "final_norm")
+LAYERED = ("attention", "mixer", "mlp")
+SOURCE_KINDS = ("hf_llama", "stripes")
 
 
 @dataclass

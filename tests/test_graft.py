@@ -148,9 +148,32 @@ def test_parity_catches_what_shapes_cannot(llama, tmp_path):
 
 
 def test_the_example_spec_reads():
-    spec = load_graft_spec(ROOT / "configs" / "graft" / "llama-1b-into-sh2-1b.yaml")
+    spec = load_graft_spec(ROOT / "configs" / "graft" / "transformer-1b-into-sh2-1b.yaml")
     cfg = target_config(spec)
     assert [spec.rules[i].component for i in range(2)] == ["attention", "mlp"]
     attention = layer_list(spec.rules[0].to_layers, cfg.n_layers, "to")
     assert [spec_layer.kind for spec_layer in cfg.expand() if spec_layer.index in attention] \
         == ["attn"] * len(attention)
+
+
+def test_a_stripes_checkpoint_is_a_source_too(llama, tmp_path):
+    """The first graft's output (a stripes checkpoint) grafted whole into the same hybrid:
+    every mixer kind by `mixer`, nothing fresh, every splice exact; a mixer into a layer of
+    another kind is refused."""
+    source_dir, _ = llama
+    run_graft(load_graft_spec(write_spec(tmp_path / "first.yaml", source_dir)),
+              tmp_path / "first")
+    rules = [{"source": "mine", "component": "mixer", "from": "0..5", "to": "0..5"},
+             {"source": "mine", "component": "mlp", "from": "0..5", "to": "0..5"},
+             *[{"source": "mine", "component": c} for c in ("embeddings", "head",
+                                                           "final_norm")]]
+    spec = {"target": {"model": HYBRID}, "rules": rules,
+            "sources": {"mine": {"kind": "stripes", "path": str(tmp_path / "first")}}}
+    (tmp_path / "second.yaml").write_text(yaml.safe_dump(spec))
+    report = run_graft(load_graft_spec(tmp_path / "second.yaml"), tmp_path / "second")
+    assert report["totals"]["fresh"]["params"] == 0
+    assert max(p["max_rel_err"] for p in report["parity"]) == 0.0
+    spec["rules"] = [{"source": "mine", "component": "mixer", "from": 0, "to": 1}]
+    (tmp_path / "third.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="target layer 1 is attn, not hyena_se"):
+        run_graft(load_graft_spec(tmp_path / "third.yaml"), tmp_path / "third")
