@@ -5,6 +5,7 @@ what it grafted; bad rules are one line."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -50,6 +51,26 @@ def test_frozen_parameters_wait_until_their_step(tmp_path, demo_data):
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     frozen = [(e["step"], e["params"]) for e in events if e.get("event") == "frozen"]
     assert [step for step, _ in frozen] == [0, 2] and frozen[0][1] > frozen[1][1] > 0
+
+
+def test_a_run_resumed_inside_a_freeze_reproduces_the_run(tmp_path, demo_data):
+    """The checkpoint inside the freeze holds a (zero) optimizer state for the parameters
+    that never stepped, so it loads into a fresh optimizer, and the resumed run is the
+    uninterrupted one, unfreezing included."""
+    def run(out):
+        return train(load_train_config(TINY, [
+            f"output_dir={out}", "steps=6", "checkpoint.every_steps=2",
+            "checkpoint.keep_last=3", f"data.sources=[{{path: {demo_data}, source: devil}}]",
+            "freeze=[{params: ['blocks.1.*'], until_step: 4}]"]))
+
+    whole = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    for later in ("step-000004", "step-000006"):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / later)
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step-000002")
+    again = run(tmp_path / "resumed")
+    assert sorted(again.losses) == [2, 3, 4, 5]
+    assert [again.losses[s] for s in range(2, 6)] == [whole.losses[s] for s in range(2, 6)]
 
 
 def test_a_graft_report_names_the_grafted_parameters(tmp_path, tiny_cfg):

@@ -53,6 +53,7 @@ class DcpStates:
     def save(self, directory: Path) -> None:
         if self.optimizer is None:
             raise ValueError("saving a checkpoint needs the optimizer")
+        fill_optimizer_state(self.optimizer)
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
         with _single_process_quiet():
             no_dist = not dist.is_initialized()
@@ -90,6 +91,26 @@ class DcpStates:
                      planner=DefaultLoadPlanner(allow_partial_load=True))
             set_state_dict(model, optimizer, model_state_dict=model_state,
                            optim_state_dict=optim_state, options=_OPTIONS)
+
+
+@torch.no_grad()
+def fill_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter that has not stepped yet (frozen, or outside a distill stage's
+    mixers) the state a fresh optimizer would start it with: zero step and moments, shaped
+    like a stepped parameter's. Every checkpoint then holds every parameter's state, which
+    is what loading it into a fresh optimizer expects; and a zero state updates exactly as
+    no state does once the parameter trains."""
+    template = next(iter(optimizer.state.values()), None)
+    if template is None:
+        return  # nothing stepped: DCP initialises the whole state itself
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param not in optimizer.state or not optimizer.state[param]:
+                optimizer.state[param] = {
+                    key: (torch.zeros_like(value) if key == "step" or value.dim() == 0
+                          else torch.zeros_like(param))
+                    if isinstance(value, torch.Tensor) else value
+                    for key, value in template.items()}
 
 
 def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
