@@ -4,10 +4,11 @@
     result = run_graft(spec, out) # copy the tensors, prove each splice, write checkpoint
 
 1. Plan, before a tensor is read: the target's layers (from its config) and each source's
-   (its config and the shapes in its files' headers). Each rule becomes target parameter ->
+   (its config and tensor shapes, read without the tensors). Each rule becomes target parameter ->
    (source, source parameter) pairs; kinds that do not match (attention into a Hyena layer,
-   an MLP into a block without one) and shapes that differ are collected, all of them, and
-   raised as one line.
+   an MLP into a block without one), settings that differ (a RoPE base, a window, the norm
+   eps), shapes that differ and two rules writing one tensor are collected, all of them,
+   and raised as one line.
 2. Build the target with its own init (the spec's seed) and copy the planned tensors.
 3. Parity: each grafted component and its counterpart in the source, run on the same random
    activations; the largest relative error must stay under `parity_tolerance`. Shapes alone
@@ -20,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from stripes.arch import ArchFile, StripedLM
 from stripes.arch.config import ModelConfig
 from stripes.core.config import ConfigError, load_config, to_typed
+from stripes.data.format import write_atomic
 from stripes.graft.hf_llama import HFLlama
 from stripes.graft.spec import COMPONENTS, LAYERED, SOURCE_KINDS, GraftSpec, layer_list
 from stripes.graft.stripes_source import StripesCheckpoint
@@ -82,6 +85,14 @@ def target_config(spec: GraftSpec) -> ModelConfig:
 READERS = {"hf_llama": HFLlama, "stripes": StripesCheckpoint}  # kind -> source reader
 
 
+def open_source_path(path: str | Path, key: str) -> Source:
+    """A source by its files: a Hugging Face directory (config.json) or a stripes checkpoint
+    or run directory."""
+    if (Path(path) / "config.json").is_file():
+        return HFLlama(path, key=key)
+    return StripesCheckpoint(path, key=key)
+
+
 def open_sources(spec: GraftSpec) -> dict[str, Source]:
     sources = {}
     for name, source in spec.sources.items():
@@ -115,6 +126,7 @@ def plan_graft(spec: GraftSpec) -> Plan:
     sources = open_sources(spec)
     problems: list[str] = []
     copies: list[Copy] = []
+    owner: dict[str, str] = {}  # target tensor -> the rule and pair that writes it
     for r, rule in enumerate(spec.rules):
         key = f"rules[{r}]"
         if rule.source not in sources:
@@ -138,16 +150,28 @@ def plan_graft(spec: GraftSpec) -> Plan:
                      if target_layer is not None else f"{key} ({rule.component})")
             needed = (source_layers[source_layer].kind if rule.component == "mixer"
                       else _KIND_OF.get(rule.component))
+            if needed and source_layers[source_layer].kind != needed:
+                problems.append(f"{where}: source layer {source_layer} is "
+                                f"{source_layers[source_layer].kind}, not {needed}")
+                continue
             if needed and target_layers[target_layer].kind != needed:
                 problems.append(f"{where}: target layer {target_layer} is "
                                 f"{target_layers[target_layer].kind}, not {needed}")
+                continue
+            differs = _settings_differ(rule.component, source_cfg, target_cfg,
+                                       source_layers[source_layer] if needed else None,
+                                       target_layers[target_layer] if needed else None)
+            if differs:
+                problems.append(f"{where}: {differs}")
                 continue
             if rule.component == "mlp" and target_layers[target_layer].mlp.kind == "none":
                 problems.append(f"{where}: target layer {target_layer} has no MLP")
                 continue
             if rule.component == "head" and target_cfg.tie_embeddings:
+                untied = "" if source_cfg.tie_embeddings else (
+                    " (its head is then the source's input embeddings, not its trained head)")
                 problems.append(f"{where}: the target ties its head to its embeddings; "
-                                "graft `embeddings`")
+                                f"graft `embeddings`{untied}")
                 continue
             copy = Copy(r, rule.component, rule.source, source_layer, target_layer)
             wanted = component_params(rule.component, target_layer, target_cfg,
@@ -158,6 +182,11 @@ def plan_graft(spec: GraftSpec) -> Plan:
                 problems.append(f"{where}: {len(offered)} source tensors for {len(wanted)}")
                 continue
             for t_name, s_name in zip(wanted, offered, strict=True):
+                if t_name in owner:
+                    problems.append(f"{where}: {t_name} is also written by {owner[t_name]}; "
+                                    "each target tensor comes from one rule")
+                    continue
+                owner[t_name] = where
                 if s_name not in source_shapes:
                     problems.append(f"{where}: the source has no {s_name}")
                 elif target_shapes[t_name] != source_shapes[s_name]:
@@ -172,12 +201,31 @@ def plan_graft(spec: GraftSpec) -> Plan:
     return Plan(target_cfg, sources, copies)
 
 
+def _settings_differ(component: str, source_cfg: ModelConfig, target_cfg: ModelConfig,
+                     source_layer, target_layer) -> str:
+    """Why a component would compute differently in the target, from the configs alone
+    ("" if it would not): its mixer's settings (the attention backend aside) and the norm
+    eps. Parity proves the same on activations; this names the setting."""
+    if component in ("attention", "mixer"):
+        theirs, ours = (dataclasses.asdict(layer.mixer) for layer in (source_layer,
+                                                                       target_layer))
+        for key in sorted(set(theirs) | set(ours)):
+            if key != "backend" and theirs.get(key) != ours.get(key):
+                return (f"{key} is {ours.get(key)!r} in the target's "
+                        f"{target_layer.name}, {theirs.get(key)!r} in the source")
+    if component in ("attention", "mixer", "mlp", "final_norm") and (
+            source_cfg.norm_eps != target_cfg.norm_eps):
+        return f"norm_eps is {target_cfg.norm_eps} in the target, {source_cfg.norm_eps} in " \
+               "the source"
+    return ""
+
+
 def _layer_pairs(rule, key: str, source_cfg: ModelConfig, target_cfg: ModelConfig
                  ) -> list[tuple[int | None, int | None]]:
     if rule.component not in LAYERED:
-        if rule.from_layers is not None or rule.to_layers is not None:
-            raise ConfigError(f"{key}.from", rule.from_layers, "no layers for "
-                              f"{rule.component}")
+        for name, value in (("from", rule.from_layers), ("to", rule.to_layers)):
+            if value is not None:
+                raise ConfigError(f"{key}.{name}", value, f"no layers for {rule.component}")
         return [(None, None)]
     sources = layer_list(rule.from_layers, source_cfg.n_layers, f"{key}.from")
     targets = layer_list(rule.to_layers, target_cfg.n_layers, f"{key}.to")
@@ -190,8 +238,8 @@ def _layer_pairs(rule, key: str, source_cfg: ModelConfig, target_cfg: ModelConfi
 def run_graft(spec: GraftSpec, out: str | Path) -> dict[str, Any]:
     """Plan, copy, prove and write (see the module docstring); returns the report."""
     out = Path(out)
-    if (out / "checkpoints").exists():
-        raise ConfigError("out", str(out), "a directory without checkpoints/",
+    if (out / "checkpoints" / "latest").exists():
+        raise ConfigError("out", str(out), "a directory without a checkpoint",
                           "a graft never overwrites one")
     plan = plan_graft(spec)
     torch.manual_seed(spec.seed)
@@ -205,6 +253,9 @@ def run_graft(spec: GraftSpec, out: str | Path) -> dict[str, Any]:
             weights = source_models[copy.source].state_dict()
             for t_name, s_name in copy.params.items():
                 state[t_name].copy_(weights[s_name])
+    target.eval()
+    for model in source_models.values():
+        model.eval()
     parity = [{"rule": c.rule, "component": c.component, "source": c.source,
                "source_layer": c.source_layer, "target_layer": c.target_layer,
                "max_rel_err": component_error(c, target, source_models[c.source])}
@@ -267,7 +318,9 @@ def _write(out: Path, target: StripedLM, plan: Plan, spec: GraftSpec, report: di
     optimizer = torch.optim.AdamW(target.parameters())  # fresh: the trainer's own replaces it
     config = {"model": OmegaConf.to_container(OmegaConf.structured(plan.target)),
               "seed": spec.seed}
+    out.mkdir(parents=True, exist_ok=True)
+    # The report first: a checkpoint is never published without it (freeze: grafted reads it)
+    write_atomic(out / "graft_report.json", json.dumps(report, indent=1).encode())
     save_checkpoint(out, 0, DcpStates(target, optimizer),
                     {"tokens_seen": 0, "skipped_steps": 0, "graft": report["totals"]},
                     config, keep_last=1)
-    (out / "graft_report.json").write_text(json.dumps(report, indent=1))

@@ -5,12 +5,12 @@
     model = source.load()                      # StripedLM with the checkpoint's weights
 
 The architectures agree term by term: pre-norm blocks x + attn(norm(x)), x + mlp(norm(x)),
-RMSNorm with the same eps, rotary embedding in the rotate-half layout with the same base
-(stripes' own layout, so q and k need no permutation), grouped-query attention, SwiGLU
-down(silu(gate x) * up x), a final norm and an untied or tied head; Mistral's sliding
-window is attention's `window`. What stripes does not
-express is refused, all problems in one line: biases, another activation, RoPE scaling
-other than none/linear/yarn, head dims that are not hidden / heads.
+RMSNorm with the same eps, rotary embedding in the rotate-half layout with the same base and
+linear scaling (stripes' own layout, so q and k need no permutation), grouped-query
+attention, SwiGLU down(silu(gate x) * up x), a final norm and an untied or tied head;
+Mistral's sliding window is attention's `window`. What stripes does not express is refused,
+all problems in one line: biases, another activation, RoPE scaling other than none/linear
+(transformers' YaRN ramps differently from stripes'), head dims that are not hidden / heads.
 
 Names: model.embed_tokens -> embed, model.layers.i.input_layernorm -> blocks.i.mixer_norm,
 self_attn.{q,k,v}_proj -> mixer.{q,k,v}_proj, self_attn.o_proj -> mixer.out_proj,
@@ -63,7 +63,9 @@ class HFLlama:
     def _check(self) -> None:
         c, problems = self.config, []
         if c.get("model_type") not in MODEL_TYPES:
-            problems.append(f"model_type {c.get('model_type')!r} (not {'/'.join(MODEL_TYPES)})")
+            raise ConfigError(self.key, str(self.directory), "a Llama-style model stripes "
+                              "can express", f"model_type {c.get('model_type')!r} (not "
+                              f"{'/'.join(MODEL_TYPES)})")
         if c.get("hidden_act", "silu") != "silu":
             problems.append(f"hidden_act {c['hidden_act']!r} (SwiGLU needs silu)")
         for flag in ("attention_bias", "mlp_bias"):
@@ -73,9 +75,11 @@ class HFLlama:
         if c.get("head_dim") not in (None, c["hidden_size"] // heads):
             problems.append(f"head_dim {c['head_dim']} != hidden_size / heads")
         scaling = self._rope_scaling()
-        if scaling.get("rope_type", scaling.get("type", "default")) not in (
-                "default", "linear", "yarn"):
-            problems.append(f"rope_scaling {scaling} (stripes has none, linear, yarn)")
+        # YaRN is left out: transformers ramps over the pair index with rounding and an
+        # attention factor, stripes over the turns, so the two would not agree.
+        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default",
+                                                                             "linear"):
+            problems.append(f"rope_scaling {scaling} (a graft takes none or linear)")
         if problems:
             raise ConfigError(self.key, str(self.directory), "a Llama-style model stripes "
                               "can express", "; ".join(problems))
@@ -90,12 +94,8 @@ class HFLlama:
         theta = c.get("rope_theta", scaling.get("rope_theta", 10000.0))
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         rope: dict[str, Any] = {"theta": float(theta)}
-        if kind in ("linear", "yarn"):
-            rope.update(scaling=kind, factor=float(scaling["factor"]))
-        if kind == "yarn":
-            rope.update(original_max_len=int(scaling["original_max_position_embeddings"]),
-                        beta_fast=float(scaling.get("beta_fast", 32.0)),
-                        beta_slow=float(scaling.get("beta_slow", 1.0)))
+        if kind == "linear":
+            rope.update(scaling="linear", factor=float(scaling["factor"]))
         return rope
 
     def model_config(self) -> ModelConfig:
@@ -129,7 +129,9 @@ class HFLlama:
         for file in self._files():
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    out[stripes_name(name, self.key)] = value(f, name)
+                    ours = stripes_name(name, self.key)
+                    if ours:
+                        out[ours] = value(f, name)
         if self.config.get("tie_word_embeddings"):
             out.pop("lm_head.weight", None)  # saved by some versions beside the tie
         return out
@@ -163,7 +165,10 @@ class HFLlama:
 
 
 def stripes_name(hf_name: str, key: str = "source") -> str:
-    """The stripes parameter name of a Hugging Face Llama tensor name."""
+    """The stripes parameter name of a Hugging Face Llama tensor name ("" for the rotary
+    frequencies some older conversions saved: stripes computes them)."""
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return ""
     if hf_name in _TOP:
         return _TOP[hf_name]
     match = _LAYER.fullmatch(hf_name)

@@ -5,7 +5,7 @@
     sources:
       llama: {kind: hf_llama, path: runs/llama-src}   # a Hugging Face Llama/Mistral dir
       mine: {kind: stripes, path: runs/transformer-1b}  # a stripes checkpoint or run dir
-    rules:                                       # applied in order; later rules win
+    rules:                                       # each target tensor from one rule
       - {source: llama, component: attention, from: "0..3", to: "1..7:2"}
       - {source: llama, component: mlp, from: "0..3", to: "0..3"}
       - {source: llama, component: embeddings}

@@ -11,8 +11,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Check a graft spec against both architectures, copy the "
                        "components, prove each by parity, and write OUT/checkpoints/"
                        "step-000000 and OUT/graft_report.json.")
-    p.add_argument("spec", help="a graft YAML, e.g. configs/graft/llama-into-hybrid.yaml")
-    p.add_argument("out", help="output directory (must not hold checkpoints yet)")
+    p.add_argument("spec", help="a graft YAML, e.g. configs/graft/transformer-1b-into-sh2-1b.yaml")
+    p.add_argument("out", help="output directory (must not hold a checkpoint yet)")
     p.set_defaults(run=run)
 
 

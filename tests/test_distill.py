@@ -50,19 +50,30 @@ def grafted(tmp_path_factory):
             "sources": {"llama": {"kind": "hf_llama", "path": str(root / "llama")}}}
     (root / "graft.yaml").write_text(yaml.safe_dump(spec))
     run_graft(load_graft_spec(root / "graft.yaml"), root / "graft")
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        **config.to_dict(), "vocab_size": 100})).save_pretrained(root / "small-vocab")
     return root
 
 
+def distill_stage(root, distill, steps=24):
+    layers = {"source": str(root / "llama"), "source_layers": "0,2", "target_layers": "0,2",
+              **distill}
+    return {"name": "distill", "kind": "distill", "seq_len": 64, "steps": steps,
+            "init_from": str(root / "graft"), "distill": layers}
+
+
+def common(data, out):
+    return [f"model={json.dumps(HYBRID)}", "arch=null", "steps=null", f"output_dir={out}",
+            f"data.sources=[{{path: {data}, source: devil}}]", "schedule.kind=constant",
+            "schedule.warmup_steps=0", "optim.lr=1e-2", "checkpoint.every_steps=24"]
+
+
+def base_overrides(root, data, out, distill):
+    return [*common(data, out), f"stages=[{json.dumps(distill_stage(root, distill))}]"]
+
+
 def distill_config(root, data, out, **distill):
-    layers = {"source_layers": "0,2", "target_layers": "0,2", **distill}
-    stage = {"name": "distill", "kind": "distill", "seq_len": 64, "steps": 24,
-             "init_from": str(root / "graft"),
-             "distill": {"source": str(root / "llama"), **layers}}
-    return load_train_config(TINY, [
-        f"model={json.dumps(HYBRID)}", "arch=null", "steps=null", f"output_dir={out}",
-        f"data.sources=[{{path: {data}, source: devil}}]", "schedule.kind=constant",
-        "schedule.warmup_steps=0", "optim.lr=1e-2", "checkpoint.every_steps=24",
-        f"stages=[{json.dumps(stage)}]"])
+    return load_train_config(TINY, base_overrides(root, data, out, distill))
 
 
 def test_new_mixers_learn_to_imitate_the_attention_they_replace(grafted, demo_data, tmp_path):
@@ -77,8 +88,32 @@ def test_new_mixers_learn_to_imitate_the_attention_they_replace(grafted, demo_da
         assert torch.equal(after[name], tensor) != trained, name
 
 
-def test_distill_settings_are_checked_before_training(grafted, demo_data, tmp_path):
-    with pytest.raises(ConfigError, match=r"^stages\[0\]\.distill\.target_layers"):
-        distill_config(grafted, demo_data, tmp_path, target_layers="0,1,2")
-    with pytest.raises(ConfigError, match=r"^stages\[0\]\.distill\.source"):
-        distill_config(grafted, demo_data, tmp_path, source=str(tmp_path / "missing"))
+@pytest.mark.parametrize("distill, match", [
+    ({"target_layers": "0,1,2"}, r"stages\[0\]\.distill\.target_layers=.*as many as"),
+    ({"target_layers": "0,1"}, r"stages\[0\]\.distill\.target_layers=.*layer 1 is attention"),
+    ({"source_layers": "0,4"}, r"stages\[0\]\.distill\.source_layers"),
+    ({"source": "/no/such/model"}, r"stages\[0\]\.distill\.source"),
+])
+def test_distill_settings_are_checked_before_training(grafted, demo_data, tmp_path, distill,
+                                                      match):
+    with pytest.raises(ConfigError, match=f"^{match}"):
+        distill_config(grafted, demo_data, tmp_path, **distill)
+
+
+def test_other_vocabulary_or_backend_is_refused(grafted, demo_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"distill\.source=.*vocab_size 4096"):
+        distill_config(grafted, demo_data, tmp_path, source=str(grafted / "small-vocab"))
+    with pytest.raises(ConfigError, match=r"parallel\.backend='fsdp'"):
+        load_train_config(TINY, [*base_overrides(grafted, demo_data, tmp_path, {}),
+                                 "parallel.backend=fsdp"])
+
+
+def test_training_continues_after_a_distill_stage(grafted, demo_data, tmp_path):
+    """The stage after a distill stage starts from its checkpoint, optimizer included."""
+    stages = [distill_stage(grafted, {}, steps=3),
+              {"name": "train", "seq_len": 64, "steps": 2}]
+    cfg = load_train_config(TINY, [*common(demo_data, tmp_path / "run"),
+                                   f"stages={json.dumps(stages)}"])
+    result = train(cfg)
+    assert sorted(result.losses) == [0, 1, 2, 3, 4]
+    assert result.losses[3] > 3.0  # next-token loss again, not the distill regression

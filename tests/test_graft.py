@@ -135,16 +135,31 @@ def test_bad_rules_fail_before_anything_is_written(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_parity_catches_what_shapes_cannot(llama, tmp_path):
+def test_settings_and_parity_catch_what_shapes_cannot(llama, tmp_path, monkeypatch):
     """A target whose attention uses another RoPE base takes the same tensors, shape for
-    shape, and computes something else: the graft refuses it."""
+    shape, and computes something else: the plan names the setting; and were the configs
+    silent about it, parity on activations refuses it all the same."""
+    import stripes.graft.apply as apply
+
     source_dir, _ = llama
     other_base = json.loads(json.dumps(HYBRID))
     other_base["mixers"]["attn"]["rope"]["theta"] = 10000.0
     spec = load_graft_spec(write_spec(tmp_path / "rope.yaml", source_dir, other_base))
+    with pytest.raises(ConfigError, match="rope is .*10000.0.* in the target's attn"):
+        run_graft(spec, tmp_path / "out")
+    monkeypatch.setattr(apply, "_settings_differ", lambda *args: "")
     with pytest.raises(ConfigError, match="parity_tolerance=1e-05: 3 component.* attention"):
         run_graft(spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_two_rules_may_not_write_one_tensor(llama, tmp_path):
+    source_dir, _ = llama
+    rules = [*RULES, {"source": "llama", "component": "mlp", "from": 0, "to": 4}]
+    spec = load_graft_spec(write_spec(tmp_path / "twice.yaml", source_dir, rules=rules))
+    with pytest.raises(ConfigError, match=r"blocks.4.mlp_norm.weight is also written by "
+                                          r"rules\[1\] \(mlp 2 -> 4\)"):
+        run_graft(spec, tmp_path / "out")
 
 
 def test_the_example_spec_reads():

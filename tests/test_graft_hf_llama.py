@@ -59,8 +59,9 @@ def test_names_map_and_unknown_tensors_are_refused():
     assert stripes_name("model.layers.11.self_attn.o_proj.weight") == \
         "blocks.11.mixer.out_proj.weight"
     assert stripes_name("model.embed_tokens.weight") == "embed.weight"
-    with pytest.raises(ConfigError, match="rotary_emb.inv_freq"):
-        stripes_name("model.layers.0.self_attn.rotary_emb.inv_freq")
+    assert stripes_name("model.layers.0.self_attn.rotary_emb.inv_freq") == ""  # computed
+    with pytest.raises(ConfigError, match="q_norm"):
+        stripes_name("model.layers.0.self_attn.q_norm.weight")
 
 
 def test_what_stripes_cannot_express_is_one_line(tmp_path):

@@ -75,6 +75,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         for stage_cfg, segment in plan:  # every stage fits this world before any trains
             try:
                 stage_cfg.batch_plan(world.world_size)
+                if segment.kind == "distill" and world.world_size > 1:
+                    raise ConfigError("parallel.backend", "a world of "
+                                      f"{world.world_size}", "one process for a distill "
+                                      "stage", "its mixers run outside the wrapped model")
             except ConfigError as err:
                 raise ConfigError(f"stages[{segment.index}] ({segment.name}): {err.key}",
                                   err.value, err.allowed, err.reason) from None
@@ -126,11 +130,7 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
     engine = build_engine(model, cfg, backend, world, accum, bf16)
     freezer = Freezer(engine.model, cfg.freeze)
     objective = engine.module
-    if segment.kind == "distill":
-        if backend != "single":
-            raise ConfigError("parallel.backend", backend, "one process (single) for a "
-                              f"distill stage ({segment.name})", "its mixers run outside the "
-                              "wrapped model's forward, which DDP, FSDP and DeepSpeed need")
+    if segment.kind == "distill":  # one process: checked before any stage trained
         objective = Distiller(engine.model, segment.distill, world.device,
                               f"stages[{segment.index}].distill")
     loader = DataLoader(dataset, sequences, world.rank, world.world_size, world.device)

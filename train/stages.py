@@ -45,7 +45,7 @@ from omegaconf import MISSING
 from stripes.arch.rope import RopeConfig
 from stripes.core.config import ConfigError, require_positive, to_typed
 from stripes.data.loader import SourceWeight
-from stripes.train.distill import DistillConfig, distill_pairs
+from stripes.train.distill import DistillConfig, check_distill
 
 if TYPE_CHECKING:
     from stripes.train.config import TrainConfig
@@ -173,11 +173,7 @@ def validate_stages(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}.distill", stage.distill, "{source, source_layers, "
                               "target_layers} with kind: distill, else nothing")
         if stage.distill is not None:
-            from stripes.graft.hf_llama import HFLlama
-
-            source = HFLlama(stage.distill.source or "", key=f"{key}.distill.source")
-            distill_pairs(stage.distill, source.config["num_hidden_layers"],
-                          cfg.model.n_layers, f"{key}.distill")
+            check_distill(stage.distill, cfg.model, cfg.parallel.backend, f"{key}.distill")
         if stage.init_from is not None and not Path(stage.init_from).is_dir():
             raise ConfigError(f"{key}.init_from", stage.init_from, "a stripes checkpoint "
                               "directory, or a run directory with one", "no such directory")
