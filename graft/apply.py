@@ -124,6 +124,10 @@ def plan_graft(spec: GraftSpec) -> Plan:
     with torch.device("meta"):
         target_shapes = {k: tuple(v.shape) for k, v in StripedLM(target_cfg).state_dict().items()}
     sources = open_sources(spec)
+    described = {}  # name -> (config, its layers, tensor shapes): read once per source
+    for name, source in sources.items():
+        cfg = source.model_config()
+        described[name] = (cfg, cfg.expand(f"sources.{name}"), source.shapes())
     problems: list[str] = []
     copies: list[Copy] = []
     owner: dict[str, str] = {}  # target tensor -> the rule and pair that writes it
@@ -137,9 +141,7 @@ def plan_graft(spec: GraftSpec) -> Plan:
             problems.append(f"{key}.component {rule.component!r} is not one of "
                             f"{', '.join(COMPONENTS)}")
             continue
-        source = sources[rule.source]
-        source_cfg, source_shapes = source.model_config(), source.shapes()
-        source_layers = source_cfg.expand(f"sources.{rule.source}")
+        source_cfg, source_layers, source_shapes = described[rule.source]
         try:
             pairs = _layer_pairs(rule, key, source_cfg, target_cfg)
         except ConfigError as err:

@@ -86,3 +86,7 @@ class Freezer:
 
     def count(self, step: int) -> int:
         return sum(p.numel() for p in self.frozen(step))
+
+    def changes_at(self, step: int) -> bool:
+        """Whether a group unfreezes at `step` (the frozen set differs from step - 1's)."""
+        return any(until == step for until, _ in self.groups)

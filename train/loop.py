@@ -181,7 +181,7 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
     if freezer.groups:
         metrics.log_event("frozen", step=start, params=freezer.count(start))
     for step in range(start, cfg.steps):
-        if step > start and freezer.count(step) != freezer.count(step - 1):
+        if step > start and freezer.changes_at(step):
             metrics.log_event("frozen", step=step, params=freezer.count(step))
         lr = lr_at(step - segment.start, cfg.schedule, cfg.optim.lr,
                    segment.end - segment.start)
