@@ -147,18 +147,27 @@ def _scan_kernel(a_ptr, c_ptr, g_ptr, states_ptr, first_ptr, last_ptr, seqs_ptr,
 
 
 @triton.jit
+def _v_block(chunks_ptr, n_chunks, g_ptr, H: tl.constexpr, HK: tl.constexpr,
+             DV: tl.constexpr, C: tl.constexpr, BV: tl.constexpr):
+    """The program of a grid (N_chunks * Dv / BV, H) over one chunk, v-head and BV block of
+    Dv: (chunk, token [C], valid [C], h, hk, b [C], b_L, rv [BV], v_mask [C, BV])."""
+    chunk_id, pid_v = _split_axis0((DV + BV - 1) // BV)
+    h = tl.program_id(1)
+    chunk, token, valid = _chunk(chunks_ptr, chunk_id, n_chunks, C)
+    b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
+    rv = pid_v * BV + tl.arange(0, BV)
+    return (chunk, token, valid, h, h // (H // HK), b, b_last, rv,
+            valid[:, None] & (rv < DV)[None, :])
+
+
+@triton.jit
 def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunks_ptr, n_chunks,
                    H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
     """Grid (N_chunks * Dv / BV, H): O_i's [C, BV] tile = masked decayed scores @ V + the
     state's contribution, the scores and (Q * xi) h_i summed over Dk in BK blocks."""
-    chunk_id, pid_v = _split_axis0((DV + BV - 1) // BV)
-    h = tl.program_id(1)
-    hk = h // (H // HK)
-    chunk, token, valid = _chunk(chunks_ptr, chunk_id, n_chunks, C)
-    b, _ = _chunk_decays(g_ptr, token, valid, h, H)
-    rv = pid_v * BV + tl.arange(0, BV)
-    v_mask = valid[:, None] & (rv < DV)[None, :]
+    chunk, token, valid, h, hk, b, _, rv, v_mask = _v_block(chunks_ptr, n_chunks, g_ptr, H, HK,
+                                                            DV, C, BV)
     dtype = q_ptr.dtype.element_ty
     xi = tl.exp(b)
 
@@ -276,13 +285,8 @@ def _dv_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dh_ptr, dv_ptr, chunks_ptr, n_chunks
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr):
     """Grid (N_chunks * Dv / BV, H): dV_i for one BV block, the scores Q K^T and
     (K * zeta) dh_i summed over Dk in BK blocks."""
-    chunk_id, pid_v = _split_axis0((DV + BV - 1) // BV)
-    h = tl.program_id(1)
-    hk = h // (H // HK)
-    chunk, token, valid = _chunk(chunks_ptr, chunk_id, n_chunks, C)
-    b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
-    rv = pid_v * BV + tl.arange(0, BV)
-    v_mask = valid[:, None] & (rv < DV)[None, :]
+    chunk, token, valid, h, hk, b, b_last, rv, v_mask = _v_block(chunks_ptr, n_chunks, g_ptr,
+                                                                 H, HK, DV, C, BV)
     dtype = q_ptr.dtype.element_ty
     zeta = tl.where(valid, tl.exp(b_last - b), 0.0)
 
