@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from kernel_timing import capture, git_commit
+from kernel_timing import capture, write_results
 
 from stripes.arch.config import ArchFile
 from stripes.arch.registry import get_mixer
@@ -140,15 +138,9 @@ def main() -> None:
             rows.append(measure(name, kind, cfg, d_model, args.batch, ctx, device, args.reps))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the last mixer's cache is gone with its frame
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "arch": str(args.arch), "batch": args.batch, "rows": rows}
-    text = (f"{report['device']}  torch {report['torch']}  commit {report['commit']}  "
-            f"{report['date']}  batch {args.batch}  {args.arch.name}\n\n{table(rows)}\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_step.json").write_text(json.dumps(report, indent=1))
-    (args.out / "decode_step.md").write_text(text)
+    text = write_results(args.out, "decode_step",
+                         {"arch": str(args.arch), "batch": args.batch, "rows": rows},
+                         table(rows), note=f"  batch {args.batch}  {args.arch.name}")
     print(text)
     failed = [r for r in rows if r["status"] != "ok"]
     raise SystemExit(1 if failed and args.quick else 0)

@@ -10,9 +10,11 @@ alone; that is the "f+b ms" the ratios use, and the eager time sits beside it ("
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -276,6 +278,22 @@ def ceilings(runner: Runner, device: torch.device, quick: bool, matmul: bool) ->
                      "role": "ceiling", "status": "ok", "fb": t,
                      "fb_tflops": 2 * m**3 / t["ms"] / 1e9, "note": ""})
     return rows
+
+
+def write_results(out: Path, stem: str, fields: dict, table_text: str, note: str = "") -> str:
+    """OUT/<stem>.json (device, torch, commit, date, command, then `fields`) and OUT/<stem>.md
+    (a header line, then `table_text`); returns the markdown. Benchmarks call it after each
+    measured part, so a run cut short keeps what it measured."""
+    report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), **fields}
+    text = (f"{report['device']}  torch {report['torch']}  commit {report['commit']}  "
+            f"{report['date']}{note}\n\n{table_text}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    return text
 
 
 def git_commit() -> str:

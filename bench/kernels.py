@@ -58,8 +58,6 @@ Writes DIR/kernels.json (device, versions, commit, date, every row) and DIR/kern
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -79,11 +77,11 @@ from kernel_timing import (
     first_line,
     float64_reference,
     fwd_bwd,
-    git_commit,
     measure,
     restorer,
     table,
     version,
+    write_results,
 )
 from mixer_kernel_cases import causal_conv_cases, fft_conv_cases, retention_cases, ssd_cases
 
@@ -280,7 +278,7 @@ BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_c
             "causal_conv": causal_conv_cases, "fft_conv": fft_conv_cases}
 
 
-def write_report(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> str:
+def write_report(args: argparse.Namespace, rows: list[dict]) -> str:
     """Writes DIR/kernels.json and DIR/kernels.md for the rows so far; returns the text."""
     copy_gbs = rows[0]["fb_gbs"]
     mm_tflops = next((r["fb_tflops"] for r in rows if r["kernel"] == "matmul"), None)
@@ -289,20 +287,12 @@ def write_report(args: argparse.Namespace, device: torch.device, rows: list[dict
             r["pct_ceiling"] = 100 * r["fb_gbs"] / copy_gbs
         elif r["role"] != "ceiling" and "fb_tflops" in r and mm_tflops:
             r["pct_ceiling"] = 100 * r["fb_tflops"] / mm_tflops
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "triton": version("triton"),
-              "liger_kernel": version("liger-kernel"), "commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quick": args.quick, "command": " ".join(sys.argv), "copy_gbs": copy_gbs,
-              "matmul_tflops": mm_tflops, "rel_err_tolerance": TOL, "rows": rows}
-    header = (f"{report['device']}  torch {report['torch']}  triton {report['triton']}  "
-              f"liger-kernel {report['liger_kernel']}  commit {report['commit']}  "
-              f"{report['date']}{'  (--quick)' if args.quick else ''}")
-    text = f"{header}\n\n{table(rows)}\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(report, indent=1))
-    (args.out / "kernels.md").write_text(text)
-    return text
+    fields = {"triton": version("triton"), "liger_kernel": version("liger-kernel"),
+              "quick": args.quick, "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops,
+              "rel_err_tolerance": TOL, "rows": rows}
+    note = (f"  triton {fields['triton']}  liger-kernel {fields['liger_kernel']}"
+            f"{'  (--quick)' if args.quick else ''}")
+    return write_results(args.out, "kernels", fields, table(rows), note)
 
 
 def main() -> None:
@@ -324,14 +314,14 @@ def main() -> None:
             for case in BUILDERS[kernel](device, args.quick):
                 rows += measure(runner, case)
                 del case
-                write_report(args, device, rows)  # what a run cut short has measured
+                write_report(args, rows)  # what a run cut short has measured
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         except Exception as err:  # a kernel whose inputs cannot even be built
             traceback.print_exc()
             rows.append({"kernel": kernel, "case": "", "impl": "stripes", "role": "stripes",
                          "status": "error", "note": f"error building the case: {first_line(err)}"})
-    print(write_report(args, device, rows))
+    print(write_report(args, rows))
     failed = [r for r in rows if (r["role"] in ("stripes", "torch") and r["status"] == "error")
               or (r["role"] == "stripes" and r["status"] == "ok" and not r["max_rel_err"] < TOL)]
     for r in failed:

@@ -21,9 +21,7 @@ Writes DIR/long_context.json and DIR/long_context.md after each model.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from kernel_timing import git_commit
+from kernel_timing import write_results
 
 from stripes.arch import ArchFile, StripedLM
 from stripes.core.config import load_config
@@ -185,15 +183,7 @@ def main() -> None:
     rows = []
     for name in models:
         rows.append(measure(name, device, lengths, max_len, first, args.steps, args.warmup))
-        report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "torch": torch.__version__, "commit": git_commit(),
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                      timespec="seconds"), "command": " ".join(sys.argv), "rows": rows}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "long_context.json").write_text(json.dumps(report, indent=1))
-        text = (f"{report['device']}  torch {report['torch']}  commit {report['commit']}  "
-                f"{report['date']}\n\n{table(rows, lengths)}\n")
-        (args.out / "long_context.md").write_text(text)
+        text = write_results(args.out, "long_context", {"rows": rows}, table(rows, lengths))
     print(text)
 
 

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from kernel_timing import Runner, fwd_bwd, git_commit
+from kernel_timing import Runner, fwd_bwd, write_results
 
 from stripes.kernels.scalar_decay import function
 from stripes.kernels.scalar_decay.function import Launch, LaunchConfig, chunk_scalar_decay
@@ -154,16 +152,8 @@ def main() -> None:
     for name, shape in shapes.items():
         for chunk in (16,) if args.quick else (64, 128):
             results.append(sweep_shape(name, shape, chunk, runner, device, args.quick))
-            report = {"device": torch.cuda.get_device_name() if runner.cuda else "cpu",
-                      "torch": torch.__version__, "commit": git_commit(),
-                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                          timespec="seconds"),
-                      "command": " ".join(sys.argv), "results": results}
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "scalar_decay_sweep.json").write_text(json.dumps(report, indent=1))
-            text = (f"{report['device']}  torch {report['torch']}  commit {report['commit']}  "
-                    f"{report['date']}\n\n{table(results)}")
-            (args.out / "scalar_decay_sweep.md").write_text(text)
+            text = write_results(args.out, "scalar_decay_sweep", {"results": results},
+                                 table(results))
     print(text)
 
 
