@@ -35,6 +35,7 @@ from stripes.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from stripes.train.distributed import close_world
 
 from conftest import ROOT, TINY
 
@@ -281,6 +282,7 @@ def free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, run_dir: str, wrap: str) -> None:
     """Resume from the 1-process checkpoint at step 1, train, save step 2 from 2 ranks."""
+    finished = False
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
     try:
@@ -309,8 +311,9 @@ def _worker(rank: int, world_size: int, port: int, run_dir: str, wrap: str) -> N
             full = model.module.state_dict()
         if rank == 0:
             torch.save(full, os.path.join(run_dir, "expected.pt"))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        close_world(finished=finished)
 
 
 @pytest.mark.multiprocess

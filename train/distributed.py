@@ -46,8 +46,14 @@ def init_world(device: str = "auto") -> World:
     return World(rank, world_size, local_rank, target)
 
 
-def close_world() -> None:
+def close_world(*, finished: bool) -> None:
+    """Leave the process group. After a clean finish the ranks first meet at a barrier:
+    gloo can abort a process (std::terminate) whose peer tears the group down while
+    traffic is still in flight. After an error there is no barrier, since the other ranks
+    may never arrive."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

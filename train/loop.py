@@ -66,11 +66,14 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     world = init_world(cfg.device)
+    finished = False
     try:
         # Read once per process: `latest` is rewritten as the run goes.
         checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.checkpoint.resume)
         if not cfg.stages:
-            return _train(cfg, world, Segment("", 0, 0, cfg.steps), cfg.steps, checkpoint)
+            result = _train(cfg, world, Segment("", 0, 0, cfg.steps), cfg.steps, checkpoint)
+            finished = True
+            return result
         plan = [stage_config(cfg, i) for i in range(len(cfg.stages))]
         for stage_cfg, segment in plan:  # every stage fits this world before any trains
             try:
@@ -93,9 +96,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                                  {**result.losses, **part.losses}, part.skipped_steps,
                                  part.last_checkpoint)
             release_memory()
+        finished = True
         return result
     finally:
-        close_world()
+        close_world(finished=finished)
 
 
 def release_memory() -> None:
