@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from stripes.core.config import ConfigError
@@ -17,13 +18,14 @@ from stripes.launch import (
     generate_cmd,
     graft_cmd,
     inspect_model,
+    launch_cmd,
     plot_cmd,
     prepare_cmd,
     train_cmd,
 )
 
 # Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "eval, launch"
+_PLANNED = "eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_parser(sub)
     plot_cmd.add_parser(sub)
     graft_cmd.add_parser(sub)
+    launch_cmd.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # A torchrun worker: a crash is written where torchrun reports it as the root cause,
+        # first, above the other ranks' errors that it brought about.
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="stripes: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:

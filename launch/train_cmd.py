@@ -1,5 +1,8 @@
 """`stripes train CONFIG [key=value ...]`: train in this process, or as one rank under torchrun
-(RANK / WORLD_SIZE / LOCAL_RANK in the environment). A rerun resumes from `latest`."""
+or a Slurm step (train/launch_env.py). A rerun resumes from `latest`.
+
+Exit status: 0 done, 2 bad input, 3 halted on non-finite steps, 75 stopped by SIGUSR1 or
+SIGTERM after a checkpoint (requeue and rerun to continue)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from stripes.train.checkpoint import CheckpointMismatch
     from stripes.train.config import load_train_config
     from stripes.train.loop import TrainingHalted, train
+    from stripes.train.preemption import REQUEUE_EXIT
 
     cfg = load_train_config(args.config, args.overrides)
     try:
@@ -32,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointMismatch as err:
         print(f"stripes train: error: {err}", file=sys.stderr)
         return 2
+    if result.stopped_by:
+        print(f"stripes train: stopped by {result.stopped_by} after {result.steps_done} steps, "
+              f"checkpoint {result.last_checkpoint}; rerun to resume")
+        return REQUEUE_EXIT
     last = result.losses.get(cfg.steps - 1)
     print(f"stripes train: {result.steps_done} steps done, final loss "
           f"{last if last is not None else 'n/a'}, checkpoint {result.last_checkpoint}")

@@ -1,15 +1,19 @@
-"""The process group, from the environment torchrun (or Slurm via torchrun) sets.
+"""The process group, from the environment torchrun or a Slurm step sets.
 
-One process without RANK/WORLD_SIZE is a world of one and needs no process group.
+One process started by neither is a world of one and needs no process group.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from stripes.core.log import log
+from stripes.train.launch_env import detect_launch_env
 
 
 @dataclass(frozen=True)
@@ -29,21 +33,24 @@ class World:
 
 
 def init_world(device: str = "auto") -> World:
-    """Join the process group torchrun described (NCCL on CUDA, gloo on CPU) and pick this
-    rank's device. `device`: auto (cuda:LOCAL_RANK when CUDA is available, else cpu)."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    """Join the process group of whichever launcher started this process (torchrun or a
+    Slurm step; train/launch_env.py), NCCL on CUDA and gloo on CPU, and pick this rank's
+    device. `device`: auto (cuda:LOCAL_RANK when CUDA is available, else cpu)."""
+    env = detect_launch_env()
+    for key, value in env.torch_variables().items():
+        os.environ.setdefault(key, value)  # a Slurm task looks like a torchrun worker
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    target = torch.device("cuda", local_rank) if use_cuda else torch.device(device if
-                                                                             device != "auto"
-                                                                             else "cpu")
+    target = (torch.device("cuda", env.local_rank) if use_cuda
+              else torch.device("cpu" if device == "auto" else device))
     if use_cuda:
         torch.cuda.set_device(target)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank,
-                                world_size=world_size)
-    return World(rank, world_size, local_rank, target)
+    if env.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank,
+                                world_size=env.world_size)
+    if env.world_size > 1:  # every rank says where it runs: a failing node is found by name
+        log.info(f"rank {env.rank} of {env.world_size} ({env.launcher}) on "
+                 f"{socket.gethostname()}, {target}")
+    return World(env.rank, env.world_size, env.local_rank, target)
 
 
 def close_world(*, finished: bool) -> None:

@@ -1,11 +1,14 @@
 """The training loop: the same for every backend.
 
-    world = init_world()                          # torchrun env, or a world of one
+    world = init_world()                          # torchrun, a Slurm step, or one
     model = StripedLM on meta -> to_empty -> init_weights (same seed on every rank)
     engine = build_engine(...)                    # wrap + optimizer (train/engine.py)
     resume from checkpoints/latest if any         # model, optimizer, loader, RNG, step
     for step: lr(step) -> micro-batches (fwd, loss / accum, bwd) -> clip -> guard -> step
               -> log -> evaluate (held out) -> checkpoint
+
+On SIGUSR1 or SIGTERM (a scheduler's warning, train/preemption.py) the run finishes its step,
+checkpoints and returns `stopped_by`; `stripes train` then exits with REQUEUE_EXIT.
 
 A step whose loss or gradient norm is not finite is skipped (no update) and counted; after
 `max_bad_steps` in a row the run halts with a clear message. Everything a step depends on
@@ -47,6 +50,7 @@ from stripes.train.evaluate import build_eval_set, evaluate
 from stripes.train.freeze import Freezer
 from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
 from stripes.train.parallel import resolve_backend
+from stripes.train.preemption import StopRequest
 from stripes.train.schedule import lr_at
 from stripes.train.stage_eval import stage_end_eval
 from stripes.train.stages import Segment, resume_step, stage_config
@@ -62,44 +66,51 @@ class TrainResult:
     losses: dict[int, float]  # step -> mean loss over the global batch (this run's steps)
     skipped_steps: int
     last_checkpoint: Path | None
+    stopped_by: str | None = None  # the signal that ended the run early (preemption.py)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     world = init_world(cfg.device)
     finished = False
     try:
-        # Read once per process: `latest` is rewritten as the run goes.
-        checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.checkpoint.resume)
-        if not cfg.stages:
-            result = _train(cfg, world, Segment("", 0, 0, cfg.steps), cfg.steps, checkpoint)
-            finished = True
-            return result
-        plan = [stage_config(cfg, i) for i in range(len(cfg.stages))]
-        for stage_cfg, segment in plan:  # every stage fits this world before any trains
-            try:
-                stage_cfg.batch_plan(world.world_size)
-                if segment.kind == "distill" and world.world_size > 1:
-                    raise ConfigError("parallel.backend", "a world of "
-                                      f"{world.world_size}", "one process for a distill "
-                                      "stage", "its mixers run outside the wrapped model")
-            except ConfigError as err:
-                raise ConfigError(f"stages[{segment.index}] ({segment.name}): {err.key}",
-                                  err.value, err.allowed, err.reason) from None
-        done = resume_step(checkpoint, [segment for _, segment in plan])
-        result = TrainResult(0, {}, 0, None)
-        for stage_cfg, segment in plan:
-            if done >= segment.end:
-                continue  # trained before this process started
-            part = _train(stage_cfg, world, segment, cfg.steps, checkpoint)
-            checkpoint, done = part.last_checkpoint, segment.end  # the next starts there
-            result = TrainResult(result.steps_done + part.steps_done,
-                                 {**result.losses, **part.losses}, part.skipped_steps,
-                                 part.last_checkpoint)
-            release_memory()
+        with StopRequest() as stop:
+            result = _train_stages(cfg, world, stop)
         finished = True
         return result
     finally:
         close_world(finished=finished)
+
+
+def _train_stages(cfg: TrainConfig, world: World, stop: StopRequest) -> TrainResult:
+    # Read once per process: `latest` is rewritten as the run goes.
+    checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.checkpoint.resume)
+    if not cfg.stages:
+        return _train(cfg, world, Segment("", 0, 0, cfg.steps), cfg.steps, checkpoint, stop)
+    plan = [stage_config(cfg, i) for i in range(len(cfg.stages))]
+    for stage_cfg, segment in plan:  # every stage fits this world before any trains
+        try:
+            stage_cfg.batch_plan(world.world_size)
+            if segment.kind == "distill" and world.world_size > 1:
+                raise ConfigError("parallel.backend", f"a world of {world.world_size}",
+                                  "one process for a distill stage",
+                                  "its mixers run outside the wrapped model")
+        except ConfigError as err:
+            raise ConfigError(f"stages[{segment.index}] ({segment.name}): {err.key}",
+                              err.value, err.allowed, err.reason) from None
+    done = resume_step(checkpoint, [segment for _, segment in plan])
+    result = TrainResult(0, {}, 0, None)
+    for stage_cfg, segment in plan:
+        if done >= segment.end:
+            continue  # trained before this process started
+        part = _train(stage_cfg, world, segment, cfg.steps, checkpoint, stop)
+        checkpoint, done = part.last_checkpoint, segment.end  # the next starts there
+        result = TrainResult(result.steps_done + part.steps_done,
+                             {**result.losses, **part.losses}, part.skipped_steps,
+                             part.last_checkpoint, part.stopped_by)
+        if part.stopped_by:
+            break
+        release_memory()
+    return result
 
 
 def release_memory() -> None:
@@ -112,7 +123,7 @@ def release_memory() -> None:
 
 
 def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
-           checkpoint: Path | None) -> TrainResult:
+           checkpoint: Path | None, stop: StopRequest) -> TrainResult:
     """Steps [segment.start, segment.end) = [.., cfg.steps) of the run, from `checkpoint`
     (inside the segment, or at its start: the previous stage's last) or from scratch."""
     run_dir = Path(cfg.output_dir)
@@ -200,7 +211,14 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
                                      batch["targets"][rows]) / accum
                 engine.backward(loss)
             loss_sum += loss.detach()
-        loss_mean = float(all_reduce_mean(loss_sum))
+        # One reduction for the loss and two votes that must be unanimous: a signal may reach
+        # one rank first, and each rank reads its own clock.
+        minutes = cfg.checkpoint.every_minutes
+        votes = torch.tensor([float(stop.requested), float(
+            minutes is not None and time.monotonic() - last_save > 60 * minutes)],
+            device=world.device)
+        loss_mean, stop_votes, clock_votes = all_reduce_mean(
+            torch.cat([loss_sum.reshape(1), votes])).tolist()
         grad_norm, applied = engine.step(lr, math.isfinite(loss_mean), freezer.frozen(step))
         tokens_seen += cfg.global_batch_tokens
 
@@ -233,10 +251,9 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
                                    cfg.document_masking)
             metrics.log_eval(step + 1, losses_eval)
             throughput.mark()  # evaluation is not training time
-        minutes = cfg.checkpoint.every_minutes
-        due = ((step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps
-               or (minutes is not None and time.monotonic() - last_save > 60 * minutes))
-        if due:
+        stopping = stop_votes > 0 and step + 1 < total_steps  # the last step ends it anyway
+        if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps \
+                or clock_votes > 0 or stopping:
             trainer_state = {"tokens_seen": tokens_seen, "skipped_steps": skipped,
                              "data": loader.state_dict(), "stage": segment.name}
             saved = save_checkpoint(run_dir, step + 1, engine.states, trainer_state,
@@ -247,6 +264,11 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
         if stage_eval and step + 1 == segment.end:  # after the save: a failure loses no step
             stage_end_eval(cfg, segment, engine.module, eval_set, world, autocast, metrics,
                            run_dir)
+        if stopping:
+            by = stop.signal_name or "another rank's signal"
+            metrics.log_event("stopped", step=step + 1, signal=by)
+            metrics.close()
+            return TrainResult(step + 1 - start, losses, skipped, saved, by)
     metrics.close()
     return TrainResult(cfg.steps - start, losses, skipped, saved)
 
