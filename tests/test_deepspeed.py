@@ -14,6 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from stripes.core.config import ConfigError
+from stripes.data.loader import TokenDataset
+from stripes.train.config import load_train_config
+from stripes.train.deepspeed_engine import deepspeed_config, import_deepspeed
+from stripes.train.evaluate import build_eval_set, evaluate
+from stripes.train.export import export_checkpoint, load_exported
+
+from conftest import ROOT
+
 # single_process_run is test_train's fixture: imported, pytest uses it (module-scoped, so
 # run once here too), which ruff reads as an unused or redefined name. demo_data is
 # conftest's.
@@ -28,15 +37,6 @@ from test_train import (  # noqa: F401
     step_losses,
     train_cmd,
 )
-
-from stripes.core.config import ConfigError
-from stripes.data.loader import TokenDataset
-from stripes.train.config import load_train_config
-from stripes.train.deepspeed_engine import deepspeed_config, import_deepspeed
-from stripes.train.evaluate import build_eval_set, evaluate
-from stripes.train.export import export_checkpoint, load_exported
-
-from conftest import ROOT
 
 
 def torchrun(run_dir: Path, data: Path, *extra: str) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from stripes.core.log import log
 from stripes.train.launch_env import detect_launch_env
@@ -46,11 +47,23 @@ def init_world(device: str = "auto") -> World:
         torch.cuda.set_device(target)
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank,
-                                world_size=env.world_size)
+                                world_size=env.world_size, store=_attempt_store())
     if env.world_size > 1:  # every rank says where it runs: a failing node is found by name
         log.info(f"rank {env.rank} of {env.world_size} ({env.launcher}) on "
                  f"{socket.gethostname()}, {target}")
     return World(env.rank, env.world_size, env.local_rank, target)
+
+
+def _attempt_store() -> dist.Store | None:
+    """Under torchrun, a key space of this attempt's own in the rendezvous store. torchrun
+    keeps one store across `--max-restarts` restarts, and without a prefix the restarted
+    ranks read the addresses the dead attempt left there (gloo: "connectFullMesh failed ...
+    Connection refused", torch 2.13). None elsewhere: the env:// rendezvous as usual."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(rendezvous("env://"))
+    return dist.PrefixStore(f"stripes-attempt-{attempt}", store)
 
 
 def close_world(*, finished: bool) -> None:
