@@ -179,3 +179,20 @@ def test_torchrun_restarts_the_group_after_a_rank_dies(tmp_path, demo_data, two_
     resumed = [e["step"] for e in events(run_dir, "resumed")]
     assert len(resumed) == 1 and resumed[0] >= 4
     assert step_losses(run_dir) == two_rank_losses
+
+
+@pytest.mark.multiprocess
+def test_a_dead_rank_brings_the_group_down(tmp_path, demo_data):
+    """No restarts: when one trainer dies the launcher ends the other and fails, naming the
+    dead rank as the root cause, instead of hanging."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(torchrun(run_dir, demo_data), cwd=ROOT, env=ENV, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_checkpoint(launcher, run_dir, "step-000002")
+    trainers = [pid for pid in descendants(launcher.pid)
+                if b"stripes.launch.cli\0train" in cmdline(pid)]
+    os.kill(trainers[1], signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert "Root Cause" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]
+    assert not [pid for pid in trainers if cmdline(pid)], "a trainer outlived the launcher"

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
 
+from stripes.core.config import ConfigError
 from stripes.core.log import log
 from stripes.train.launch_env import detect_launch_env
 
@@ -41,7 +42,7 @@ def init_world(device: str = "auto") -> World:
     for key, value in env.torch_variables().items():
         os.environ.setdefault(key, value)  # a Slurm task looks like a torchrun worker
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    target = (torch.device("cuda", env.local_rank) if use_cuda
+    target = (_local_gpu(env.local_rank) if use_cuda
               else torch.device("cpu" if device == "auto" else device))
     if use_cuda:
         torch.cuda.set_device(target)
@@ -52,6 +53,18 @@ def init_world(device: str = "auto") -> World:
         log.info(f"rank {env.rank} of {env.world_size} ({env.launcher}) on "
                  f"{socket.gethostname()}, {target}")
     return World(env.rank, env.world_size, env.local_rank, target)
+
+
+def _local_gpu(local_rank: int) -> torch.device:
+    """This rank's GPU: cuda:LOCAL_RANK when the process sees the node's GPUs, cuda:0 when
+    the launcher bound it to one (srun --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise ConfigError("LOCAL_RANK", local_rank, f"below the {count} GPUs this process "
+                          "sees", "one rank per GPU")
+    return torch.device("cuda", local_rank)
 
 
 def _attempt_store() -> dist.Store | None:
