@@ -39,7 +39,6 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from stripes.arch.hyena_filters import (
     decayed_filter,
@@ -350,15 +349,8 @@ class HyenaLI(Hyena):
         return torch.complex(self.residue_re.to(dtype), self.residue_im.to(dtype))
 
     def filter(self, length: int) -> torch.Tensor:
-        """h[g, t] for t < length: [G, length], float32 (float64 in a float64 model).
-
-        Under autograd the complex [G, N, length] powers are recomputed in backward instead
-        of saved: at G = 2048, N = 16, T = 4096 they would hold 3 GiB per layer, the filter
-        itself 32 MiB, and recomputing costs a few elementwise passes."""
-        args = (self.log_rate, self.theta, self.residues(), length)
-        if not torch.is_grad_enabled():
-            return modal_filter(*args)
-        return checkpoint(modal_filter, *args, use_reentrant=False)
+        """h[g, t] for t < length: [G, length], float32 (float64 in a float64 model)."""
+        return modal_filter(self.log_rate, self.theta, self.residues(), length)
 
     def gated_long_conv(self, q, k, v, positions):
         """By FFT (stripes.kernels.fft_conv), the filter built for this length."""

@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from stripes.kernels.modal_filter import modal_filter as modal_filter_taps
+
 # Rates (decays of MR, pole rates of LI) are exp(log_rate) clamped to this range. Below
 # MIN_RATE, exp(-rate) rounds to 1 in float32 (|p| = 1: a pure integrator, memory beyond
 # 1M tokens); above MAX_RATE every tap after the first is 0 already, and an infinite rate
@@ -84,10 +86,11 @@ def modal_filter(log_rate: torch.Tensor, theta: torch.Tensor, residues: torch.Te
     """LI filter h[c, t] = Re( sum_n R[c, n] p[c, n]^t ) for t < length: [C, length].
 
     residues: complex [C, N]. The taps for t < T are the same whatever `length` >= T is:
-    the filter is evaluated at the length at hand, with no stored maximum."""
-    times = torch.arange(length, device=log_rate.device)
-    powers = modal_powers(log_rate, theta, times)  # [C, N, L]
-    return (residues[..., None] * powers).real.sum(1)  # [C, L]
+    the filter is evaluated at the length at hand, with no stored maximum. Built by
+    stripes.kernels.modal_filter (Triton on CUDA: no [C, N, length] powers in memory)."""
+    dtype = compute_dtype(log_rate, theta)
+    return modal_filter_taps(positive_rate(log_rate), theta.to(dtype),
+                             residues.real.to(dtype), residues.imag.to(dtype), length)
 
 
 # -- convolutions -----------------------------------------------------------------------------
