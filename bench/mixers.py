@@ -1,9 +1,9 @@
 """One mixer layer of each kind on a GPU, at the 1B configs' width: forward+backward time.
 
 Anchor: the `attn` mixer (GQA 16/4 heads, cuDNN SDPA) of the same width in the same run.
-The other kinds run their PyTorch reference forms (FFT convolution, chunked SSD, chunkwise
-retention); this is the baseline the Triton kernels must beat. bf16 autocast, float32
-weights, d_model 2048, settings of configs/arch/sh2-1b.yaml and hybrid-1b.yaml.
+Each kind runs as the model runs it on a GPU (its Triton kernels where it has them). bf16
+autocast, float32 weights, d_model 2048, settings of configs/arch/sh2-1b.yaml and
+hybrid-1b.yaml.
 
     python bench/mixers.py [--seq 2048 8192] [--tokens 16384] [--out results.json]
 """
