@@ -36,4 +36,4 @@ def test_taps_and_gradients_at_width(T):
     got = (h, *torch.autograd.grad(h, params, dh.float()))
     for name, g, g32, want in zip(("h", "rate", "theta", "re", "im"), got, results["float32"],
                                   results["float64"], strict=True):
-        assert rel_error(g, want) < 4 * rel_error(g32, want) + 1e-6, name
+        assert rel_error(g, want) < max(4 * rel_error(g32, want), 1e-4), name
