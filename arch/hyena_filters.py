@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from stripes.kernels.modal_filter import modal_filter as modal_filter_taps
+from stripes.kernels.modal_filter.reference import rate_powers
 
 # Rates (decays of MR, pole rates of LI) are exp(log_rate) clamped to this range. Below
 # MIN_RATE, exp(-rate) rounds to 1 in float32 (|p| = 1: a pure integrator, memory beyond
@@ -75,10 +76,7 @@ def modal_powers(log_rate: torch.Tensor, theta: torch.Tensor, times: torch.Tenso
 
     Computed as exp(t (-r + i theta)), not by repeated multiplication, so the rounding
     error does not grow with t and nothing depends on a maximum length."""
-    dtype = compute_dtype(log_rate, theta)
-    t = times.to(dtype)  # [K]
-    rate, theta = positive_rate(log_rate), theta.to(dtype)
-    return torch.exp(torch.complex(-rate[..., None] * t, theta[..., None] * t))
+    return rate_powers(positive_rate(log_rate), theta.to(compute_dtype(log_rate, theta)), times)
 
 
 def modal_filter(log_rate: torch.Tensor, theta: torch.Tensor, residues: torch.Tensor,

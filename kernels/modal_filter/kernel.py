@@ -46,14 +46,15 @@ def _power(rate, theta, t):
 
 @triton.jit
 def _table(rate_ptr, theta_ptr, g, N, BN: tl.constexpr, BT: tl.constexpr):
-    """Filter g's rate, theta [BN] and the table p^j [BN, BT] for j < BT (0 past N)."""
+    """Filter g's rate, theta [BN] and the table p^j [BN, BT] for j < BT. Modes past N read
+    rate = theta = 0 (p^j = 1); forward gives them zero residues and backward does not store
+    them, so they add nothing."""
     n = tl.arange(0, BN)
     rate = tl.load(rate_ptr + g * N + n, mask=n < N, other=0.0)
     theta = tl.load(theta_ptr + g * N + n, mask=n < N, other=0.0)
     j = tl.arange(0, BT).to(tl.float32)
     pr, pi = _power(rate[:, None], theta[:, None], j[None, :])
-    keep = (n < N)[:, None]
-    return rate, theta, tl.where(keep, pr, 0.0), tl.where(keep, pi, 0.0)
+    return rate, theta, pr, pi
 
 
 @triton.jit

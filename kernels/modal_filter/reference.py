@@ -14,10 +14,16 @@ from __future__ import annotations
 import torch
 
 
+def rate_powers(rate: torch.Tensor, theta: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """p^t = exp(t (-rate + i theta)) for each mode and each t in `times` ([K]): complex
+    [G, N, K] in the parameters' precision."""
+    t = times.to(rate.dtype)  # [K]
+    return torch.exp(torch.complex(-rate[..., None] * t, theta[..., None] * t))
+
+
 def modal_filter(rate: torch.Tensor, theta: torch.Tensor, residue_re: torch.Tensor,
                  residue_im: torch.Tensor, length: int) -> torch.Tensor:
     """[G, length] in the parameters' dtype (float32 or float64). rate > 0."""
-    t = torch.arange(length, device=rate.device, dtype=rate.dtype)  # [T]
-    powers = torch.exp(torch.complex(-rate[..., None] * t, theta[..., None] * t))  # [G, N, T]
+    powers = rate_powers(rate, theta, torch.arange(length, device=rate.device))  # [G, N, T]
     residues = torch.complex(residue_re, residue_im)[..., None]  # [G, N, 1]
     return (residues * powers).real.sum(1)  # [G, T]
