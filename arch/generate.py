@@ -2,41 +2,82 @@
 
 Every mixer decodes from its recurrent state (KV cache, conv/modal/SSM/retention state), so
 the cost per new token does not grow with the text for the recurrent kinds.
+
+    stats = GenerationStats()
+    out = generate(model, prompt, 64, temperature=0.8, top_p=0.95, stats=stats)
+    stats.decode_tokens_per_s, stats.state_bytes
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from stripes.arch.model import StripedLM
+from stripes.arch.model import DecodeState, StripedLM
+
+
+@dataclass
+class GenerationStats:
+    """Filled by `generate`: what the prompt and the new tokens cost."""
+
+    batch_size: int = 0
+    prompt_tokens: int = 0  # per row
+    new_tokens: int = 0  # per row, the stop token included
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # sampling and steps after the prefill
+    state_bytes: int = 0  # the decoding state's tensors, allocated for prompt + max_new_tokens
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch_size * self.prompt_tokens / max(self.prefill_s, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens a second over the whole batch."""
+        return self.batch_size * self.new_tokens / max(self.decode_s, 1e-9)
 
 
 @torch.no_grad()
 def generate(model: StripedLM, prompt: torch.Tensor, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None,
-             stop_token: int | None = None) -> torch.Tensor:
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, stop_token: int | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             stats: GenerationStats | None = None) -> torch.Tensor:
     """prompt: [B, T] token ids -> [B, T + n] with n <= max_new_tokens new tokens.
 
-    temperature 0 is greedy decoding. Generation stops early when every row has produced
-    `stop_token`; rows that stopped keep emitting it."""
+    temperature 0 is greedy decoding; otherwise the logits are divided by it, cut to the
+    `top_k` most likely tokens, then to the smallest set whose probability reaches `top_p`
+    (nucleus sampling), and sampled. Generation stops early when every row has produced
+    `stop_token`; rows that stopped keep emitting it. `on_token` sees each new [B] column."""
     B, T = prompt.shape
+    clock = _Clock(prompt.device)
     state = model.allocate_state(B, T + max_new_tokens)
     logits = model.prefill(prompt, state)[:, -1]  # [B, V]
+    prefill_s = clock.lap()
     tokens, done = [], torch.zeros(B, dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
-        next_token = _pick(logits.float(), temperature, top_k, generator)  # [B]
+        next_token = _pick(logits.float(), temperature, top_k, top_p, generator)  # [B]
         if stop_token is not None:
             next_token = torch.where(done, stop_token, next_token)
             done |= next_token == stop_token
         tokens.append(next_token)
-        if bool(done.all()) or i == max_new_tokens - 1:
+        if on_token is not None:
+            on_token(next_token)
+        if (stop_token is not None and bool(done.all())) or i == max_new_tokens - 1:
             break
         logits = model.step(next_token[:, None], state)[:, -1]
+    if stats is not None:
+        stats.batch_size, stats.prompt_tokens, stats.new_tokens = B, T, len(tokens)
+        stats.prefill_s, stats.decode_s = prefill_s, clock.lap()
+        stats.state_bytes = decode_state_bytes(state)
     return torch.cat((prompt, torch.stack(tokens, dim=1)), dim=1)
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
           generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]: argmax at temperature 0, else a sample."""
     if temperature == 0:
@@ -45,5 +86,53 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        # a token stays while the likelier tokens hold less than top_p: the first always does
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.empty_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def decode_state_bytes(state: DecodeState) -> int:
+    """Bytes of every tensor the decoding state holds (KV caches, conv/SSM/retention
+    states), each storage counted once."""
+    seen: set[int] = set()
+
+    def walk(value) -> int:
+        if isinstance(value, torch.Tensor):
+            key = value.untyped_storage().data_ptr()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return value.untyped_storage().nbytes()
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return sum(walk(getattr(value, f.name)) for f in dataclasses.fields(value))
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        return 0
+
+    return walk(state.layers)
+
+
+class _Clock:
+    """Wall time between laps; on a GPU, after the queued work has finished."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return elapsed

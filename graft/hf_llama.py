@@ -34,6 +34,7 @@ from stripes.core.config import ConfigError, to_typed
 
 MODEL_TYPES = ("llama", "mistral")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_STRIPES_LAYER = re.compile(r"blocks\.(\d+)\.(.+)")
 _IN_LAYER = {"input_layernorm.weight": "mixer_norm.weight",
              "self_attn.q_proj.weight": "mixer.q_proj.weight",
              "self_attn.k_proj.weight": "mixer.k_proj.weight",
@@ -162,6 +163,19 @@ class HFLlama:
                               "config.json", "; ".join(problems[:8]))
         model.load_state_dict({k: v.to(dtype) for k, v in weights.items()})
         return model
+
+
+def llama_name(name: str) -> str:
+    """The Hugging Face Llama tensor name of a stripes parameter name (stripes_name's inverse;
+    "" for a parameter Llama has no place for)."""
+    for theirs, ours in _TOP.items():
+        if name == ours:
+            return theirs
+    match = _STRIPES_LAYER.fullmatch(name)
+    for theirs, ours in _IN_LAYER.items():
+        if match and match.group(2) == ours:
+            return f"model.layers.{match.group(1)}.{theirs}"
+    return ""
 
 
 def stripes_name(hf_name: str, key: str = "source") -> str:

@@ -20,17 +20,10 @@ from stripes.core.config import ConfigError, to_typed
 
 class StripesCheckpoint:
     def __init__(self, path: str | Path, key: str = "source") -> None:
-        from stripes.train.checkpoint import find_checkpoint
+        from stripes.train.checkpoint import resolve_checkpoint
 
-        path, self.key = Path(path), key
-        try:
-            found = (find_checkpoint(path, "auto") if (path / "checkpoints").is_dir()
-                     else find_checkpoint(path.parent, str(path)))
-        except ConfigError as err:
-            raise ConfigError(key, str(path), "a stripes checkpoint directory, or a run "
-                              "directory with one", err.reason) from None
-        if found is None:
-            raise ConfigError(key, str(path), "a run directory with checkpoints/latest")
+        self.key = key
+        found = resolve_checkpoint(path, key)
         self.checkpoint = found
         saved = yaml.safe_load((found / "config.yaml").read_text())
         raw = saved.get("model") if isinstance(saved, dict) else None

@@ -1,4 +1,4 @@
-"""`stripes export CHECKPOINT OUT`: one consolidated safetensors file plus the model YAML."""
+"""`stripes export CHECKPOINT OUT [--format stripes|hf]`: one directory other tools read."""
 
 from __future__ import annotations
 
@@ -6,30 +6,24 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="checkpoint -> model.safetensors + model.yaml",
+    p = sub.add_parser("export", help="checkpoint -> model.safetensors + config (stripes or "
+                       "Hugging Face Llama)",
                        description="Consolidate a training checkpoint (any backend or world "
-                       "size) into OUT/model.safetensors and OUT/model.yaml.")
+                       "size) into one directory: OUT/model.safetensors with OUT/model.yaml "
+                       "(stripes, any model), or a Hugging Face Llama directory (hf, models "
+                       "with attention and SwiGLU in every layer). The training data's "
+                       "tokenizer is copied beside them.")
     p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/demo/checkpoints/"
                    "step-000120, or a run directory (its latest checkpoint)")
     p.add_argument("out", help="output directory")
+    p.add_argument("--format", default="stripes", choices=("stripes", "hf"),
+                   help="stripes (default) or hf: config.json + Llama tensor names")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from stripes.core.config import ConfigError
-    from stripes.train.checkpoint import find_checkpoint
     from stripes.train.export import export_checkpoint
 
-    path = Path(args.checkpoint)
-    try:
-        if (path / "checkpoints").is_dir():  # a run directory: take what `latest` names
-            path = find_checkpoint(path, "auto") or path
-        path = find_checkpoint(path.parent, str(path))  # checks it is complete
-    except ConfigError as err:
-        raise ConfigError("checkpoint", str(path), "a complete checkpoint directory or a run "
-                          "directory with checkpoints/latest", err.reason) from None
-    out = export_checkpoint(path, args.out)
-    print(f"stripes export: wrote {out}/model.safetensors and {out}/model.yaml")
+    written = export_checkpoint(args.checkpoint, args.out, args.format)
+    print(f"stripes export: wrote {', '.join(str(path) for path in written)}")
     return 0

@@ -1,26 +1,35 @@
 """`stripes generate MODEL --prompt TEXT`: sample a continuation with recurrent decoding.
 
 MODEL is an export directory (model.yaml + model.safetensors), a checkpoint directory, or a
-run directory (its latest checkpoint). The tokenizer defaults to the one of the training
-data (`data.sources[0].path/tokenizer.model` in the checkpoint's config).
+run directory (its latest checkpoint). The tokenizer is the export's tokenizer.model, else
+the training data's (`data.sources[0].path/tokenizer.model` in the checkpoint's config).
+Text goes to stdout (streamed as it is decoded for one sample); the cost line to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a trained model",
                        description="Continue a prompt with the model's recurrent decoding "
-                       "(prefill once, then one step per token).")
+                       "(prefill once, then one step per token), and report tokens/s and "
+                       "the decoding state's memory.")
     p.add_argument("model", help="export, checkpoint or run directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--tokenizer", help="sentencepiece .model (default: the training data's)")
+    p.add_argument("--tokenizer", help="sentencepiece .model (default: the export's or the "
+                   "training data's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=1, help="continuations decoded as one "
+                   "batch")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-k", type=int, default=50, help="0: no cut")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the likeliest "
+                   "tokens holding this probability (1: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.set_defaults(run=run)
 
 
@@ -30,54 +39,89 @@ def run(args: argparse.Namespace) -> int:
     import sentencepiece as spm
     import torch
 
-    from stripes.arch.generate import generate
+    from stripes.arch.generate import GenerationStats, generate
     from stripes.core.config import ConfigError
 
-    model, config = _load(Path(args.model))
-    tokenizer = args.tokenizer or _training_tokenizer(config)
+    _check_numbers(args)
+    model, found_tokenizer = _load(Path(args.model))
+    tokenizer = args.tokenizer or found_tokenizer
     if tokenizer is None or not Path(tokenizer).is_file():
         raise ConfigError("--tokenizer", tokenizer, "a sentencepiece .model file",
-                          "not found (and none recorded in the checkpoint's config)")
+                          "not found (and none in the export or the checkpoint's config)")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    prompt = torch.tensor([sp.encode(args.prompt)])
-    if prompt.numel() == 0:
+    ids = sp.encode(args.prompt)
+    if not ids:
         raise ConfigError("--prompt", args.prompt, "text that encodes to at least one token")
-    out = generate(model.eval(), prompt, args.max_new_tokens, args.temperature, args.top_k,
-                   torch.Generator().manual_seed(args.seed), stop_token=sp.eos_id())
-    print(sp.decode([t for t in out[0].tolist() if t != sp.eos_id()]))
+    device = torch.device(args.device)
+    model = model.to(device).eval()
+    prompt = torch.tensor([ids] * args.num_samples, device=device)
+    stream = _Stream(sp, ids) if args.num_samples == 1 else None
+    stats = GenerationStats()
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
+                   args.top_p, torch.Generator(device).manual_seed(args.seed),
+                   stop_token=sp.eos_id(), on_token=stream, stats=stats)
+    if stream is None:
+        for i, row in enumerate(out.tolist()):
+            print(f"--- sample {i}\n{sp.decode([t for t in row if t != sp.eos_id()])}")
+    else:
+        stream.finish()
+    print(f"stripes generate: {stats.batch_size} x {stats.prompt_tokens} prompt tokens in "
+          f"{stats.prefill_s:.3f} s, {stats.batch_size} x {stats.new_tokens} new in "
+          f"{stats.decode_s:.3f} s ({stats.decode_tokens_per_s:,.1f} tokens/s); decoding "
+          f"state {stats.state_bytes / 2**20:.2f} MiB", file=sys.stderr)
     return 0
 
 
-def _load(path):
-    """(model, training config dict or {}) from an export, checkpoint or run directory."""
-    import torch
-    import yaml
+def _check_numbers(args: argparse.Namespace) -> None:
+    from stripes.core.config import ConfigError
 
-    from stripes.arch.config import ModelConfig
-    from stripes.arch.model import StripedLM
-    from stripes.core.config import ConfigError, to_typed
-    from stripes.train.checkpoint import DcpStates, find_checkpoint, load_checkpoint
-    from stripes.train.export import MODEL_YAML, load_exported
+    for flag, value, ok, allowed in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+            ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
+            ("--top-k", args.top_k, args.top_k >= 0, ">= 0"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise ConfigError(flag, value, allowed)
+
+
+class _Stream:
+    """Prints the text of one sample as its tokens arrive. sentencepiece joins pieces with
+    context (a leading-space marker, bytes of one character split over pieces), so the whole
+    text is decoded each time, and what grew is printed once it no longer ends in a
+    half-decoded character."""
+
+    def __init__(self, sp, prompt: list[int]) -> None:
+        self.sp, self.ids, self.shown = sp, list(prompt), ""
+        self._show(sp.decode(self.ids).rstrip("\ufffd"))
+
+    def __call__(self, token) -> None:
+        if int(token[0]) != self.sp.eos_id():
+            self.ids.append(int(token[0]))
+            self._show(self.sp.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        self._show(self.sp.decode(self.ids))
+        print(flush=True)
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+
+def _load(path):
+    """(model, tokenizer path or None) from an export, checkpoint or run directory."""
+    from stripes.train.export import (
+        MODEL_YAML,
+        TOKENIZER,
+        load_exported,
+        load_trained,
+        training_tokenizer,
+    )
 
     if (path / MODEL_YAML).is_file():
-        return load_exported(path), {}
-    try:
-        if (path / "checkpoints").is_dir():
-            path = find_checkpoint(path, "auto") or path
-        path = find_checkpoint(path.parent, str(path))
-    except ConfigError as err:
-        raise ConfigError("model", str(path), "an export, checkpoint or run directory",
-                          err.reason) from None
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    with torch.device("meta"):
-        model = StripedLM(to_typed(ModelConfig, config["model"], prefix="model"))
-    model.to_empty(device="cpu")
-    load_checkpoint(path, DcpStates(model, None))
-    return model, config
-
-
-def _training_tokenizer(config: dict):
-    from pathlib import Path
-
-    sources = (config.get("data") or {}).get("sources") or []
-    return str(Path(sources[0]["path"]) / "tokenizer.model") if sources else None
+        tokenizer = path / TOKENIZER
+        return load_exported(path), tokenizer if tokenizer.is_file() else None
+    model, config, _ = load_trained(path, key="model")
+    return model, training_tokenizer(config)

@@ -58,3 +58,36 @@ def demo_data(tmp_path_factory) -> Path:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return out
+
+
+def save_trained_checkpoint(run_dir: Path, cfg=None, data: Path | None = None):
+    """A checkpoint of `cfg` (default tiny.yaml, norm weights random) after one AdamW step,
+    with a config.yaml whose data source is `data` (a prepared directory: its tokenizer)
+    when given.
+    Returns (model, checkpoint path, a batch of ids)."""
+    import dataclasses
+
+    import yaml
+
+    from stripes.arch import ArchFile, StripedLM
+    from stripes.core.config import load_config
+    from stripes.train.checkpoint import DcpStates, save_checkpoint
+
+    cfg = cfg or load_config(ArchFile, TINY).model
+    torch.manual_seed(0)
+    model = StripedLM(cfg)
+    model.init_weights()
+    with torch.no_grad():  # norms left at 1 would hide a mix-up of norm weights
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    optimizer.step()
+    config = {"model": dataclasses.asdict(cfg), "seed": 0}
+    if data is not None:
+        config["data"] = {"sources": [{"path": str(data)}]}
+    path = save_checkpoint(run_dir, 1, DcpStates(model, optimizer), {"tokens_seen": 32},
+                           yaml.safe_dump(config), keep_last=1)
+    return model, path, ids

@@ -1,11 +1,16 @@
-"""Sampling through prefill/step agrees with the full forward."""
+"""Sampling through prefill/step agrees with the full forward; top-k/top-p cut the choices;
+the CLI streams, is seeded and reports tokens/s and the decoding state's memory."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stripes.arch import StripedLM
-from stripes.arch.generate import generate
+from stripes.arch.generate import GenerationStats, _pick, generate
+from stripes.launch.cli import main
+
+from conftest import save_trained_checkpoint
 
 
 def build(cfg) -> StripedLM:
@@ -40,3 +45,59 @@ def test_stops_when_every_row_emitted_the_stop_token(tiny_cfg):
     first = generate(model, prompt, 1, temperature=0)[0, -1].item()
     out = generate(model, prompt, 10, temperature=0, stop_token=first)
     assert out.shape == (1, 5)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    # 0.5 + 0.3 = 0.8 reaches p = 0.8: tokens 1 and 3; at 0.81 token 2 joins them.
+    drawn = set(_pick(logits, 1.0, None, 0.8, gen).tolist())
+    assert drawn == {1, 3}
+    assert set(_pick(logits, 1.0, None, 0.81, gen).tolist()) == {1, 2, 3}
+    assert set(_pick(logits, 1.0, None, 1e-6, gen).tolist()) == {1}  # the likeliest only
+    counts = torch.bincount(_pick(logits, 1.0, None, 0.8, gen), minlength=4).double()
+    assert abs(counts[1] / counts.sum() - 0.5 / 0.8) < 0.03  # renormalised within the set
+
+
+def test_stats_count_tokens_and_the_state_of_every_mixer(tiny_cfg):
+    model = build(tiny_cfg)  # every mixer family, a sliding window among them
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (3, 7))
+    stats = GenerationStats()
+    out = generate(model, prompt, 5, temperature=0, stats=stats)
+    assert (stats.batch_size, stats.prompt_tokens, stats.new_tokens) == (3, 7, 5)
+    assert out.shape == (3, 12) and stats.prefill_s > 0 and stats.decode_s > 0
+    # the tensors actually held equal the mixers' own accounting
+    assert stats.state_bytes == model.state_bytes(3, 12, torch.float64) > 0
+    assert stats.decode_tokens_per_s == pytest.approx(15 / stats.decode_s)
+
+
+def test_cli_streams_the_sample_and_reports_its_cost(tmp_path, demo_data, tiny_cfg, capsys):
+    tiny_cfg.vocab_size = 4096  # the demo tokenizer's
+    save_trained_checkpoint(tmp_path / "run", tiny_cfg, demo_data)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    args = ["generate", str(tmp_path / "out"), "--prompt", "HACKER, n.", "--seed", "3",
+            "--max-new-tokens", "12", "--top-p", "0.9"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out == first.out  # seeded: the same text
+    assert first.out.startswith("HACKER, n.") and len(first.out) > len("HACKER, n.\n")
+    assert "tokens/s" in first.err and "decoding state" in first.err
+    # Greedy: the streamed text is the text of the finished sample, in a batch of two too.
+    greedy = args[:-2] + ["--temperature", "0", "--max-new-tokens", "40"]
+    assert main(greedy) == 0
+    streamed = capsys.readouterr().out
+    assert main(greedy + ["--num-samples", "2"]) == 0
+    batched = capsys.readouterr().out
+    assert batched == f"--- sample 0\n{streamed}--- sample 1\n{streamed}"
+
+
+@pytest.mark.parametrize("flag, value", [("--top-p", "0"), ("--top-p", "1.5"),
+                                         ("--temperature", "-1"), ("--max-new-tokens", "0")])
+def test_cli_bad_numbers_are_one_line(tmp_path, capsys, flag, value):
+    save_trained_checkpoint(tmp_path / "run")
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "x", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"stripes generate: error: {flag}=")

@@ -50,7 +50,7 @@ from stripes.train.dcp_states import CheckpointMismatch, DcpStates
 from stripes.train.rng import load_rng, save_rng
 
 __all__ = ["CheckpointMismatch", "DcpStates", "States", "find_checkpoint", "load_checkpoint",
-           "load_weights", "save_checkpoint", "saved_record"]
+           "load_weights", "resolve_checkpoint", "save_checkpoint", "saved_record"]
 
 FORMAT = "stripes-checkpoint/1"
 CHECKPOINTS = "checkpoints"
@@ -122,6 +122,23 @@ def find_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
                           "auto, never, or a checkpoint directory such as "
                           f"{Path(run_dir) / CHECKPOINTS / checkpoint_name(100)}", problem)
     return path
+
+
+def resolve_checkpoint(path: str | Path, key: str) -> Path:
+    """A complete checkpoint directory from what a user names: the directory itself, or a
+    run directory (the checkpoint its `latest` names). Anything else is a ConfigError."""
+    path = Path(path)
+    try:
+        found = (_latest(path) if (path / CHECKPOINTS).is_dir()
+                 else find_checkpoint(path.parent, str(path)))
+    except (ConfigError, ValueError) as err:
+        reason = err.reason if isinstance(err, ConfigError) else str(err)
+        raise ConfigError(key, str(path), "a checkpoint directory, or a run directory with "
+                          "checkpoints/latest", reason) from None
+    if found is None:
+        raise ConfigError(key, str(path), "a run directory with checkpoints/latest",
+                          "it has no checkpoint yet")
+    return found
 
 
 def load_weights(path: str | Path, model, key: str = "init_from") -> Path:

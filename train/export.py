@@ -1,16 +1,22 @@
-"""Export a training checkpoint (any backend, any world size) to one consolidated file:
+"""Export a training checkpoint (any backend, any world size) to one directory other tools read.
 
-    OUT/model.safetensors   every parameter of the bare StripedLM, full (unsharded) tensors
+stripes format (the default; every stripe pattern):
+
+    OUT/model.safetensors   every parameter of the bare StripedLM under its stripes name,
+                            full (unsharded) tensors, dtype as trained
     OUT/model.yaml          the model config (`model:` ...), loadable by `stripes inspect`
+    OUT/tokenizer.model     the training data's sentencepiece model, when it can be found
 
-so the rest of stripes (decoding, grafting, evaluation) and other tools read one format.
-`load_exported(OUT)` rebuilds the model from the two files.
+`load_exported(OUT)` rebuilds the model from the first two; `stripes generate OUT` also finds
+the tokenizer there. The Hugging Face format (train/export_hf.py) is for models that are
+Llama networks: attention and SwiGLU in every layer.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -18,36 +24,73 @@ from safetensors.torch import load_file, save_file
 
 from stripes.arch.config import ArchFile, ModelConfig
 from stripes.arch.model import StripedLM
-from stripes.core.config import load_config, to_typed
+from stripes.core.config import ConfigError, load_config, to_typed
 from stripes.data.format import write_atomic
-from stripes.train.checkpoint import DcpStates, load_checkpoint
+from stripes.train.checkpoint import load_weights, resolve_checkpoint
 
-WEIGHTS, MODEL_YAML = "model.safetensors", "model.yaml"
+WEIGHTS, MODEL_YAML, TOKENIZER = "model.safetensors", "model.yaml", "tokenizer.model"
+FORMATS = ("stripes", "hf")
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write OUT/model.safetensors and OUT/model.yaml from `checkpoint`; returns OUT."""
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    model_raw = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(model_raw, dict):
-        raise ValueError(f"{checkpoint / 'config.yaml'}: no `model` section")
-    cfg = to_typed(ModelConfig, model_raw, prefix="model")
+def load_trained(path: str | Path, key: str = "checkpoint"
+                 ) -> tuple[StripedLM, dict[str, Any], Path]:
+    """(model on CPU with the checkpoint's weights, the saved training config, the checkpoint
+    directory) from a checkpoint or run directory."""
+    checkpoint = resolve_checkpoint(path, key)
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ConfigError(key, str(checkpoint), "a checkpoint whose config.yaml has `model`")
     with torch.device("meta"):
-        model = StripedLM(cfg)
+        model = StripedLM(to_typed(ModelConfig, config["model"], prefix="model"))
     model.to_empty(device="cpu")
-    load_checkpoint(checkpoint, DcpStates(model, None))
-    step = json.loads((checkpoint / "trainer.json").read_text())["step"]
+    load_weights(checkpoint, model, key)
+    return model, config, checkpoint
 
+
+def training_tokenizer(config: dict[str, Any]) -> Path | None:
+    """The sentencepiece model of a run's first data source, if it is still there."""
+    sources = (config.get("data") or {}).get("sources") or []
+    found = Path(sources[0]["path"]) / TOKENIZER if sources else None
+    return found if found is not None and found.is_file() else None
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
+                      fmt: str = "stripes") -> list[Path]:
+    """Write `checkpoint` (or a run's latest) to OUT in format `fmt`; returns the files."""
+    if fmt not in FORMATS:
+        raise ConfigError("--format", fmt, ", ".join(FORMATS))
+    model, config, found = load_trained(checkpoint)
+    step = json.loads((found / "trainer.json").read_text())["step"]
+    metadata = {"step": str(step), "source": str(found)}
+    if fmt == "hf":
+        from stripes.train.export_hf import llama_config, write_llama
+        llama = llama_config(model)  # refuses a model Llama cannot express, before writing
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        return write_llama(model, llama, out_dir, training_tokenizer(config), metadata)
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "stripes", "step": str(step),
-                                           "source": str(checkpoint)})
-    tmp.replace(out_dir / WEIGHTS)  # never a half-written weights file under the real name
-    write_atomic(out_dir / MODEL_YAML, yaml.safe_dump({"model": model_raw},
+    written = [save_safetensors(tensors, out_dir / WEIGHTS, {"format": "stripes", **metadata})]
+    write_atomic(out_dir / MODEL_YAML, yaml.safe_dump({"model": config["model"]},
                                                       sort_keys=False).encode())
-    return out_dir
+    written.append(out_dir / MODEL_YAML)
+    return written + copy_tokenizer(training_tokenizer(config), out_dir)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+                     metadata: dict[str, str]) -> Path:
+    """Write through a temporary name: never a half-written weights file under the real one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def copy_tokenizer(tokenizer: Path | None, out_dir: Path) -> list[Path]:
+    if tokenizer is None:
+        return []
+    write_atomic(out_dir / TOKENIZER, tokenizer.read_bytes())
+    return [out_dir / TOKENIZER]
 
 
 def load_exported(out_dir: str | Path, device: str | torch.device = "cpu") -> StripedLM:
@@ -59,3 +102,4 @@ def load_exported(out_dir: str | Path, device: str | torch.device = "cpu") -> St
     model.to_empty(device=device)
     model.load_state_dict(load_file(str(out_dir / WEIGHTS), device=str(device)), strict=True)
     return model
+
