@@ -6,6 +6,7 @@
 #   sweep    bench/scalar_decay_sweep.py: launch settings of the retention/SSD kernels  (400 s)
 #   convs    bench/kernels.py for causal_conv and fft_conv, beside torch.compile  (240 s)
 #   decode   bench/decode_step.py at 4k / 32k / 128k                              (120 s)
+#   model    bench/decode_model.py: transformer-1b vs hybrid-1b, batch 1 and 64     (240 s)
 #   smoke    the trainer on the demo hybrid, one process / FSDP2 / compile        (240 s;
 #            needs zstandard, docs/gpu.md)
 # Pick parts so that one call stays under the machine's 10 minutes; a part's failure does
@@ -14,10 +15,10 @@
 # mamba_chunk_scan_combined on an H200 (2026-12-02). The compiled kernels and the tuning are
 # cached in one folder for the whole call, so a shape seen before costs nothing.
 #
-#   STRIPES_COMMIT=<sha> bash bench/mixer_kernels_gpu.sh OUT [tests,anchors,kernels,sweep,convs,decode,smoke]
+#   STRIPES_COMMIT=<sha> bash bench/mixer_kernels_gpu.sh OUT [tests,anchors,kernels,sweep,convs,decode,model,smoke]
 set -uo pipefail
-OUT=${1:?usage: bash bench/mixer_kernels_gpu.sh OUT_DIR [tests,anchors,kernels,sweep,convs,decode,smoke]}
-PARTS=",${2:-tests,anchors,kernels,sweep,convs,decode,smoke},"
+OUT=${1:?usage: bash bench/mixer_kernels_gpu.sh OUT_DIR [tests,anchors,kernels,sweep,convs,decode,model,smoke]}
+PARTS=",${2:-tests,anchors,kernels,sweep,convs,decode,model,smoke},"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/stripes-triton-cache}
@@ -53,6 +54,10 @@ fi
 if [[ $PARTS == *,decode,* ]]; then
   timeout -k 10 120 python3 -W ignore bench/decode_step.py --out "$OUT" > "$OUT/decode.log" 2>&1
   echo "bench/decode_step.py: exit $?"; cat "$OUT/decode_step.md" 2>/dev/null
+fi
+if [[ $PARTS == *,model,* ]]; then
+  timeout -k 10 240 python3 -W ignore bench/decode_model.py --out "$OUT" > "$OUT/decode_model.log" 2>&1
+  echo "bench/decode_model.py: exit $?"; cat "$OUT/decode_model.md" 2>/dev/null
 fi
 if [[ $PARTS == *,smoke,* ]]; then
   timeout -k 10 240 bash bench/gpu_train_smoke.sh > "$OUT/train_smoke.log" 2>&1

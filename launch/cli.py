@@ -14,6 +14,7 @@ import sys
 from stripes.core.config import ConfigError
 from stripes.launch import (
     data_cmd,
+    eval_cmd,
     export_cmd,
     generate_cmd,
     graft_cmd,
@@ -24,15 +25,11 @@ from stripes.launch import (
     train_cmd,
 )
 
-# Subcommands that later work adds; listed in --help so users see where the tool is going.
-_PLANNED = "eval"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stripes",
         description="Pretraining framework for hybrid LLMs (attention, Hyena, Mamba, retention).",
-        epilog=f"planned subcommands, not yet available: {_PLANNED}",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     inspect_model.add_parser(sub)
@@ -41,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
     generate_cmd.add_parser(sub)
+    eval_cmd.add_parser(sub)
     plot_cmd.add_parser(sub)
     graft_cmd.add_parser(sub)
     launch_cmd.add_parser(sub)

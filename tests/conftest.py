@@ -60,10 +60,11 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
-def save_trained_checkpoint(run_dir: Path, cfg=None, data: Path | None = None):
+def save_trained_checkpoint(run_dir: Path, cfg=None, data_dir: Path | None = None,
+                            **settings):
     """A checkpoint of `cfg` (default tiny.yaml, norm weights random) after one AdamW step,
-    with a config.yaml whose data source is `data` (a prepared directory: its tokenizer)
-    when given.
+    with a config.yaml whose data source is `data_dir` (a prepared directory: its tokenizer)
+    when given, and further training `settings` (e.g. document_masking=True).
     Returns (model, checkpoint path, a batch of ids)."""
     import dataclasses
 
@@ -85,9 +86,9 @@ def save_trained_checkpoint(run_dir: Path, cfg=None, data: Path | None = None):
     ids = torch.randint(0, cfg.vocab_size, (2, 17))
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
     optimizer.step()
-    config = {"model": dataclasses.asdict(cfg), "seed": 0}
-    if data is not None:
-        config["data"] = {"sources": [{"path": str(data)}]}
+    config = {"model": dataclasses.asdict(cfg), "seed": 0, **settings}
+    if data_dir is not None:
+        config["data"] = {"sources": [{"path": str(data_dir)}], **config.get("data", {})}
     path = save_checkpoint(run_dir, 1, DcpStates(model, optimizer), {"tokens_seen": 32},
                            yaml.safe_dump(config), keep_last=1)
     return model, path, ids

@@ -134,7 +134,9 @@ def test_loss_by_position_splits_the_same_tokens(data, tiny_cfg, monkeypatch):
     for masking in (True, False):
         args = (model, eval_set, 3, 0, 1, torch.device("cpu"), nullcontext(), masking)
         loss_sum, count = loss_sums(*args)
-        buckets = evaluate_module.evaluate_by_position(*args)
+        both = evaluate_module.evaluate(*args, by_position=True)
+        buckets = both.pop("by_position")
+        assert both == evaluate_module.evaluate(*args)  # the same passes, the same sums
         assert list(buckets) == ["0-1", "2-3", "4-7"]
         positions = (document_positions(torch.from_numpy(doc_ids)) if masking
                      else torch.arange(T).expand(len(eval_set.windows), T))

@@ -23,7 +23,7 @@ def test_export_round_trip_is_exact(tmp_path, capsys):
 
 
 def test_export_takes_a_run_directory_and_copies_the_tokenizer(tmp_path, demo_data):
-    model, _, ids = save_trained_checkpoint(tmp_path / "run", data=demo_data)
+    model, _, ids = save_trained_checkpoint(tmp_path / "run", data_dir=demo_data)
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     assert torch.equal(load_exported(tmp_path / "out")(ids), model(ids))
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == \

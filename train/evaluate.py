@@ -24,6 +24,7 @@ import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,39 +50,69 @@ def build_eval_set(train_data: TokenDataset, sources: list[SourceWeight] | None,
                    samples: int) -> EvalSet:
     """The held-out tail of the training streams (`sources` None) or the whole of `sources`."""
     if sources is None:
-        dataset, entries = train_data, train_data.cfg.sources
-        ranges = [(s.first_heldout, s.n_windows) for s in dataset.streams]
-    else:
-        cfg = LoaderConfig(seq_len=train_data.seq_len, sources=sources,
-                           verify=train_data.cfg.verify)
-        dataset, entries = TokenDataset(cfg, prefix="eval"), sources
-        if dataset.tokenizer.sha256 != train_data.tokenizer.sha256:
-            raise ConfigError("eval.sources", sources[0].path, "data prepared with the training "
-                              "data's tokenizer", "its tokenizer.model differs")
-        ranges = [(0, s.n_windows) for s in dataset.streams]
+        return _first_windows(train_data, [(s.first_heldout, s.n_windows)
+                                           for s in train_data.streams], samples)
+    cfg = LoaderConfig(seq_len=train_data.seq_len, sources=sources,
+                       verify=train_data.cfg.verify)
+    dataset = TokenDataset(cfg, prefix="eval")
+    if dataset.tokenizer.sha256 != train_data.tokenizer.sha256:
+        raise ConfigError("eval.sources", sources[0].path, "data prepared with the training "
+                          "data's tokenizer", "its tokenizer.model differs")
+    return whole_sources(dataset, samples)
+
+
+def whole_sources(dataset: TokenDataset, samples: int) -> EvalSet:
+    """The first `samples` windows of each of `dataset`'s sources, held out or not."""
+    return _first_windows(dataset, [(0, s.n_windows) for s in dataset.streams], samples)
+
+
+def _first_windows(dataset: TokenDataset, ranges: list[tuple[int, int]],
+                   samples: int) -> EvalSet:
     streams, windows = [], []
     for i, (lo, hi) in enumerate(ranges):
         count = min(samples, hi - lo)
         streams.append(np.full(count, i, dtype=np.int64))
         windows.append(np.arange(lo, lo + count, dtype=np.int64))
+    entries = dataset.cfg.sources
     return EvalSet(dataset, _unique_names(entries), [float(e.weight) for e in entries],
                    np.concatenate(streams), np.concatenate(windows))
 
 
 def evaluate(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
              world_size: int, device: torch.device, autocast: AbstractContextManager,
-             document_masking: bool) -> dict[str, float]:
-    """{"loss": weighted mean, <source name>: mean loss, ...} over the evaluation windows.
-    Every rank calls it (collectives inside) and gets the same numbers."""
-    loss_sum, token_count = loss_sums(model, eval_set, micro_batch, rank, world_size, device,
-                                      autocast, document_masking)
+             document_masking: bool, by_position: bool = False) -> dict[str, Any]:
+    """{"loss": weighted mean, <source name>: mean loss, ...} over the evaluation windows, and
+    with `by_position` also "by_position": {"0-63": mean loss, "64-127": ..., up to the
+    sequence length} (position_edges), from the same forward passes. The position is the
+    token's place in its document with document masking, else in its window: long-context
+    training should lower the later buckets. Every rank calls it (collectives inside) and
+    gets the same numbers."""
+    edges = position_edges(eval_set.dataset.seq_len)
+    bounds = torch.tensor(edges[1:-1], device=device)
+    sums = torch.zeros(2, len(eval_set.names) + (len(edges) - 1) * by_position,
+                       dtype=torch.float64, device=device)  # [loss sum; token count]
+    for losses, weight, source, positions in window_losses(model, eval_set, micro_batch, rank,
+                                                           world_size, device, autocast,
+                                                           document_masking):
+        _add(sums, source, losses, weight)
+        if by_position:
+            bucket = len(eval_set.names) + torch.bucketize(positions.contiguous(), bounds,
+                                                                  right=True)
+            _add(sums, bucket, losses, weight)
     if dist.is_initialized():
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(token_count)
-    per_source = (loss_sum / token_count).tolist()
+        dist.all_reduce(sums)
+    loss_sum, token_count = sums.tolist()
+    n = len(eval_set.names)
+    per_source = [total / count for total, count in zip(loss_sum[:n], token_count[:n],
+                                                        strict=True)]
     weights = eval_set.weights
-    result = {"loss": sum(w * x for w, x in zip(weights, per_source, strict=True)) / sum(weights)}
+    result: dict[str, Any] = {
+        "loss": sum(w * x for w, x in zip(weights, per_source, strict=True)) / sum(weights)}
     result.update(zip(eval_set.names, per_source, strict=True))
+    if by_position:
+        result["by_position"] = {
+            f"{lo}-{hi - 1}": total / count for lo, hi, total, count in
+            zip(edges[:-1], edges[1:], loss_sum[n:], token_count[n:], strict=True) if count}
     return result
 
 
@@ -89,15 +120,22 @@ def loss_sums(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
               world_size: int, device: torch.device, autocast: AbstractContextManager,
               document_masking: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (token-loss sum, token count) per source, float64 [n_sources] each."""
-    n_sources = len(eval_set.names)
-    loss_sum = torch.zeros(n_sources, dtype=torch.float64, device=device)
-    token_count = torch.zeros(n_sources, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, len(eval_set.names), dtype=torch.float64, device=device)
     for losses, weight, source, _ in window_losses(model, eval_set, micro_batch, rank,
                                                    world_size, device, autocast,
                                                    document_masking):
-        loss_sum.index_add_(0, source, losses.sum(1) * weight)
-        token_count.index_add_(0, source, weight * losses.shape[1])
-    return loss_sum, token_count
+        _add(sums, source, losses, weight)
+    return sums[0], sums[1]
+
+
+def _add(sums: torch.Tensor, index: torch.Tensor, losses: torch.Tensor,
+         weight: torch.Tensor) -> None:
+    """sums[0, index] += weighted token losses, sums[1, index] += token weights; `index` is
+    one per row [b] or one per token [b, T]."""
+    index = index[:, None].expand_as(losses) if index.dim() == 1 else index
+    weights = weight[:, None].expand_as(losses)
+    sums[0].index_add_(0, index.flatten(), (losses * weights).flatten())
+    sums[1].index_add_(0, index.flatten(), weights.flatten())
 
 
 def position_edges(seq_len: int, first: int = 64) -> list[int]:
@@ -106,32 +144,6 @@ def position_edges(seq_len: int, first: int = 64) -> list[int]:
     while edges[-1] < seq_len:
         edges.append(min(seq_len, max(first, 2 * edges[-1])))
     return edges
-
-
-def evaluate_by_position(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
-                         world_size: int, device: torch.device,
-                         autocast: AbstractContextManager, document_masking: bool
-                         ) -> dict[str, float]:
-    """Mean loss of the evaluation tokens by how much context they had: {"0-63": loss,
-    "64-127": ..., up to the sequence length} (position_edges). With document masking the
-    context is the position inside the token's document, else inside the window. All ranks
-    get the same numbers. Long-context training should lower the later buckets."""
-    edges = position_edges(eval_set.dataset.seq_len)
-    bounds = torch.tensor(edges[1:-1], device=device)
-    loss_sum = torch.zeros(len(edges) - 1, dtype=torch.float64, device=device)
-    token_count = torch.zeros_like(loss_sum)
-    for losses, weight, _, positions in window_losses(model, eval_set, micro_batch, rank,
-                                                      world_size, device, autocast,
-                                                      document_masking):
-        bucket = torch.bucketize(positions, bounds, right=True).flatten()
-        loss_sum.index_add_(0, bucket, (losses * weight[:, None]).flatten())
-        token_count.index_add_(0, bucket, weight[:, None].expand_as(losses).flatten())
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(token_count)
-    return {f"{lo}-{hi - 1}": float(total / count)
-            for lo, hi, total, count in zip(edges[:-1], edges[1:], loss_sum.tolist(),
-                                            token_count.tolist(), strict=True) if count}
 
 
 @torch.no_grad()

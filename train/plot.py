@@ -117,11 +117,10 @@ def draw_curves(metrics: Metrics, out: str | Path, title: str) -> Path:
     """
     if not metrics.steps:
         raise ValueError("draw_curves needs at least one step record")
-    figure_module = _import_matplotlib_figure()
     steps = metrics.steps
     has_grad_norm = any(_finite(r.get("grad_norm")) for r in steps)
     panels = 4 if has_grad_norm else 3
-    fig = figure_module.Figure(figsize=(10, 2.6 * panels), layout="constrained")
+    fig = new_figure(figsize=(10, 2.6 * panels), layout="constrained")
     axes = fig.subplots(panels, 1, sharex=True)
     fig.suptitle(title)
 
@@ -136,6 +135,17 @@ def draw_curves(metrics: Metrics, out: str | Path, title: str) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
 
+    return save_png(fig, out)
+
+
+def new_figure(**kwargs: Any) -> Any:
+    """A bare matplotlib Figure (no pyplot), or the one-line error naming the extra."""
+    return _import_matplotlib_figure().Figure(**kwargs)
+
+
+def save_png(fig: Any, out: str | Path) -> Path:
+    """Write `fig` to PNG `out` through a temporary file renamed over it: a viewer never sees
+    half an image."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

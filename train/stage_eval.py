@@ -20,7 +20,7 @@ from typing import Any
 from stripes.data.format import write_atomic
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World
-from stripes.train.evaluate import EvalSet, evaluate_by_position
+from stripes.train.evaluate import EvalSet, evaluate
 from stripes.train.metrics import MetricsLogger
 from stripes.train.passkey import passkey_accuracy
 from stripes.train.stages import Segment
@@ -34,9 +34,9 @@ def stage_end_eval(cfg: TrainConfig, segment: Segment, model, eval_set: EvalSet 
     results: dict[str, Any] = {"stage": segment.name, "step": segment.end,
                                "seq_len": cfg.data.seq_len}
     if eval_set is not None:
-        results["loss_by_position"] = evaluate_by_position(
+        results["loss_by_position"] = evaluate(
             model, eval_set, micro_batch, world.rank, world.world_size, world.device,
-            autocast, cfg.document_masking)
+            autocast, cfg.document_masking, by_position=True)["by_position"]
     if cfg.eval.passkey_samples:
         results["passkey"] = passkey_accuracy(
             model, cfg.model.vocab_size, cfg.data.seq_len, cfg.eval.passkey_depths,
