@@ -51,25 +51,21 @@ _LAUNCHER_ERRORS = ("ChildFailedError", "SignalException")
 
 
 def llama_config(cfg: ModelConfig) -> Any:
-    """The LlamaConfig of a stripes config that is a plain Llama: attn everywhere, SwiGLU."""
+    """The LlamaConfig of a stripes config that is a Llama network (train/export_hf.py)."""
     from transformers import LlamaConfig
 
-    specs = cfg.expand()
-    attn, mlp = specs[0].mixer, specs[0].mlp
-    plain = all(s.kind == "attn" and s.mixer == attn and s.mlp == mlp for s in specs)
-    if not plain or attn.window is not None or attn.qkv_bias or mlp.kind != "swiglu":
-        raise SystemExit("hf_llama_train: the model must be a plain Llama (every layer `attn` "
-                         "with the same settings, no window or qkv bias, a SwiGLU MLP)")
-    config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=attn.n_heads, num_key_value_heads=attn.kv_heads,
-        intermediate_size=mlp.hidden_size(cfg.d_model), rms_norm_eps=cfg.norm_eps,
-        rope_theta=attn.rope.theta, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-        hidden_act="silu", use_cache=False, attn_implementation="sdpa")
-    if rope_theta(config) != attn.rope.theta:  # a transformers version that ignored the kwarg
+    from stripes.core.config import ConfigError
+    from stripes.train.export_hf import llama_config as llama_settings
+
+    try:
+        settings = llama_settings(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"hf_llama_train: {err}") from None
+    config = LlamaConfig(**settings, use_cache=False, attn_implementation="sdpa")
+    theta = settings["rope_theta"]
+    if rope_theta(config) != theta:  # a transformers version that ignored the kwarg
         raise SystemExit(f"hf_llama_train: LlamaConfig has rope theta {rope_theta(config)}, "
-                         f"stripes {attn.rope.theta}")
+                         f"stripes {theta}")
     return config
 
 

@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stripes.train.export import export_checkpoint
 
-    written = export_checkpoint(args.checkpoint, args.out, args.format)
-    print(f"stripes export: wrote {', '.join(str(path) for path in written)}")
+    out = export_checkpoint(args.checkpoint, args.out, args.format)
+    names = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
+    print(f"stripes export: wrote {out}: {', '.join(names)}")
     return 0

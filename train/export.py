@@ -55,8 +55,8 @@ def training_tokenizer(config: dict[str, Any]) -> Path | None:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
-                      fmt: str = "stripes") -> list[Path]:
-    """Write `checkpoint` (or a run's latest) to OUT in format `fmt`; returns the files."""
+                      fmt: str = "stripes") -> Path:
+    """Write `checkpoint` (or a run's latest) to OUT in format `fmt`; returns OUT."""
     if fmt not in FORMATS:
         raise ConfigError("--format", fmt, ", ".join(FORMATS))
     model, config, found = load_trained(checkpoint)
@@ -64,17 +64,19 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     metadata = {"step": str(step), "source": str(found)}
     if fmt == "hf":
         from stripes.train.export_hf import llama_config, write_llama
-        llama = llama_config(model)  # refuses a model Llama cannot express, before writing
+        # refuses a model Llama cannot express, before anything is written
+        llama = llama_config(model.cfg, model.embed.weight.dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
-        return write_llama(model, llama, out_dir, training_tokenizer(config), metadata)
+        write_llama(model, llama, out_dir, training_tokenizer(config), metadata)
+        return out_dir
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    written = [save_safetensors(tensors, out_dir / WEIGHTS, {"format": "stripes", **metadata})]
+    save_safetensors(tensors, out_dir / WEIGHTS, {"format": "stripes", **metadata})
     write_atomic(out_dir / MODEL_YAML, yaml.safe_dump({"model": config["model"]},
                                                       sort_keys=False).encode())
-    written.append(out_dir / MODEL_YAML)
-    return written + copy_tokenizer(training_tokenizer(config), out_dir)
+    copy_tokenizer(training_tokenizer(config), out_dir)
+    return out_dir
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path,

@@ -21,7 +21,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stripes.arch.attention import AttnConfig
+from stripes.arch.config import ModelConfig
 from stripes.arch.model import StripedLM
 from stripes.core.config import ConfigError
 from stripes.data.format import write_atomic
@@ -33,9 +36,10 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 BOS_ID, EOS_ID = 1, 2
 
 
-def llama_config(model: StripedLM) -> dict[str, Any]:
-    """config.json of the Llama network `model` is, or a ConfigError naming what is not."""
-    cfg, specs = model.cfg, model.layer_specs
+def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """config.json of the Llama network `cfg` describes, or a ConfigError naming what is not
+    (every reason)."""
+    specs = cfg.expand()
     problems = [f"layer {s.index} is {s.name}" for s in specs if s.kind != "attn"]
     problems += [f"layer {s.index}'s MLP is {s.mlp.kind}" for s in specs
                  if s.mlp.kind != "swiglu"]
@@ -76,7 +80,7 @@ def llama_config(model: StripedLM) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
-        "torch_dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
