@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stripes.core.config import ConfigError
 from stripes.launch.torchrun_cmd import TorchrunPlan, shell_line
-from stripes.train.launch_env import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from stripes.train.launch_env import MULTICAST_OFF, SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "launch" / "slurm.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -62,6 +62,8 @@ class SlurmJob:
             "signal_lead": str(self.signal_lead_s),
             "sbatch_options": "".join(f"#SBATCH {option}\n" for option in self.sbatch_options),
             "workdir": shlex.quote(self.workdir),
+            "multicast_exports": "".join(f"export {key}=${{{key}:-{off}}}\n"
+                                         for key, off in MULTICAST_OFF.items()),
             "env_exports": "".join(f"export {_env_pair(pair)}\n" for pair in self.env),
             "rdzv_port": port,
             "torchrun": shell_line(torchrun.argv(), frozenset({_ENDPOINT, _JOB_ID}),

@@ -103,13 +103,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stripes.train.config import load_train_config
+    from stripes.train.launch_env import multicast_settings
 
     load_train_config(args.config, args.overrides)  # a bad config fails here, not on N nodes
     plan = TorchrunPlan(args.config, tuple(args.overrides), args.nodes, args.nproc_per_node,
                         args.rdzv_endpoint, args.rdzv_id, args.max_restarts, args.grace)
     argv = plan.argv()
+    environment = multicast_settings()  # NVLink multicast off unless the user's env says
     if args.dry_run:
-        print(shell_line(argv))
+        print(" ".join(f"{key}={shlex.quote(value)}" for key, value in environment.items()),
+              shell_line(argv))
         return 0
     sys.stdout.flush()
+    os.environ.update(environment)
     os.execv(argv[0], argv)  # torchrun takes this process's place (and its signals)

@@ -12,7 +12,13 @@ import pytest
 
 from stripes.core.config import ConfigError
 from stripes.launch.slurm_script import SlurmJob, fill
-from stripes.train.launch_env import LaunchEnv, detect_launch_env, expand_hostlist
+from stripes.train.launch_env import (
+    MULTICAST_OFF,
+    LaunchEnv,
+    detect_launch_env,
+    expand_hostlist,
+    multicast_settings,
+)
 
 from conftest import ROOT
 
@@ -78,9 +84,10 @@ def test_template_and_values_must_agree():
         fill("a {{x}} {{z}}", {"x": "1"})
 
 
-def stripes(*args: str) -> subprocess.CompletedProcess:
+def stripes(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     # PATH holds no sbatch: a machine with Slurm must not get a job from the tests.
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    env = {key: value for key, value in os.environ.items() if key not in MULTICAST_OFF}
+    env.update(PATH=str(Path(sys.executable).parent), **extra_env)
     return subprocess.run([sys.executable, "-m", "stripes.launch.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=env)
 
@@ -89,7 +96,10 @@ def test_torchrun_lines():
     one = stripes("launch", "torchrun", "configs/train/tiny.yaml", "steps=3",
                   "--nproc-per-node", "2", "--dry-run")
     assert one.returncode == 0, one.stderr
-    assert one.stdout.split()[1:] == [
+    # NVLink multicast off (train/launch_env.py), then the torchrun line
+    assert one.stdout.split()[:3] == ["NCCL_NVLS_ENABLE=0", "TORCH_SYMM_MEM_DISABLE_MULTICAST=1",
+                                      "NVSHMEM_DISABLE_NVLS=1"]
+    assert one.stdout.split()[4:] == [
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "--max-restarts", "0", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         "--shutdown-timeout", "100", "-m", "stripes.launch.cli", "train",
@@ -118,3 +128,20 @@ def test_bad_launch_input_is_one_line(args, message):
     done = stripes("launch", *args)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_nvlink_multicast_is_off_unless_the_environment_says(monkeypatch):
+    from stripes.train.distributed import init_world
+
+    for key in MULTICAST_OFF:
+        monkeypatch.delenv(key, raising=False)
+    assert multicast_settings() == MULTICAST_OFF
+    assert multicast_settings({"NCCL_NVLS_ENABLE": "1"})["NCCL_NVLS_ENABLE"] == "1"
+    init_world("cpu")  # the trainer sets them before any process group exists
+    assert all(os.environ[key] == off for key, off in MULTICAST_OFF.items())
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    init_world("cpu")
+    assert os.environ["NCCL_NVLS_ENABLE"] == "1"  # a deliberate choice is kept
+    line = stripes("launch", "torchrun", "configs/train/tiny.yaml", "--dry-run",
+                   NCCL_NVLS_ENABLE="1").stdout
+    assert line.startswith("NCCL_NVLS_ENABLE=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 ")

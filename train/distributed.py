@@ -15,7 +15,7 @@ from torch.distributed.rendezvous import rendezvous
 
 from stripes.core.config import ConfigError
 from stripes.core.log import log
-from stripes.train.launch_env import detect_launch_env
+from stripes.train.launch_env import detect_launch_env, multicast_settings
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ def init_world(device: str = "auto") -> World:
     env = detect_launch_env()
     for key, value in env.torch_variables().items():
         os.environ.setdefault(key, value)  # a Slurm task looks like a torchrun worker
+    os.environ.update(multicast_settings())  # before NCCL reads its environment
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     target = (_local_gpu(env.local_rank) if use_cuda
               else torch.device("cpu" if device == "auto" else device))

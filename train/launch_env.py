@@ -23,6 +23,21 @@ from stripes.core.config import ConfigError
 # jobs sharing a node do not collide.
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
 
+# NVLink multicast (NVLS) off in NCCL, PyTorch's symmetric memory and NVSHMEM. On hosts whose
+# GPUs are shared, a job that creates multicast objects can leave the GPUs out of service for
+# others. Every launcher stripes builds (torchrun, the Slurm script) and the trainer itself
+# set these unless the user's environment already names a value: turning multicast on is
+# then a deliberate `export NCCL_NVLS_ENABLE=1`.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                 "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MULTICAST_OFF's variables as a launched process should get them: the environment's
+    value where it has one, else off."""
+    env = os.environ if environ is None else environ
+    return {key: env.get(key, off) for key, off in MULTICAST_OFF.items()}
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
