@@ -214,3 +214,17 @@ def test_non_finite_steps_halt_the_run(tmp_path, demo_data):
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
               .splitlines()]
     assert sum(e.get("event") == "bad_step" for e in events) == 2
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "ddp"])
+def test_wrapping_backends_run_without_a_launcher(tmp_path, demo_data, backend):
+    """`stripes train` in one process with FSDP2 or DDP joins a group of its own and follows
+    the single backend's losses."""
+    losses = {}
+    for name in ("single", backend):
+        done = run(train_cmd(tmp_path / name, demo_data, "steps=2",
+                             f"parallel.backend={name}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[name] = step_losses(tmp_path / name)
+    for step in (1, 2):
+        assert losses[backend][step] == pytest.approx(losses["single"][step], rel=1e-5)

@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from stripes.arch.model import StripedLM
 from stripes.core.config import ConfigError
 from stripes.core.log import log
 from stripes.train.config import TrainConfig
 from stripes.train.dcp_states import CheckpointMismatch, check_shapes, read_dcp_weights
-from stripes.train.distributed import World
+from stripes.train.distributed import World, join_one_rank_group
 from stripes.train.optim import build_optimizer, canonical_name
 from stripes.train.parallel import prepare_blocks
 from stripes.train.schedule import apply_lr
@@ -113,9 +112,7 @@ class DeepSpeedEngine:
                  bf16: bool) -> None:
         cpu = world.device.type == "cpu"
         deepspeed = import_deepspeed(cpu)
-        if not dist.is_initialized():  # a world of one: DeepSpeed still wants a group
-            dist.init_process_group("gloo" if cpu else "nccl", store=dist.HashStore(),
-                                    rank=0, world_size=1)
+        join_one_rank_group(world)
         os.environ.setdefault("LOCAL_RANK", str(world.local_rank))  # DeepSpeed reads it
         prepare_blocks(model, cfg.parallel)
         optimizer = build_optimizer(model, cfg.optim, world.device.type)

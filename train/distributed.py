@@ -56,6 +56,14 @@ def init_world(device: str = "auto") -> World:
     return World(env.rank, env.world_size, env.local_rank, target)
 
 
+def join_one_rank_group(world: World) -> None:
+    """A process group of this process alone when there is none: DDP, FSDP2 and DeepSpeed
+    need one even for a world of one (`stripes train` without a launcher)."""
+    if world.world_size == 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+
+
 def _local_gpu(local_rank: int) -> torch.device:
     """This rank's GPU: cuda:LOCAL_RANK when the process sees the node's GPUs, cuda:0 when
     the launcher bound it to one (srun --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES)."""

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from stripes.arch.model import StripedLM
 from stripes.core.log import note_once
 from stripes.train.config import ParallelConfig
-from stripes.train.distributed import World
+from stripes.train.distributed import World, join_one_rank_group
 from stripes.train.recompute import apply_activation_checkpointing
 
 
@@ -43,6 +43,8 @@ def parallelize(model: StripedLM, cfg: ParallelConfig, backend: str, world: Worl
     if backend == "single" and world.world_size > 1:
         raise ValueError(f"parallel.backend=single with {world.world_size} processes: use "
                          "ddp or fsdp (or auto)")
+    if backend != "single":
+        join_one_rank_group(world)
     prepare_blocks(model, cfg)
     wrap = _WRAPPERS[backend]
     wrapped = wrap(model, cfg, world, bf16)
