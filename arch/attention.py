@@ -80,6 +80,7 @@ class KVCache:
     k: torch.Tensor  # [B, S, H_kv, Dh], keys after RoPE; slot of position p is p % S
     v: torch.Tensor  # [B, S, H_kv, Dh]
     length: int = 0  # tokens seen so far = position of the next token
+    position: torch.Tensor | None = None  # the same on the device, once tracked there
 
 
 @register_mixer("attn", AttnConfig)
@@ -178,6 +179,8 @@ class Attention(Mixer):
         B, T, _ = x.shape
         if T != 1:
             raise ValueError(f"attn.step takes one token, got x of shape {tuple(x.shape)}")
+        if state.position is not None:
+            return self._step_fixed_shapes(x, state)
         slots, pos = state.k.shape[1], state.length
         if self._ring_too_small(slots) and pos >= slots:
             raise ValueError(f"attn: decoding past the cache of {slots} tokens (max_len)")
@@ -190,6 +193,33 @@ class Attention(Mixer):
         y = self._sdpa(q, state.k[:, :filled], state.v[:, :filled], None, causal=False,
                        decoding=True)
         return self.out_proj(y.reshape(B, 1, self.d_model))
+
+    def track_position(self, state: KVCache, position: torch.Tensor) -> None:
+        state.position = position
+
+    def _step_fixed_shapes(self, x: torch.Tensor, state: KVCache) -> torch.Tensor:
+        """The step at the device position, over the whole cache with the unwritten slots
+        masked: no host value and no shape depends on the position. The G = H / H_kv query
+        heads that share a KV head act as G queries of it, so no K/V copy per head is made."""
+        B = x.shape[0]
+        slots = state.k.shape[1]
+        pos = state.position.view(1)  # [1]
+        q, k, v = self._qkv(x, pos)
+        state.k.index_copy_(1, pos % slots, k.to(state.k.dtype))
+        state.v.index_copy_(1, pos % slots, v.to(state.v.dtype))
+        # Slot s holds a position <= pos once written; the ring keeps only positions inside
+        # the window, so every written slot may be seen.
+        seen = (torch.arange(slots, device=x.device) <= pos).view(1, slots)  # [1, S]
+        groups = self.n_heads // self.n_kv_heads
+        q = q.view(B, self.n_kv_heads, groups, self.head_dim)  # [B, H_kv, G, Dh]
+        k, v = (t.transpose(1, 2) for t in (state.k, state.v))  # [B, H_kv, S, Dh] views
+        with _backend_context(self._decode_backend(), x.device, decoding=True):
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                               attn_mask=seen)  # [B, H_kv, G, Dh]
+        return self.out_proj(y.reshape(B, 1, self.d_model))
+
+    def _decode_backend(self) -> str:
+        return self.cfg.backend if self.cfg.backend in _RUN_EVERYTHING else "auto"
 
     # -- accounting -------------------------------------------------------------------------
     def _ring_too_small(self, slots: int) -> bool:

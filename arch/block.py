@@ -45,6 +45,9 @@ class Block(nn.Module):
     def step(self, x: torch.Tensor, state: Any) -> torch.Tensor:
         return self._mlp(x, self.mixer.step(self.mixer_norm(x), state))
 
+    def track_position(self, state: Any, position: torch.Tensor) -> None:
+        self.mixer.track_position(state, position)
+
     # -- accounting -------------------------------------------------------------------------
     def init_weights(self, std: float, out_std: float) -> None:
         self.mixer_norm.init_weights()

@@ -9,6 +9,12 @@ model) only delegate:
     y = mixer.step(x, state)       # x [B, 1, D]: one new token; updates `state`
 
 `prefill` followed by `step`s must reproduce `forward` on the concatenated input.
+
+    mixer.track_position(state, position)   # optional: steps read the position from a
+                                            # device tensor and keep every shape fixed
+
+After `track_position`, one CUDA graph of `step` serves every later token (arch/generate.py);
+mixers whose step does not depend on the position need nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +74,11 @@ class Mixer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def step(self, x: torch.Tensor, state: Any) -> torch.Tensor:
         """x: [B, 1, D] one token. Advances `state`, returns [B, 1, D]."""
+
+    def track_position(self, state: Any, position: torch.Tensor) -> None:
+        """From now on `step` reads the next token's position from `position` (0-d int64 on
+        the state's device, advanced by the model after each call) instead of the host, and
+        keeps its shapes fixed. Default: the step does not depend on the position."""
 
     @abc.abstractmethod
     def flops_per_token(self, seq_len: int) -> float:

@@ -43,6 +43,7 @@ class DecodeState:
     layers: list[Any]
     max_len: int
     length: int = 0
+    position: torch.Tensor | None = None  # `length` on the device, once tracked there
 
 
 class StripedLM(nn.Module):
@@ -118,14 +119,26 @@ class StripedLM(nn.Module):
             raise ValueError(f"step takes [B, 1] token ids, got {tuple(input_ids.shape)}")
         return self._decode(input_ids, state, one_token=True)
 
+    def track_position_on_device(self, state: DecodeState) -> None:
+        """Later `step`s read the position from a device tensor and keep every shape fixed:
+        one CUDA graph of `step` then serves every token (arch/generate.py). Only `step` may
+        follow; `state.length` is the host's count and is not advanced by graph replays."""
+        state.position = torch.tensor(state.length, device=self.embed.weight.device)
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            block.track_position(layer_state, state.position)
+
     def _decode(self, input_ids: torch.Tensor, state: DecodeState, one_token: bool) -> torch.Tensor:
         if state.length + input_ids.shape[1] > state.max_len:
             raise ValueError(f"decoding past max_len={state.max_len} "
                              f"(at {state.length}, adding {input_ids.shape[1]})")
+        if state.position is not None and not one_token:
+            raise ValueError("prefill after track_position_on_device: only step may follow")
         x = self.embed(input_ids)
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             x = block.step(x, layer_state) if one_token else block.prefill(x, layer_state)
         state.length += input_ids.shape[1]
+        if state.position is not None:
+            state.position.add_(1)  # on the device: a captured step advances it on replay
         return self._logits(x)
 
     # -- accounting -------------------------------------------------------------------------

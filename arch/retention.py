@@ -134,6 +134,7 @@ def log_decays(n_heads: int, max_exponent: float) -> tuple[float, ...]:
 class RetentionState:
     memory: torch.Tensor  # [B, H, Dk, Dv] S_t in promote_types(dtype, float32)
     length: int = 0  # tokens seen so far = position of the next token (for the rotation)
+    position: torch.Tensor | None = None  # the same on the device, once tracked there
 
 
 @register_mixer("retention", RetentionConfig)
@@ -241,11 +242,15 @@ class Retention(Mixer):
         """x: [B, T, D] at the positions after `state.length`; `advance(q, k, v, log_decay,
         memory)` returns the retention output and moves `memory` on in place."""
         T = x.shape[1]
-        positions = torch.arange(state.length, state.length + T, device=x.device)
+        positions = (state.position.view(1) if state.position is not None else
+                     torch.arange(state.length, state.length + T, device=x.device))
         q, k, v, g = self._project(x, positions)
         o = advance(q, k, v, self._log_decay(q), state.memory)
         state.length += T
         return self._output(o, g)
+
+    def track_position(self, state: RetentionState, position: torch.Tensor) -> None:
+        state.position = position
 
     # -- accounting -------------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:

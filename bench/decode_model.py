@@ -6,9 +6,10 @@ its decoding state allocated for `batch` sequences as if `ctx` tokens had been r
 layer's state filled as bench/decode_step.py does: KV caches up to ctx, recurrent states
 with random values; the work of a step does not depend on what they hold), and the step
 of the whole model (embedding, every layer, head) timed eagerly and, on a GPU, as a CUDA
-graph replay. tokens/s = batch / step time. The anchor is the first architecture: each
-row gives its tokens/s and state memory as ratios to the anchor's at the same batch and
-context.
+graph replay the way `generate` decodes there (positions on the device, every replay a new
+token: arch/generate.py). tokens/s = batch / the graph's step time where there is one.
+The anchor is the first architecture: each row gives its tokens/s and state memory as
+ratios to the anchor's at the same batch and context.
 
     python3 bench/decode_model.py --out DIR [--archs A.yaml,B.yaml] [--batches 1,64]
                                   [--contexts 4096,32768,131072] [--quick]
@@ -50,7 +51,8 @@ def measure(model: StripedLM, name: str, batch: int, ctx: int, device: torch.dev
             for _ in range(2):
                 model.step(token, state)
             row["eager_ms"] = time_steps(lambda: model.step(token, state), device, reps)
-            if device.type == "cuda":
+            if device.type == "cuda":  # as generate runs it: positions on the device
+                model.track_position_on_device(state)
                 graph = capture(lambda: model.step(token, state))
                 row["graph_ms"] = time_steps(graph.replay, device, reps)
         best = row.get("graph_ms", row["eager_ms"])

@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "tokens holding this probability (1: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="decode as CUDA graph replays (default: on a CUDA device)")
     p.set_defaults(run=run)
 
 
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                    args.top_p, torch.Generator(device).manual_seed(args.seed),
-                   stop_token=sp.eos_id(), on_token=stream, stats=stats)
+                   stop_token=sp.eos_id(), on_token=stream, stats=stats,
+                   cuda_graph=args.cuda_graph)
     if stream is None:
         for i, row in enumerate(out.tolist()):
             print(f"--- sample {i}\n{sp.decode([t for t in row if t != sp.eos_id()])}")

@@ -101,3 +101,34 @@ def test_cli_bad_numbers_are_one_line(tmp_path, capsys, flag, value):
     assert main(["generate", str(tmp_path / "run"), "--prompt", "x", flag, value]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"stripes generate: error: {flag}=")
+
+
+def test_fixed_shape_steps_equal_the_host_position_steps(tiny_cfg):
+    """The graph-ready step (positions on the device, the whole KV cache masked) computes
+    what the usual step does, for every mixer, past the sliding window's wrap (window 8)."""
+    from numerics import rel_error
+
+    model = build(tiny_cfg)
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 9))
+    tokens = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
+    states = [model.allocate_state(2, 40) for _ in range(2)]
+    for state in states:
+        model.prefill(prompt, state)
+    model.track_position_on_device(states[1])
+    for t in range(tokens.shape[1]):
+        usual, fixed = (model.step(tokens[:, t:t + 1], s) for s in states)
+        assert rel_error(fixed, usual) < 1e-12, t
+    assert int(states[1].position) == states[1].length == 29
+    with pytest.raises(ValueError, match="only step may follow"):
+        model.prefill(prompt, states[1])
+
+
+def test_generate_with_fixed_shapes_matches(tiny_cfg):
+    model = build(tiny_cfg)
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 5))
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "top_p": 0.9}):
+        runs = [generate(model, prompt, 16, generator=torch.Generator().manual_seed(0),
+                         fixed_shapes=fixed, **kw) for fixed in (False, True)]
+        assert torch.equal(*runs)
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        generate(model, prompt, 4, cuda_graph=True)
