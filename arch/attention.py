@@ -87,6 +87,8 @@ class KVCache:
 class Attention(Mixer):
     """Causal attention. x: [B, T, D] -> [B, T, D]; heads [B, T, H, Dh]."""
 
+    fixed_shape_step = True  # arch/mixer.py
+
     cfg: AttnConfig
 
     def __init__(self, d_model: int, cfg: AttnConfig) -> None:

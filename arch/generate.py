@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -62,12 +63,20 @@ def generate(model: StripedLM, prompt: torch.Tensor, max_new_tokens: int,
     `top_k` most likely tokens, then to the smallest set whose probability reaches `top_p`
     (nucleus sampling), and sampled. Generation stops early when every row has produced
     `stop_token`; rows that stopped keep emitting it. `on_token` sees each new [B] column.
-    cuda_graph: None = on a CUDA device."""
-    B, T = prompt.shape
+    cuda_graph: None = on a CUDA device when every mixer declares a fixed-shape step."""
     if cuda_graph is None:
-        cuda_graph = prompt.device.type == "cuda"
+        cuda_graph = prompt.device.type == "cuda" and not model.unfixed_step_layers()
     if cuda_graph and prompt.device.type != "cuda":
         raise ValueError(f"generate: cuda_graph needs a CUDA device, not {prompt.device}")
+    # Streams, graphs and syncs follow the current device: make it the prompt's.
+    with torch.cuda.device(prompt.device) if prompt.device.type == "cuda" else nullcontext():
+        return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator,
+                         stop_token, on_token, stats, cuda_graph, fixed_shapes)
+
+
+def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, stop_token,
+              on_token, stats, cuda_graph, fixed_shapes) -> torch.Tensor:
+    B, T = prompt.shape
     clock = _Clock(prompt.device)
     state = model.allocate_state(B, T + max_new_tokens)
     state_bytes = decode_state_bytes(state)
@@ -104,32 +113,35 @@ def _stepper(model: StripedLM, state: DecodeState, fixed_shapes: bool,
 
 
 class _GraphedStep:
-    """model.step as one CUDA graph. The first call runs the step eagerly on a side stream
-    (kernels compile, the allocator and cuBLAS set up), then captures the next step without
-    running it; every later call copies its tokens into the captured input and replays.
-    The logits returned are the graph's output buffer, valid until the next call."""
+    """model.step as one CUDA graph, on the current device. The first call runs the step
+    eagerly on a side stream (kernels compile, the allocator and cuBLAS set up); the second
+    captures the step (capturing runs nothing) and replays it; every later call copies its
+    tokens into the captured input and replays. The logits returned by a replay are the
+    graph's output buffer, valid until the next call."""
 
     def __init__(self, model: StripedLM, state: DecodeState) -> None:
         self.model, self.state = model, state
+        self.tokens: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        if self.graph is not None:
-            self.tokens.copy_(token[:, None])
-            self.graph.replay()
-            self.state.length += 1  # the host's count; replays run no Python
-            return self.logits
-        self.tokens = token[:, None].clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = self.model.step(self.tokens, self.state)[:, -1]
-        torch.cuda.current_stream().wait_stream(side)
-        length, self.graph = self.state.length, torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the next step; runs nothing
-            self.logits = self.model.step(self.tokens, self.state)[:, -1]
-        self.state.length = length
-        return logits
+        if self.tokens is None:  # warm-up
+            self.tokens = token[:, None].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.model.step(self.tokens, self.state)[:, -1]
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:
+            length, self.graph = self.state.length, torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.model.step(self.tokens, self.state)[:, -1]
+            self.state.length = length  # capturing ran the Python, not the step
+        self.tokens.copy_(token[:, None])
+        self.graph.replay()
+        self.state.length += 1  # the host's count; replays run no Python
+        return self.logits
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -111,6 +111,8 @@ class Hyena(Mixer):
 
     Subclasses give the long filter: its training convolution and its decoding state."""
 
+    fixed_shape_step = True  # arch/mixer.py
+
     def __init__(self, d_model: int, cfg: HyenaConfig) -> None:
         super().__init__(d_model, cfg)
         self.groups = cfg.filter_groups or d_model

@@ -91,6 +91,8 @@ SSMFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 class Mamba2(Mixer):
     """Mamba-2 mixer. x: [B, T, D] -> [B, T, D]; heads [B, T, H, P]."""
 
+    fixed_shape_step = True  # arch/mixer.py
+
     cfg: Mamba2Config
     fp32_params = ("A_log", "dt_bias", "D")
     no_decay_params = ("A_log", "dt_bias", "D")

@@ -13,8 +13,9 @@ model) only delegate:
     mixer.track_position(state, position)   # optional: steps read the position from a
                                             # device tensor and keep every shape fixed
 
-After `track_position`, one CUDA graph of `step` serves every later token (arch/generate.py);
-mixers whose step does not depend on the position need nothing.
+After `track_position`, one CUDA graph of `step` serves every later token (arch/generate.py)
+for mixers that declare `fixed_shape_step`; mixers whose step does not depend on the
+position need only the flag.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Mixer(nn.Module, abc.ABC):
 
     fp32_params: ClassVar[tuple[str, ...]] = ()
     no_decay_params: ClassVar[tuple[str, ...]] = ()
+    # True when, after track_position, step reads nothing from the host and keeps its shapes:
+    # a CUDA graph of it replays correctly. Opt-in, so a plugin's step that reads a host-side
+    # position is never frozen into a graph by mistake.
+    fixed_shape_step: ClassVar[bool] = False
 
     def __init__(self, d_model: int, cfg: MixerConfig) -> None:
         super().__init__()

@@ -119,10 +119,19 @@ class StripedLM(nn.Module):
             raise ValueError(f"step takes [B, 1] token ids, got {tuple(input_ids.shape)}")
         return self._decode(input_ids, state, one_token=True)
 
+    def unfixed_step_layers(self) -> list[str]:
+        """Layers whose step is not declared graph-safe (Mixer.fixed_shape_step)."""
+        return [f"{i}: {type(b.mixer).__name__}" for i, b in enumerate(self.blocks)
+                if not type(b.mixer).fixed_shape_step]
+
     def track_position_on_device(self, state: DecodeState) -> None:
         """Later `step`s read the position from a device tensor and keep every shape fixed:
         one CUDA graph of `step` then serves every token (arch/generate.py). Only `step` may
         follow; `state.length` is the host's count and is not advanced by graph replays."""
+        unfixed = self.unfixed_step_layers()
+        if unfixed:
+            raise ValueError("fixed-shape decoding needs every mixer to declare "
+                             f"fixed_shape_step; these do not: {', '.join(unfixed)}")
         state.position = torch.tensor(state.length, device=self.embed.weight.device)
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             block.track_position(layer_state, state.position)

@@ -142,6 +142,8 @@ class Retention(Mixer):
     """Multi-scale retention. x: [B, T, D] -> [B, T, D]; heads [B, T, H, Dk] (q, k) and
     [B, T, H, Dv] (v), Dk = D / H, Dv = value_factor * D / H."""
 
+    fixed_shape_step = True  # arch/mixer.py
+
     cfg: RetentionConfig
     fp32_params = ("norm_weight",)
     no_decay_params = ("norm_weight",)

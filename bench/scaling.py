@@ -19,9 +19,11 @@ run's directory (checkpoints) is deleted after it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,22 +49,41 @@ def one_run(out: Path, arch: str, backend: str, gpus: int, args: argparse.Namesp
     row = {"name": name, "arch": Path(arch).stem, "backend": backend, "gpus": gpus,
            "command": " ".join(cmd[1:])}
     print(f"[scaling] {name}", file=sys.stderr, flush=True)
-    with open(out / f"{name}.log", "w") as log:
-        done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=args.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    returncode = run_in_group(cmd, out / f"{name}.log", args.timeout)
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
         shutil.copy(metrics, out / f"{name}.metrics.jsonl")
     try:
-        if done.returncode != 0:
+        if returncode != 0:
             lines = (out / f"{name}.log").read_text(errors="replace").strip().splitlines()
-            raise RuntimeError(f"exit {done.returncode}: {lines[-1][:200] if lines else ''}")
+            raise RuntimeError(f"exit {returncode}: {lines[-1][:200] if lines else ''}")
         summary = steady_state(metrics, args.skip)
         row.update(summary, tokens_per_s_per_gpu=summary["tokens_per_s"] / gpus, status="ok")
     except (RuntimeError, SystemExit) as err:
         row["status"] = f"error: {err}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a 1b checkpoint is ~10 GB per run
     return row
+
+
+def run_in_group(cmd: list[str], log_file: Path, timeout: float) -> int:
+    """Run `cmd` in a process group of its own, output to `log_file`; past `timeout`, the
+    whole group (torchrun and its trainers) gets SIGTERM, then SIGKILL: a hung run must not
+    hold the GPUs for the next one. Returns the exit status (124 on timeout)."""
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=grace)
+                    break
+            log.write(f"\n[scaling] timed out after {timeout} s\n")
+            return 124
 
 
 def add_efficiency(rows: list[dict]) -> None:
@@ -113,6 +134,7 @@ def main() -> None:
     unknown = set(args.backends.split(",")) - set(BACKENDS)
     if unknown:
         parser.error(f"--backends: {sorted(unknown)} unknown (allowed: {', '.join(BACKENDS)})")
+    args.out = args.out.resolve()  # the runs start in the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [one_run(args.out, arch, backend, int(gpus), args)
             for arch in args.archs.split(",") for backend in args.backends.split(",")

@@ -63,10 +63,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _perplexity(args: argparse.Namespace) -> int:
     import math
 
-    from stripes.core.config import ConfigError
+    from stripes.core.config import ConfigError, require_positive
     from stripes.data.loader import LoaderConfig, SourceWeight, TokenDataset
     from stripes.train.evaluate import build_eval_set, evaluate, whole_sources
 
+    require_positive("--samples", args.samples, integer=True)
     model, config, device, autocast = _setup(args)
     seq_len = _seq_len(args, model, config)
     data = config.get("data") or {}

@@ -87,6 +87,7 @@ def test_bad_input_is_one_line_and_writes_nothing(run, demo_data, tmp_path, caps
         (["perplexity", str(tmp_path / "other"), "--data", str(demo_data)],
          "its tokenizer.model differs"),
         (["perplexity", str(tmp_path / "nope")], "model="),
+        (["perplexity", str(run_dir), "--samples", "0"], "--samples=0"),
         (["passkey", str(run_dir), "--samples", "0"], "--samples=0"),
         (["passkey", str(run_dir), "--depths", "0.5", "1.5"], "--depths=[0.5, 1.5]"),
     ]

@@ -71,3 +71,18 @@ def test_what_llama_cannot_express_is_one_line(tmp_path, capsys, cfg, reason):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and reason in err and "--format hf" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_formats_do_not_share_a_directory(tmp_path, capsys):
+    save_trained_checkpoint(tmp_path / "run", llama_like())
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    for fmt, other in (("hf", "model.yaml"), ("stripes", "config.json")):
+        if fmt == "stripes":  # now an hf export sits there alone
+            (tmp_path / "out" / "model.yaml").unlink()
+            assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"),
+                         "--format", "hf"]) == 0
+        capsys.readouterr()
+        assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"),
+                     "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"it holds {other}" in err

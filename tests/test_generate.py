@@ -132,3 +132,16 @@ def test_generate_with_fixed_shapes_matches(tiny_cfg):
         assert torch.equal(*runs)
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         generate(model, prompt, 4, cuda_graph=True)
+
+
+def test_fixed_shapes_need_every_mixer_to_declare_them(tiny_cfg, monkeypatch):
+    from stripes.arch.hyena import Hyena
+
+    model = build(tiny_cfg)
+    assert model.unfixed_step_layers() == []
+    monkeypatch.setattr(Hyena, "fixed_shape_step", False)  # as a plugin that never opted in
+    assert model.unfixed_step_layers()[:2] == ["0: HyenaSE", "2: HyenaMR"]
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (1, 4))
+    with pytest.raises(ValueError, match="fixed_shape_step; these do not: 0: HyenaSE"):
+        generate(model, prompt, 4, fixed_shapes=True)
+    assert generate(model, prompt, 4, temperature=0).shape == (1, 8)  # eager steps still

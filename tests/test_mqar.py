@@ -97,3 +97,18 @@ def test_sweep_bad_input_is_one_line(tmp_path, capsys, override, key):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"stripes eval: error: {key}=")
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_finished_run_with_layer_overrides_is_read_back(tmp_path, monkeypatch):
+    """Saved configs pass through JSON (integer override keys become strings); a run is
+    still recognised as done."""
+    import stripes.train.mqar_sweep as sweep
+
+    models = {"mixed": {"n_layers": 2, "stripes": ["hyena_li"], "overrides": {1: "attn"},
+                        "mixers": {"attn": {"n_heads": 1}}}}
+    cfg = sweep.MqarFile(mqar=sweep.MqarSweep(task=MqarTask(16, 16, 2), widths=[16],
+                                              train=MqarTraining(steps=2, eval_samples=4),
+                                              models=models), output=str(tmp_path))
+    first = sweep.run_sweep(cfg, log=lambda line: None)
+    monkeypatch.setattr(sweep, "train_one", lambda *a: pytest.fail("retrained a finished run"))
+    assert sweep.run_sweep(cfg, log=lambda line: None)[0]["accuracy"] == first[0]["accuracy"]

@@ -103,8 +103,9 @@ def evaluate(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
         dist.all_reduce(sums)
     loss_sum, token_count = sums.tolist()
     n = len(eval_set.names)
-    per_source = [total / count for total, count in zip(loss_sum[:n], token_count[:n],
-                                                        strict=True)]
+    # A source without a full window has no tokens to score: NaN, not a crash.
+    per_source = [total / count if count else math.nan
+                  for total, count in zip(loss_sum[:n], token_count[:n], strict=True)]
     weights = eval_set.weights
     result: dict[str, Any] = {
         "loss": sum(w * x for w, x in zip(weights, per_source, strict=True)) / sum(weights)}

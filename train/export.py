@@ -59,6 +59,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     """Write `checkpoint` (or a run's latest) to OUT in format `fmt`; returns OUT."""
     if fmt not in FORMATS:
         raise ConfigError("--format", fmt, ", ".join(FORMATS))
+    # An export of the other format left in OUT would be read instead of this one.
+    other = Path(out_dir) / ("config.json" if fmt == "stripes" else MODEL_YAML)
+    if other.exists():
+        raise ConfigError("out", str(out_dir), f"a new directory or an earlier {fmt} export",
+                          f"it holds {other.name} of the other format")
     model, config, found = load_trained(checkpoint)
     step = json.loads((found / "trainer.json").read_text())["step"]
     metadata = {"step": str(step), "source": str(found)}

@@ -31,10 +31,6 @@ from stripes.data.format import write_atomic
 from stripes.graft.hf_llama import llama_name
 from stripes.train.export import WEIGHTS, copy_tokenizer, save_safetensors
 
-# sentencepiece's defaults, which `stripes prepare` keeps (data/tokenizer.py)
-SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-BOS_ID, EOS_ID = 1, 2
-
 
 def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """config.json of the Llama network `cfg` describes, or a ConfigError naming what is not
@@ -78,8 +74,6 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -107,15 +101,28 @@ def write_llama(model: StripedLM, config: dict[str, Any], out_dir: Path,
             raise RuntimeError(f"no Llama name for {name}")
         tensors[theirs] = tensor.detach().contiguous()
     written = [save_safetensors(tensors, out_dir / WEIGHTS, {"format": "pt", **metadata})]
-    files = {"config.json": config,
-             "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}}
+    special = _special_tokens(tokenizer)
+    ids = {f"{name}_token_id": token_id for name, (_, token_id) in special.items()}
+    files = {"config.json": {**config, **ids}, "generation_config.json": ids}
     written += copy_tokenizer(tokenizer, out_dir)
     if tokenizer is not None:
-        files["tokenizer_config.json"] = {
+        files["tokenizer_config.json"] = {  # transformers >= 5 reads it with AutoTokenizer
             "tokenizer_class": "SentencePieceBackend", "vocab_file": tokenizer.name,
             "add_bos_token": False, "add_eos_token": False,  # documents end in eos, no bos
-            "model_max_length": config["max_position_embeddings"], **SPECIAL_TOKENS}
+            "model_max_length": config["max_position_embeddings"],
+            **{f"{name}_token": piece for name, (piece, _) in special.items()}}
     for name, content in files.items():
         write_atomic(out_dir / name, (json.dumps(content, indent=2) + "\n").encode())
         written.append(out_dir / name)
     return written
+
+
+def _special_tokens(tokenizer: Path | None) -> dict[str, tuple[str, int]]:
+    """{"bos"|"eos"|"unk": (piece, id)} of the sentencepiece model; {} without one."""
+    if tokenizer is None:
+        return {}
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    return {name: (sp.id_to_piece(i), i) for name, i in ids.items() if i >= 0}

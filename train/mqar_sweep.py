@@ -141,7 +141,7 @@ def run_sweep(cfg: MqarFile, log=print) -> list[dict[str, Any]]:
     done = _earlier_rows(out / "results.json", settings)
     rows = []
     for (name, width), model_cfg in configs.items():
-        model_raw = dataclasses.asdict(model_cfg)
+        model_raw = json.loads(json.dumps(dataclasses.asdict(model_cfg)))  # as saved
         row = next((r for r in done if r["name"] == name and r["model"] == model_raw), None)
         if row is None:
             row = {"name": name, "width": width, "model": model_raw,
