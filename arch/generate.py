@@ -34,8 +34,8 @@ class GenerationStats:
     """Filled by `generate`: what the prompt and the new tokens cost."""
 
     batch_size: int = 0
-    prompt_tokens: int = 0  # per row
-    new_tokens: int = 0  # per row, the stop token included
+    prompt_tokens: int = 0  # per row, prefilled (the shortest prompt)
+    new_tokens: int = 0  # steps per row after the prefill, the stop token included
     prefill_s: float = 0.0
     decode_s: float = 0.0  # sampling and steps after the prefill
     state_bytes: int = 0  # the decoding state's tensors, allocated for prompt + max_new_tokens
@@ -56,14 +56,22 @@ def generate(model: StripedLM, prompt: torch.Tensor, max_new_tokens: int,
              generator: torch.Generator | None = None, stop_token: int | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None,
              stats: GenerationStats | None = None, cuda_graph: bool | None = None,
-             fixed_shapes: bool = False) -> torch.Tensor:
+             fixed_shapes: bool = False, prompt_lengths: list[int] | None = None
+             ) -> torch.Tensor:
     """prompt: [B, T] token ids -> [B, T + n] with n <= max_new_tokens new tokens.
 
     temperature 0 is greedy decoding; otherwise the logits are divided by it, cut to the
     `top_k` most likely tokens, then to the smallest set whose probability reaches `top_p`
     (nucleus sampling), and sampled. Generation stops early when every row has produced
-    `stop_token`; rows that stopped keep emitting it. `on_token` sees each new [B] column.
-    cuda_graph: None = on a CUDA device when every mixer declares a fixed-shape step."""
+    `stop_token`; rows that stopped keep emitting it. `on_token` sees each [B] column decided
+    after the prefill. cuda_graph: None = on a CUDA device when every mixer declares a
+    fixed-shape step.
+
+    Prompts of different lengths: `prompt` right-padded and `prompt_lengths` [B]. The
+    shortest length is prefilled as a batch; then every row steps, reading its own prompt
+    tokens where it has them (forced, not sampled) and its samples after. Row b of the
+    result is its prompt, its max_new_tokens new tokens, then `stop_token` (else 0) up to
+    the common width."""
     if cuda_graph is None:
         cuda_graph = prompt.device.type == "cuda" and not model.unfixed_step_layers()
     if cuda_graph and prompt.device.type != "cuda":
@@ -71,35 +79,54 @@ def generate(model: StripedLM, prompt: torch.Tensor, max_new_tokens: int,
     # Streams, graphs and syncs follow the current device: make it the prompt's.
     with torch.cuda.device(prompt.device) if prompt.device.type == "cuda" else nullcontext():
         return _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator,
-                         stop_token, on_token, stats, cuda_graph, fixed_shapes)
+                         stop_token, on_token, stats, cuda_graph, fixed_shapes,
+                         prompt_lengths)
 
 
 def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, stop_token,
-              on_token, stats, cuda_graph, fixed_shapes) -> torch.Tensor:
+              on_token, stats, cuda_graph, fixed_shapes, prompt_lengths) -> torch.Tensor:
     B, T = prompt.shape
-    clock = _Clock(prompt.device)
-    state = model.allocate_state(B, T + max_new_tokens)
+    device = prompt.device
+    lengths = list(prompt_lengths) if prompt_lengths is not None else [T] * B
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens {max_new_tokens} must be >= 1")
+    if len(lengths) != B or not all(1 <= n <= T for n in lengths):
+        raise ValueError(f"generate: prompt_lengths {lengths} must give each of the {B} rows "
+                         f"a length in [1, {T}]")
+    first, width = min(lengths), max(lengths) + max_new_tokens
+    clock = _Clock(device)
+    state = model.allocate_state(B, width)
     state_bytes = decode_state_bytes(state)
-    logits = model.prefill(prompt, state)[:, -1]  # [B, V]
+    logits = model.prefill(prompt[:, :first], state)[:, -1]  # [B, V]
     step = _stepper(model, state, fixed_shapes or cuda_graph, cuda_graph)
     prefill_s = clock.lap()
-    tokens, done = [], torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    for i in range(max_new_tokens):
-        next_token = _pick(logits.float(), temperature, top_k, top_p, generator)  # [B]
+    pad = 0 if stop_token is None else stop_token
+    out = torch.full((B, width), pad, dtype=prompt.dtype, device=device)
+    out[:, :T] = prompt
+    starts = torch.tensor(lengths, device=device)  # [B] where each row's new tokens begin
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for pos in range(first, width):  # the position whose token is decided now
+        sampled = _pick(logits.float(), temperature, top_k, top_p, generator)  # [B]
+        reading = pos < starts  # rows still inside their prompt
+        new = ~reading & (pos < starts + max_new_tokens)
+        token = torch.where(reading, out[:, pos], sampled)
         if stop_token is not None:
-            next_token = torch.where(done, stop_token, next_token)
-            done |= next_token == stop_token
-        tokens.append(next_token)
+            token = torch.where(done & new, stop_token, token)
+            done |= new & (token == stop_token)
+        out[:, pos] = torch.where(reading | new, token, pad)
         if on_token is not None:
-            on_token(next_token)
-        if (stop_token is not None and bool(done.all())) or i == max_new_tokens - 1:
+            on_token(token)
+        finished = pos == width - 1 or (stop_token is not None and pos >= max(lengths) - 1
+                                        and bool(done.all()))
+        if finished:
             break
-        logits = step(next_token)
+        logits = step(token)
     if stats is not None:
-        stats.batch_size, stats.prompt_tokens, stats.new_tokens = B, T, len(tokens)
+        stats.batch_size, stats.prompt_tokens = B, first
+        stats.new_tokens = pos + 1 - first
         stats.prefill_s, stats.decode_s = prefill_s, clock.lap()
         stats.state_bytes = state_bytes
-    return torch.cat((prompt, torch.stack(tokens, dim=1)), dim=1)
+    return out[:, :pos + 1]
 
 
 def _stepper(model: StripedLM, state: DecodeState, fixed_shapes: bool,

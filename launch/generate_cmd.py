@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "(prefill once, then one step per token), and report tokens/s and "
                        "the decoding state's memory.")
     p.add_argument("model", help="export, checkpoint or run directory")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="repeatable: prompts of any lengths decode as one batch")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: the export's or the "
                    "training data's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -51,25 +52,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tokenizer", tokenizer, "a sentencepiece .model file",
                           "not found (and none in the export or the checkpoint's config)")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    ids = sp.encode(args.prompt)
-    if not ids:
-        raise ConfigError("--prompt", args.prompt, "text that encodes to at least one token")
+    rows = [ids for text in args.prompt for ids in [sp.encode(text)] * args.num_samples]
+    for text, ids in zip(args.prompt, rows[::args.num_samples], strict=True):
+        if not ids:
+            raise ConfigError("--prompt", text, "text that encodes to at least one token")
     device = torch.device(args.device)
     model = model.to(device).eval()
-    prompt = torch.tensor([ids] * args.num_samples, device=device)
-    stream = _Stream(sp, ids) if args.num_samples == 1 else None
+    lengths = [len(ids) for ids in rows]
+    prompt = torch.tensor([ids + [sp.eos_id()] * (max(lengths) - len(ids)) for ids in rows],
+                          device=device)  # right-padded; generate reads each row's length
+    stream = _Stream(sp, rows[0]) if len(rows) == 1 else None
     stats = GenerationStats()
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                    args.top_p, torch.Generator(device).manual_seed(args.seed),
                    stop_token=sp.eos_id(), on_token=stream, stats=stats,
-                   cuda_graph=args.cuda_graph)
+                   cuda_graph=args.cuda_graph, prompt_lengths=lengths)
     if stream is None:
         for i, row in enumerate(out.tolist()):
             print(f"--- sample {i}\n{sp.decode([t for t in row if t != sp.eos_id()])}")
     else:
         stream.finish()
     print(f"stripes generate: {stats.batch_size} x {stats.prompt_tokens} prompt tokens in "
-          f"{stats.prefill_s:.3f} s, {stats.batch_size} x {stats.new_tokens} new in "
+          f"{stats.prefill_s:.3f} s, {stats.batch_size} x {stats.new_tokens} steps in "
           f"{stats.decode_s:.3f} s ({stats.decode_tokens_per_s:,.1f} tokens/s); decoding "
           f"state {stats.state_bytes / 2**20:.2f} MiB", file=sys.stderr)
     return 0

@@ -92,6 +92,12 @@ def test_cli_streams_the_sample_and_reports_its_cost(tmp_path, demo_data, tiny_c
     assert main(greedy + ["--num-samples", "2"]) == 0
     batched = capsys.readouterr().out
     assert batched == f"--- sample 0\n{streamed}--- sample 1\n{streamed}"
+    # Two prompts of different lengths in one batch: each as it decodes alone.
+    assert main(greedy + ["--prompt", "GURU, n. A wizard"]) == 0
+    two = capsys.readouterr().out
+    other = greedy[:2] + ["--prompt", "GURU, n. A wizard"] + greedy[4:]
+    assert main(other) == 0
+    assert two == f"--- sample 0\n{streamed}--- sample 1\n{capsys.readouterr().out}"
 
 
 @pytest.mark.parametrize("flag, value", [("--top-p", "0"), ("--top-p", "1.5"),
@@ -145,3 +151,22 @@ def test_fixed_shapes_need_every_mixer_to_declare_them(tiny_cfg, monkeypatch):
     with pytest.raises(ValueError, match="fixed_shape_step; these do not: 0: HyenaSE"):
         generate(model, prompt, 4, fixed_shapes=True)
     assert generate(model, prompt, 4, temperature=0).shape == (1, 8)  # eager steps still
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_prompts_of_different_lengths_decode_as_if_alone(tiny_cfg, fixed_shapes):
+    model = build(tiny_cfg)
+    lengths = [3, 9, 6]
+    prompts = [torch.randint(0, tiny_cfg.vocab_size, (1, n)) for n in lengths]
+    batch = torch.zeros(3, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, :p.shape[1]] = p[0]
+    out = generate(model, batch, 7, temperature=0, prompt_lengths=lengths, stop_token=0,
+                   fixed_shapes=fixed_shapes)
+    assert out.shape == (3, 16)
+    for row, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        alone = generate(model, p, 7, temperature=0)[0]
+        assert torch.equal(out[row, :n + 7], alone), row
+        assert (out[row, n + 7:] == 0).all()  # padded with the stop token after its 7
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        generate(model, batch, 2, prompt_lengths=[3, 10, 6])
