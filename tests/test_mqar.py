@@ -99,6 +99,15 @@ def test_sweep_bad_input_is_one_line(tmp_path, capsys, override, key):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_a_broken_results_file_is_one_line_and_kept(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{not json")
+    args = ["eval", "mqar", str(ROOT / "configs/eval/mqar-demo.yaml"), f"output={tmp_path}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.json does not parse" in err
+    assert (tmp_path / "results.json").read_text() == "{not json"
+
+
 def test_a_finished_run_with_layer_overrides_is_read_back(tmp_path, monkeypatch):
     """Saved configs pass through JSON (integer override keys become strings); a run is
     still recognised as done."""

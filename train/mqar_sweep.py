@@ -160,7 +160,12 @@ def run_sweep(cfg: MqarFile, log=print) -> list[dict[str, Any]]:
 def _earlier_rows(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("output", str(path.parent), "a directory whose results.json this "
+                          "command wrote", f"results.json does not parse ({err.msg}); move "
+                          "it away to start over") from None
     same = all(saved.get(k) == v for k, v in settings.items())
     return saved.get("runs", []) if same else []
 
