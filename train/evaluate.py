@@ -87,18 +87,9 @@ def evaluate(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
     token's place in its document with document masking, else in its window: long-context
     training should lower the later buckets. Every rank calls it (collectives inside) and
     gets the same numbers."""
+    sums = loss_sums(model, eval_set, micro_batch, rank, world_size, device, autocast,
+                     document_masking, by_position)
     edges = position_edges(eval_set.dataset.seq_len)
-    bounds = torch.tensor(edges[1:-1], device=device)
-    sums = torch.zeros(2, len(eval_set.names) + (len(edges) - 1) * by_position,
-                       dtype=torch.float64, device=device)  # [loss sum; token count]
-    for losses, weight, source, positions in window_losses(model, eval_set, micro_batch, rank,
-                                                           world_size, device, autocast,
-                                                           document_masking):
-        _add(sums, source, losses, weight)
-        if by_position:
-            bucket = len(eval_set.names) + torch.bucketize(positions.contiguous(), bounds,
-                                                                  right=True)
-            _add(sums, bucket, losses, weight)
     if dist.is_initialized():
         dist.all_reduce(sums)
     loss_sum, token_count = sums.tolist()
@@ -119,14 +110,22 @@ def evaluate(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
 
 def loss_sums(model: nn.Module, eval_set: EvalSet, micro_batch: int, rank: int,
               world_size: int, device: torch.device, autocast: AbstractContextManager,
-              document_masking: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (token-loss sum, token count) per source, float64 [n_sources] each."""
-    sums = torch.zeros(2, len(eval_set.names), dtype=torch.float64, device=device)
-    for losses, weight, source, _ in window_losses(model, eval_set, micro_batch, rank,
-                                                   world_size, device, autocast,
-                                                   document_masking):
+              document_masking: bool, by_position: bool = False) -> torch.Tensor:
+    """This rank's float64 [2, n]: row 0 the token-loss sums, row 1 the token counts, per
+    source and then, with `by_position`, per position bucket (position_edges)."""
+    edges = position_edges(eval_set.dataset.seq_len)
+    bounds = torch.tensor(edges[1:-1], device=device)
+    n_sources = len(eval_set.names)
+    sums = torch.zeros(2, n_sources + (len(edges) - 1) * by_position, dtype=torch.float64,
+                       device=device)
+    for losses, weight, source, positions in window_losses(model, eval_set, micro_batch, rank,
+                                                           world_size, device, autocast,
+                                                           document_masking):
         _add(sums, source, losses, weight)
-    return sums[0], sums[1]
+        if by_position:
+            bucket = torch.bucketize(positions.contiguous(), bounds, right=True)
+            _add(sums, n_sources + bucket, losses, weight)
+    return sums
 
 
 def _add(sums: torch.Tensor, index: torch.Tensor, losses: torch.Tensor,
