@@ -11,25 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from stripes.arch import StripedLM
 from stripes.arch.config import ModelConfig
-from stripes.core.config import ConfigError, to_typed
+from stripes.core.config import to_typed
 
 
 class StripesCheckpoint:
     def __init__(self, path: str | Path, key: str = "source") -> None:
-        from stripes.train.checkpoint import resolve_checkpoint
+        from stripes.train.export import read_trained
 
         self.key = key
-        found = resolve_checkpoint(path, key)
-        self.checkpoint = found
-        saved = yaml.safe_load((found / "config.yaml").read_text())
-        raw = saved.get("model") if isinstance(saved, dict) else None
-        if not isinstance(raw, dict):
-            raise ConfigError(key, str(found), "a checkpoint whose config.yaml has `model`")
-        self._model_raw = raw
+        self.checkpoint, saved = read_trained(path, key)
+        self._model_raw = saved["model"]
 
     def model_config(self) -> ModelConfig:
         cfg = to_typed(ModelConfig, self._model_raw, prefix=f"{self.key}.model")
@@ -42,10 +36,6 @@ class StripesCheckpoint:
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def load(self, dtype: torch.dtype = torch.float32) -> StripedLM:
-        from stripes.train.checkpoint import load_weights
+        from stripes.train.export import load_trained
 
-        with torch.device("meta"):
-            model = StripedLM(self.model_config())
-        model.to_empty(device="cpu")
-        load_weights(self.checkpoint, model, self.key)
-        return model.to(dtype)
+        return load_trained(self.checkpoint, self.key)[0].to(dtype)

@@ -68,13 +68,13 @@ def _perplexity(args: argparse.Namespace) -> int:
     from stripes.train.evaluate import build_eval_set, evaluate, whole_sources
 
     require_positive("--samples", args.samples, integer=True)
-    model, config, device, autocast = _setup(args)
+    model, config, tokenizer, device, autocast = _setup(args)
     seq_len = _seq_len(args, model, config)
     data = config.get("data") or {}
     if args.data:
         sources = [_source(entry) for entry in args.data]
         dataset = TokenDataset(LoaderConfig(seq_len=seq_len, sources=sources), prefix="--data")
-        _check_tokenizer(dataset, model, _known_tokenizer(Path(args.model), config))
+        _check_tokenizer(dataset, model, tokenizer)
         eval_set = whole_sources(dataset, args.samples)
     elif float(data.get("heldout") or 0) > 0:
         sources = [SourceWeight(**s) for s in data["sources"]]
@@ -104,7 +104,7 @@ def _passkey(args: argparse.Namespace) -> int:
     from stripes.core.config import ConfigError, require_positive
     from stripes.train.passkey import passkey_accuracy
 
-    model, config, device, autocast = _setup(args)
+    model, config, _, device, autocast = _setup(args)
     seq_len = _seq_len(args, model, config)
     require_positive("--samples", args.samples, integer=True)
     require_positive("--key-len", args.key_len, integer=True)
@@ -128,24 +128,20 @@ def _mqar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any]:
-    """(model on the device in eval mode, its run's training config or {}, device,
-    autocast: bf16 on a GPU, none on the CPU)."""
+def _setup(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path | None, Any, Any]:
+    """(model on the device in eval mode, its run's training config or {}, its tokenizer or
+    None, device, autocast: bf16 on a GPU, none on the CPU)."""
     import torch
 
     from stripes.core.config import require_positive
-    from stripes.train.export import MODEL_YAML, load_exported, load_trained
+    from stripes.train.export import load_model
 
     require_positive("--micro-batch", args.micro_batch, integer=True)
-    path = Path(args.model)
-    if (path / MODEL_YAML).is_file():
-        model, config = load_exported(path), {}
-    else:
-        model, config, _ = load_trained(path, key="model")
+    model, config, tokenizer = load_model(args.model)
     device = torch.device(args.device)
     autocast = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda"
                 else nullcontext())
-    return model.to(device).eval(), config, device, autocast
+    return model.to(device).eval(), config, tokenizer, device, autocast
 
 
 def _seq_len(args: argparse.Namespace, model, config: dict[str, Any]) -> int:
@@ -161,13 +157,6 @@ def _source(entry: str):
 
     path, _, source = entry.partition(":")
     return SourceWeight(path=path, source=source or None)
-
-
-def _known_tokenizer(model_path: Path, config: dict[str, Any]) -> Path | None:
-    from stripes.train.export import TOKENIZER, training_tokenizer
-
-    exported = model_path / TOKENIZER
-    return exported if exported.is_file() else training_tokenizer(config)
 
 
 def _check_tokenizer(dataset, model, tokenizer: Path | None) -> None:

@@ -44,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     from stripes.arch.generate import GenerationStats, generate
     from stripes.core.config import ConfigError
+    from stripes.train.export import load_model
 
     _check_numbers(args)
-    model, found_tokenizer = _load(Path(args.model))
+    model, _, found_tokenizer = load_model(args.model)
     tokenizer = args.tokenizer or found_tokenizer
     if tokenizer is None or not Path(tokenizer).is_file():
         raise ConfigError("--tokenizer", tokenizer, "a sentencepiece .model file",
@@ -115,20 +116,3 @@ class _Stream:
         if text.startswith(self.shown):
             print(text[len(self.shown):], end="", flush=True)
             self.shown = text
-
-
-def _load(path):
-    """(model, tokenizer path or None) from an export, checkpoint or run directory."""
-    from stripes.train.export import (
-        MODEL_YAML,
-        TOKENIZER,
-        load_exported,
-        load_trained,
-        training_tokenizer,
-    )
-
-    if (path / MODEL_YAML).is_file():
-        tokenizer = path / TOKENIZER
-        return load_exported(path), tokenizer if tokenizer.is_file() else None
-    model, config, _ = load_trained(path, key="model")
-    return model, training_tokenizer(config)

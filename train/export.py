@@ -14,7 +14,6 @@ Llama networks: attention and SwiGLU in every layer.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +25,44 @@ from stripes.arch.config import ArchFile, ModelConfig
 from stripes.arch.model import StripedLM
 from stripes.core.config import ConfigError, load_config, to_typed
 from stripes.data.format import write_atomic
-from stripes.train.checkpoint import load_weights, resolve_checkpoint
+from stripes.train.checkpoint import load_weights, resolve_checkpoint, saved_record
 
 WEIGHTS, MODEL_YAML, TOKENIZER = "model.safetensors", "model.yaml", "tokenizer.model"
 FORMATS = ("stripes", "hf")
+
+
+def read_trained(path: str | Path, key: str = "checkpoint") -> tuple[Path, dict[str, Any]]:
+    """(the checkpoint directory, its saved training config) from a checkpoint or run
+    directory, nothing loaded; the config must hold `model`."""
+    checkpoint = resolve_checkpoint(path, key)
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ConfigError(key, str(checkpoint), "a checkpoint whose config.yaml has `model`")
+    return checkpoint, config
 
 
 def load_trained(path: str | Path, key: str = "checkpoint"
                  ) -> tuple[StripedLM, dict[str, Any], Path]:
     """(model on CPU with the checkpoint's weights, the saved training config, the checkpoint
     directory) from a checkpoint or run directory."""
-    checkpoint = resolve_checkpoint(path, key)
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ConfigError(key, str(checkpoint), "a checkpoint whose config.yaml has `model`")
+    checkpoint, config = read_trained(path, key)
     with torch.device("meta"):
         model = StripedLM(to_typed(ModelConfig, config["model"], prefix="model"))
     model.to_empty(device="cpu")
     load_weights(checkpoint, model, key)
     return model, config, checkpoint
+
+
+def load_model(path: str | Path, key: str = "model"
+               ) -> tuple[StripedLM, dict[str, Any], Path | None]:
+    """(model on CPU, its run's training config or {} for an export, its tokenizer or None)
+    from an export, checkpoint or run directory: what generate and eval take."""
+    path = Path(path)
+    if (path / MODEL_YAML).is_file():
+        tokenizer = path / TOKENIZER
+        return load_exported(path), {}, tokenizer if tokenizer.is_file() else None
+    model, config, _ = load_trained(path, key)
+    return model, config, training_tokenizer(config)
 
 
 def training_tokenizer(config: dict[str, Any]) -> Path | None:
@@ -65,8 +83,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
         raise ConfigError("out", str(out_dir), f"a new directory or an earlier {fmt} export",
                           f"it holds {other.name} of the other format")
     model, config, found = load_trained(checkpoint)
-    step = json.loads((found / "trainer.json").read_text())["step"]
-    metadata = {"step": str(step), "source": str(found)}
+    metadata = {"step": str(saved_record(found)["step"]), "source": str(found)}
     if fmt == "hf":
         from stripes.train.export_hf import llama_config, write_llama
         # refuses a model Llama cannot express, before anything is written
