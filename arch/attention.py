@@ -132,11 +132,7 @@ class Attention(Mixer):
     def _sdpa(self, q, k, v, mask: torch.Tensor | None, causal: bool,
               decoding: bool = False) -> torch.Tensor:
         """q: [B, Tq, H, Dh], k/v: [B, Tk, H_kv, Dh], mask: bool, True = may attend."""
-        backend = self.cfg.backend
-        if backend not in _RUN_EVERYTHING and (mask is not None or decoding):
-            note_once(f"attn: backend {backend} runs unmasked training calls; masked and "
-                      "decoding calls use auto")
-            backend = "auto"
+        backend = self._backend(masked_or_decoding=mask is not None or decoding)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, Dh]
         gqa = self.n_kv_heads != self.n_heads
         if gqa and (mask is not None or backend == "efficient"):
@@ -215,13 +211,19 @@ class Attention(Mixer):
         groups = self.n_heads // self.n_kv_heads
         q = q.view(B, self.n_kv_heads, groups, self.head_dim)  # [B, H_kv, G, Dh]
         k, v = (t.transpose(1, 2) for t in (state.k, state.v))  # [B, H_kv, S, Dh] views
-        with _backend_context(self._decode_backend(), x.device, decoding=True):
+        with _backend_context(self._backend(masked_or_decoding=True), x.device, decoding=True):
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
                                                attn_mask=seen)  # [B, H_kv, G, Dh]
         return self.out_proj(y.reshape(B, 1, self.d_model))
 
-    def _decode_backend(self) -> str:
-        return self.cfg.backend if self.cfg.backend in _RUN_EVERYTHING else "auto"
+    def _backend(self, masked_or_decoding: bool) -> str:
+        """The configured backend, or `auto` for a call it cannot run."""
+        backend = self.cfg.backend
+        if backend not in _RUN_EVERYTHING and masked_or_decoding:
+            note_once(f"attn: backend {backend} runs unmasked training calls; masked and "
+                      "decoding calls use auto")
+            return "auto"
+        return backend
 
     # -- accounting -------------------------------------------------------------------------
     def _ring_too_small(self, slots: int) -> bool:

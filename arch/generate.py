@@ -93,7 +93,8 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generato
     if len(lengths) != B or not all(1 <= n <= T for n in lengths):
         raise ValueError(f"generate: prompt_lengths {lengths} must give each of the {B} rows "
                          f"a length in [1, {T}]")
-    first, width = min(lengths), max(lengths) + max_new_tokens
+    first, last_prompt = min(lengths), max(lengths) - 1  # the longest prompt's last position
+    width = last_prompt + 1 + max_new_tokens
     clock = _Clock(device)
     state = model.allocate_state(B, width)
     state_bytes = decode_state_bytes(state)
@@ -116,7 +117,7 @@ def _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, generato
         out[:, pos] = torch.where(reading | new, token, pad)
         if on_token is not None:
             on_token(token)
-        finished = pos == width - 1 or (stop_token is not None and pos >= max(lengths) - 1
+        finished = pos == width - 1 or (stop_token is not None and pos >= last_prompt
                                         and bool(done.all()))
         if finished:
             break
