@@ -3,8 +3,9 @@
 x [B, T, D] -> in_proj -> z [d_inner] | xBC [d_inner + 2 G N] | dt [H]
 xBC -> causal depthwise conv (kernel d_conv) -> SiLU -> x [B, T, H, P], B/C [B, T, G, N]
 dt = softplus(dt + dt_bias), A = -exp(A_log)    (float32)
-y = SSD(x, dt, A, B, C) + D x                     (stripes.kernels.ssd: Triton on CUDA)
-y = rmsnorm(y * silu(z)) * weight                 (per group of d_inner / G channels, float32)
+y = SSD(x, dt, A, B, C)                           (stripes.kernels.ssd: Triton on CUDA)
+y = rmsnorm((y + D x) * silu(z)) * weight         (per group of d_inner / G channels, float32;
+                                                   stripes.kernels.gated_rmsnorm: one pass)
 out_proj: d_inner -> D
 
 d_inner = expand * D, H = d_inner / head_dim heads of size P = head_dim, N = d_state,
@@ -33,6 +34,7 @@ from stripes.arch.packing import cu_seqlens, document_positions
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError, require_positive
 from stripes.kernels.causal_conv import causal_conv
+from stripes.kernels.gated_rmsnorm import gated_rms_norm
 from stripes.kernels.ssd import ssd, ssd_step
 
 
@@ -181,14 +183,16 @@ class Mamba2(Mixer):
                               positions=positions)  # [B, T, conv_dim]
         else:
             xBC, conv_cache = self._conv(xBC, conv_cache)
-        xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
-        xs = xs.reshape(batch, T, H, P)  # heads [B, T, H, P]
+        x_inner, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
+        xs = x_inner.reshape(batch, T, H, P)  # heads [B, T, H, P]
         B, C = B.reshape(batch, T, G, N), C.reshape(batch, T, G, N)  # [B, T, G, N]
         dt = F.softplus(_fp32(dt) + _fp32(self.dt_bias))  # [B, T, H], > 0
         A = -torch.exp(_fp32(self.A_log))  # [H], < 0
-        y, ssm_state = ssm(xs, dt, A, B, C, ssm_state)  # [B, T, H, P], float32 at least
-        y = y + xs * _fp32(self.D)[:, None]  # the skip term D_h x_t
-        y = self.norm(y.reshape(batch, T, self.d_inner), z)  # [B, T, d_inner]
+        y, ssm_state = ssm(xs, dt, A, B, C, ssm_state)  # [B, T, H, P]
+        # The skip term D_h x_t goes into the norm's fused pass: D repeated over each
+        # head's P channels.
+        skip = _fp32(self.D).repeat_interleave(P)  # [d_inner]
+        y = self.norm(y.reshape(batch, T, self.d_inner), z, x_inner, skip)  # [B, T, d_inner]
         return self.out_proj(y), conv_cache, ssm_state
 
     def _conv(self, xBC: torch.Tensor, cache: torch.Tensor | None):
@@ -253,12 +257,14 @@ class Mamba2(Mixer):
 
 
 class GatedRMSNorm(nn.Module):
-    """rmsnorm(y * silu(z)) * weight over groups of `group_size` channels, in float32.
+    """rmsnorm((y + x * skip) * silu(z)) * weight over groups of `group_size` channels, in
+    float32 (stripes.kernels.gated_rmsnorm: one fused pass on CUDA).
 
-    y, z: [B, T, C] -> [B, T, C] in z's dtype. Normalising per group of d_inner / G channels
-    (the heads that share one B/C group), as the Mamba-2 reference does, keeps the norm local
-    to a group: heads can be sharded by group (tensor parallel) with no cross-shard reduction,
-    and pretrained Mamba-2 weights keep their meaning. With G = 1 it is a plain RMSNorm.
+    y, z, x: [B, T, C] -> [B, T, C] in z's dtype; skip [C] (x and skip optional).
+    Normalising per group of d_inner / G channels (the heads that share one B/C group), as
+    the Mamba-2 reference does, keeps the norm local to a group: heads can be sharded by
+    group (tensor parallel) with no cross-shard reduction, and pretrained Mamba-2 weights
+    keep their meaning. With G = 1 it is a plain RMSNorm.
     """
 
     def __init__(self, dim: int, group_size: int, eps: float) -> None:
@@ -266,12 +272,9 @@ class GatedRMSNorm(nn.Module):
         self.group_size, self.eps = group_size, eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(torch.promote_types(y.dtype, z.dtype), torch.float32)
-        gated = y.to(dtype) * F.silu(z.to(dtype))  # [B, T, C]
-        groups = gated.unflatten(-1, (-1, self.group_size))  # [B, T, G, C / G]
-        normed = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2)  # [B, T, C]
-        return (normed * self.weight.to(dtype)).to(z.dtype)
+    def forward(self, y: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None = None,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps, x, skip)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)

@@ -35,7 +35,7 @@ gradients, against the reference in float64 on the same inputs. A stripes row ab
 a stripes/torch row that fails, makes the exit status 1.
 
     python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention,ssd,
-                             causal_conv,fft_conv]
+                             gated_norm,causal_conv,fft_conv]
                              [--quick]
 
 liger entry points (0.8.5), each called with liger's defaults unless said: rmsnorm
@@ -83,12 +83,18 @@ from kernel_timing import (
     version,
     write_results,
 )
-from mixer_kernel_cases import causal_conv_cases, fft_conv_cases, retention_cases, ssd_cases
+from mixer_kernel_cases import (
+    causal_conv_cases,
+    fft_conv_cases,
+    gated_norm_cases,
+    retention_cases,
+    ssd_cases,
+)
 
 from stripes.arch.rope import RopeConfig, rope_angles
 
-KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "causal_conv",
-           "fft_conv")
+KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "gated_norm",
+           "causal_conv", "fft_conv")
 MATMUL_BOUND = {"linear_ce", "retention", "ssd"}  # their "% ceiling" is against a bf16 matmul
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
@@ -275,7 +281,8 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
 BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_cases,
             "linear_ce": linear_ce_cases, "retention": retention_cases, "ssd": ssd_cases,
-            "causal_conv": causal_conv_cases, "fft_conv": fft_conv_cases}
+            "gated_norm": gated_norm_cases, "causal_conv": causal_conv_cases,
+            "fft_conv": fft_conv_cases}
 
 
 def write_report(args: argparse.Namespace, rows: list[dict]) -> str:

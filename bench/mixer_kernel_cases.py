@@ -1,5 +1,5 @@
 """bench/kernels.py cases for the mixer kernels (issue 8): chunked retention beside fla,
-Mamba-2's SSD beside mamba_ssm.
+Mamba-2's SSD and its gated output norm beside mamba_ssm.
 
 retention: B*T = 65,536 tokens at T in {2k, 8k, 32k}, H = 16, Dk = Dv = 128, bf16, k scaled
 by Dk^-1/2, decays gamma_h = 1 - 2^(-5 - h) (what fla's chunk_retention fixes), no initial
@@ -23,6 +23,12 @@ activations and a float32 filter. Rows: stripes `causal_conv` (one kernel each w
 same composition in PyTorch (k * v, conv1d, * q) run eagerly, and torch.compile of it: the
 anchor, no library of such kernels being installable here.
 GB/s count q, k, v and out once forward, and dout, q, k, v, dq, dk, dv once backward.
+
+gated_norm: Mamba-2's output norm, 32,768 rows of C = 4096 (hybrid-1b's d_inner), one group,
+bf16 y, z (and x), float32 weight (and skip). Rows: stripes `gated_rms_norm`, the unfused
+ops eagerly and compiled, and mamba_ssm's `rmsnorm_fn(norm_before_gate=False)` (the anchor,
+without the skip term, which it adds inside its scan). GB/s count each bf16 activation once
+forward (inputs, out) and backward (dout, the inputs again, their gradients).
 """
 
 from __future__ import annotations
@@ -42,9 +48,14 @@ CHUNK = 64
 
 
 def mamba_chunk_scan(device: torch.device) -> tuple[object | None, str]:
-    """mamba_ssm's mamba_chunk_scan_combined, or None and why not. The pure-Python build's
+    """mamba_ssm's mamba_chunk_scan_combined, or None and why not."""
+    return mamba_ssm_op("ssd_combined", "mamba_chunk_scan_combined", device)
+
+
+def mamba_ssm_op(module: str, attr: str, device: torch.device) -> tuple[object | None, str]:
+    """mamba_ssm.ops.triton.MODULE.ATTR, or None and why not. The pure-Python build's
     package __init__ imports its CUDA selective scan and fails, so the package is entered
-    through a stand-in module and only the Triton SSD submodule is imported."""
+    through a stand-in module and only the Triton submodule is imported."""
     spec = importlib.util.find_spec("mamba_ssm")
     if spec is None or spec.submodule_search_locations is None:
         return None, "not installed"
@@ -55,8 +66,7 @@ def mamba_chunk_scan(device: torch.device) -> tuple[object | None, str]:
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = package
     try:
-        module = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
-        return module.mamba_chunk_scan_combined, ""
+        return getattr(importlib.import_module(f"mamba_ssm.ops.triton.{module}"), attr), ""
     except Exception as err:
         return None, f"import failed: {type(err).__name__}: {err}"
 
@@ -179,6 +189,52 @@ def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, compo
     one = q.numel() * 2  # bytes of one bf16 activation
     return Case(kernel, label, ["out", "dq", "dk", "dv", "dh"], expected, impls,
                 fwd_bytes=4 * one, fb_bytes=11 * one, graph=kernel == "causal_conv")
+
+
+def gated_norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """Mamba-2's output norm at hybrid-1b's width: rmsnorm(y * silu(z)) * w (beside mamba_ssm's
+    rmsnorm_fn with norm_before_gate=False, the anchor), then with the D skip fused in."""
+    from stripes.kernels.gated_rmsnorm import gated_rms_norm, reference
+
+    rows, C = (48, 40) if quick else (32768, 4096)
+    anchor, why = mamba_ssm_op("layernorm_gated", "rmsnorm_fn", device)
+    for skip in (False, True):
+        y, z, x = (torch.randn(rows, C, device=device).to(BF16).requires_grad_()
+                   for _ in range(3))
+        w = (1 + 0.1 * torch.randn(C, device=device)).requires_grad_()
+        d = torch.randn(C, device=device).requires_grad_()
+        inputs = [y, z, w, x, d] if skip else [y, z, w]
+        grads = [torch.randn(rows, C, device=device, dtype=BF16)]
+
+        def with_eps(fn, inputs=inputs):  # every impl as fn(*inputs)
+            return lambda *ts: fn(ts[0], ts[1], ts[2], C, 1e-5, *ts[3:])
+
+        composed, fused = with_eps(reference.gated_rms_norm), with_eps(gated_rms_norm)
+        compiled_fn, note = compiled(composed, device)
+
+        def impl(name, role, fn, note="", inputs=inputs, grads=grads):
+            forward = lambda: fn(*inputs)
+            return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, note)
+
+        impls = [impl("torch: the unfused ops", "torch", composed),
+                 impl("stripes gated_rms_norm", "stripes", fused),
+                 impl("torch.compile(the unfused ops)", "extra", compiled_fn, note)]
+        if skip:
+            impls.append(Impl("mamba_ssm rmsnorm_fn", "anchor", None,
+                              note="no row: mamba_ssm adds D x inside its scan"))
+        elif anchor is None:
+            impls.append(Impl("mamba_ssm rmsnorm_fn", "anchor", None, note=why))
+        else:
+            impls.append(impl("mamba_ssm rmsnorm_fn", "anchor",
+                              lambda y, z, w: anchor(y, w, None, z=z, eps=1e-5, group_size=C,
+                                                     norm_before_gate=False)))
+        expected = float64_reference(composed, inputs, grads)
+        one = rows * C * 2  # bytes of one bf16 activation
+        n = len(inputs) - 2  # activations among the inputs: y, z (and x)
+        names = ["out", "dy", "dz", "dw", "dx", "dskip"] if skip else ["out", "dy", "dz", "dw"]
+        yield Case("gated_norm", f"{rows}x{C} bf16" + (" + D skip" if skip else ""), names,
+                   expected, impls, fwd_bytes=(n + 1) * one, fb_bytes=(3 * n + 2) * one,
+                   graph=True)
 
 
 def fft_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:

@@ -2,7 +2,7 @@
 # What issue 8 needs from the GPU machine, in parts:
 #   tests    the mixer kernels' and graph decoding's GPU tests but the anchors' (150 s)
 #   anchors  the GPU tests against fla's and mamba_ssm's error                     (300 s)
-#   kernels  bench/kernels.py for retention and ssd, beside fla and mamba_ssm     (400 s)
+#   kernels  bench/kernels.py for retention, ssd, gated_norm, beside fla, mamba_ssm (400 s)
 #   sweep    bench/scalar_decay_sweep.py: launch settings of the retention/SSD kernels  (400 s)
 #   convs    bench/kernels.py for causal_conv and fft_conv, beside torch.compile  (240 s)
 #   decode   bench/decode_step.py at 4k / 32k / 128k                              (120 s)
@@ -25,7 +25,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/stripes-triton-cache}
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done; }
 if [[ $PARTS == *,tests,* ]]; then
   timeout -k 10 150 python3 -m pytest -v -m gpu tests/gpu -p no:warnings --tb=short \
-    -k "(retention or ssd or causal_conv or fft_conv or step or mixers or graph) and not as_close" \
+    -k "(retention or ssd or gated or causal_conv or fft_conv or step or mixers or graph) and not as_close" \
     2>&1 | stamp > "$OUT/gpu_tests.log"
   echo "gpu tests: exit ${PIPESTATUS[0]}"; grep -E "FAILED|ERROR|passed|failed" \
     "$OUT/gpu_tests.log" | tail -20
@@ -37,9 +37,9 @@ if [[ $PARTS == *,anchors,* ]]; then
     "$OUT/gpu_anchor_tests.log" | tail -20
 fi
 if [[ $PARTS == *,kernels,* ]]; then
-  timeout -k 10 400 python3 -W ignore bench/kernels.py --only retention,ssd \
+  timeout -k 10 400 python3 -W ignore bench/kernels.py --only retention,ssd,gated_norm \
     --out "$OUT/kernels" > "$OUT/kernels.log" 2>&1
-  echo "bench/kernels.py retention,ssd: exit $?"; cat "$OUT/kernels/kernels.md" 2>/dev/null
+  echo "bench/kernels.py retention,ssd,gated_norm: exit $?"; cat "$OUT/kernels/kernels.md" 2>/dev/null
 fi
 if [[ $PARTS == *,sweep,* ]]; then
   timeout -k 10 400 python3 -W ignore bench/scalar_decay_sweep.py --out "$OUT/sweep" \

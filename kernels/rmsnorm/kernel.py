@@ -83,7 +83,7 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_partial_ptr + pid * D + cols, dw, mask=col_mask)
 
 
-def _block_and_warps(d: int) -> tuple[int, int]:
+def row_block_and_warps(d: int) -> tuple[int, int]:
     """BLOCK_D covers the row; about 8 values a thread, from 1 warp up to 32 for 8k+ rows.
     (ptxas for sm_90: the backward at BLOCK_D 8192 spills with 16 warps, not with 32.)"""
     block_d = triton.next_power_of_2(d)
@@ -111,14 +111,14 @@ def backward_config(d: int, itemsize: int) -> BackwardConfig:
     go four at a time with the next rows' loads pipelined; float32 rows, twice the registers
     a row, go one at a time on more programs instead, where four at a time measured slower.
     bench/kernels.py gives the resulting f+b times (BENCHMARKS.md)."""
-    block_d, num_warps = _block_and_warps(d)
+    block_d, num_warps = row_block_and_warps(d)
     if itemsize >= 4:
         return BackwardConfig(block_r=1, num_warps=num_warps, programs_per_sm=8, num_stages=1)
     block_r = max(1, min(4, 8192 // block_d))  # at most 8k elements a tensor in registers
     return BackwardConfig(block_r=block_r, num_warps=num_warps, programs_per_sm=2, num_stages=2)
 
 
-def _backward_programs(rows: int, device: torch.device, per_sm: int) -> int:
+def row_programs(rows: int, device: torch.device, per_sm: int) -> int:
     """per_sm programs per SM, all resident in one wave, keep the partial buffer small. The
     interpreter (CPU) gets 4, enough to exercise several rows per program and a tail."""
     target = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else 4
@@ -136,7 +136,7 @@ def _forward(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, h, rstd
-    block_d, num_warps = _block_and_warps(d)
+    block_d, num_warps = row_block_and_warps(d)
     _rms_norm_fwd_kernel[(rows,)](
         x, residual, weight, y, h, rstd, d, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=num_warps,
@@ -155,7 +155,7 @@ def _backward(h: Tensor, weight: Tensor, rstd: Tensor, grad_y: Tensor, grad_h: T
     store_dr = residual_dtype is not None and residual_dtype != x_dtype
     dr = torch.empty((rows, d), dtype=residual_dtype, device=h.device) if store_dr else None
     config = backward_config(d, h.element_size())
-    n_programs = _backward_programs(rows, h.device, config.programs_per_sm)
+    n_programs = row_programs(rows, h.device, config.programs_per_sm)
     rows_per_program = triton.cdiv(rows, n_programs)
     n_programs = triton.cdiv(rows, rows_per_program) if rows else 1  # no idle programs
     dw_partial = torch.empty((n_programs, d), dtype=torch.float32, device=h.device)

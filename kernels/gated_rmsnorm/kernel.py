@@ -1,0 +1,175 @@
+"""Triton gated RMSNorm with Mamba-2's skip term: forward and backward kernels, launchers and
+the autograd Function behind `gated_rms_norm_triton` (formula in reference.py).
+
+Layout: y, x, z are viewed as [rows, C] with the channel stride 1 and any row stride, so the
+slices of a projection's output (z, and x inside xBC) are read where they lie. A program
+owns one group of channels: one row of it in the forward, a run of rows in the backward,
+whose weight and skip gradient partials stay in registers and are written once to float32
+[n_programs, C] buffers summed afterwards (no atomics: the result does not depend on
+scheduling). The backward recomputes u, silu(z) and the normalised row from the inputs and
+a saved float32 rstd per row and group, so nothing float32 of [rows, C] is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from stripes.kernels.gated_rmsnorm import TRITON_DTYPES
+from stripes.kernels.gated_rmsnorm.reference import check_inputs
+from stripes.kernels.rmsnorm.kernel import row_block_and_warps, row_programs
+
+
+@triton.jit
+def _gated_norm_fwd_kernel(
+    y_ptr, x_ptr, z_ptr, skip_ptr, w_ptr, out_ptr, rstd_ptr,  # rstd: [rows, G] float32
+    stride_y, stride_x, stride_z, C, group_size, eps,
+    HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: rows * stride may pass 2^31
+    group = tl.program_id(1)
+    n_groups = tl.num_programs(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < group_size
+    ch = group * group_size + cols  # channel index in [0, C)
+    u = tl.load(y_ptr + row * stride_y + ch, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SKIP:
+        x = tl.load(x_ptr + row * stride_x + ch, mask=mask, other=0.0).to(tl.float32)
+        u += x * tl.load(skip_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * stride_z + ch, mask=mask, other=0.0).to(tl.float32)
+    h = u * z * tl.sigmoid(z)  # masked lanes: 0
+    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / group_size + eps)
+    tl.store(rstd_ptr + row * n_groups + group, rstd)
+    w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * C + ch, (h * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_norm_bwd_kernel(
+    y_ptr, x_ptr, z_ptr, skip_ptr, w_ptr, rstd_ptr, dout_ptr,
+    dy_ptr, dx_ptr, dz_ptr, dw_partial_ptr, dskip_partial_ptr,  # partials: [n_programs, C]
+    stride_y, stride_x, stride_z, stride_dout, n_rows, C, group_size, rows_per_program,
+    HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    n_groups = tl.num_programs(1)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < group_size
+    ch = group * group_size + cols
+    w = tl.load(w_ptr + ch, mask=col_mask, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK]
+    if HAS_SKIP:
+        s = tl.load(skip_ptr + ch, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    ds = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for first in range(row_start, row_end, BLOCK_R):
+        rows = first + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]  # [BLOCK_R, BLOCK]
+        r = rows[:, None]
+        c = ch[None, :]
+        u = tl.load(y_ptr + r * stride_y + c, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SKIP:
+            x = tl.load(x_ptr + r * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+            u += x * s
+        z = tl.load(z_ptr + r * stride_z + c, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        gate = z * sig  # silu(z)
+        rstd = tl.load(rstd_ptr + rows * n_groups + group, mask=row_mask, other=0.0)[:, None]
+        h_hat = u * gate * rstd
+        dout = tl.load(dout_ptr + r * stride_dout + c, mask=mask, other=0.0).to(tl.float32)
+        dw += tl.sum(dout * h_hat, axis=0)
+        # out = h_hat w, h_hat = h rstd(h): dL/dh = rstd (dout w - h_hat mean(dout w h_hat))
+        dow = dout * w
+        dh = rstd * (dow - h_hat * (tl.sum(dow * h_hat, axis=1) / group_size)[:, None])
+        du = dh * gate
+        # d silu(z)/dz = sig (1 + z (1 - sig))
+        dz = dh * u * sig * (1.0 + z * (1.0 - sig))
+        tl.store(dy_ptr + r * C + c, du.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + r * C + c, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if HAS_SKIP:
+            tl.store(dx_ptr + r * C + c, (du * s).to(dx_ptr.dtype.element_ty), mask=mask)
+            ds += tl.sum(du * x, axis=0)
+    tl.store(dw_partial_ptr + pid * C + ch, dw, mask=col_mask)
+    if HAS_SKIP:
+        tl.store(dskip_partial_ptr + pid * C + ch, ds, mask=col_mask)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t [..., C] as [rows, C] with channel stride 1, a view where the strides allow."""
+    flat = t.reshape(-1, t.shape[-1])  # a view unless the leading dims cannot merge
+    return flat if flat.shape[-1] <= 1 or flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _launch_shape(group_size: int, itemsize: int) -> tuple[int, int, int]:
+    """BLOCK covers a group; warps as the plain RMSNorm's; the backward takes BLOCK_R rows
+    together, up to 8k elements a tensor in registers (16-bit inputs; float32 one row)."""
+    block, num_warps = row_block_and_warps(group_size)
+    block_r = 1 if itemsize >= 4 else max(1, min(4, 8192 // block))
+    return block, num_warps, block_r
+
+
+class _GatedRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, x: Tensor | None,
+                skip: Tensor | None, group_size: int, eps: float) -> Tensor:
+        shape, C = y.shape, y.shape[-1]
+        y2, z2 = _rows(y), _rows(z)
+        x2 = None if x is None else _rows(x)
+        rows, G = y2.shape[0], C // group_size
+        out = torch.empty((rows, C), dtype=z.dtype, device=y.device)
+        rstd = torch.empty((rows, G), dtype=torch.float32, device=y.device)
+        if rows:
+            block, num_warps, _ = _launch_shape(group_size, y.element_size())
+            _gated_norm_fwd_kernel[(rows, G)](
+                y2, x2, z2, skip, weight, out, rstd,
+                y2.stride(0), 0 if x2 is None else x2.stride(0), z2.stride(0), C,
+                group_size, eps, HAS_SKIP=x is not None, BLOCK=block, num_warps=num_warps)
+        ctx.save_for_backward(y2, x2, z2, skip, weight, rstd)
+        ctx.shape, ctx.group_size = shape, group_size
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        y2, x2, z2, skip, weight, rstd = ctx.saved_tensors
+        rows, C = y2.shape
+        group_size, G = ctx.group_size, C // ctx.group_size
+        dout = _rows(grad_out)
+        dy = torch.empty((rows, C), dtype=y2.dtype, device=y2.device)
+        dz = torch.empty((rows, C), dtype=z2.dtype, device=y2.device)
+        dx = None if x2 is None else torch.empty((rows, C), dtype=x2.dtype, device=y2.device)
+        block, num_warps, block_r = _launch_shape(group_size, y2.element_size())
+        # About 2 programs per SM over all groups, as the plain RMSNorm's 16-bit backward.
+        n_programs = max(1, row_programs(rows, y2.device, 2) // G)
+        rows_per_program = triton.cdiv(rows, n_programs) if rows else 1
+        n_programs = triton.cdiv(rows, rows_per_program) if rows else 1
+        dw_partial = torch.zeros((n_programs, C), dtype=torch.float32, device=y2.device)
+        ds_partial = None if x2 is None else torch.zeros_like(dw_partial)
+        if rows:
+            _gated_norm_bwd_kernel[(n_programs, G)](
+                y2, x2, z2, skip, weight, rstd, dout, dy, dx, dz, dw_partial, ds_partial,
+                y2.stride(0), 0 if x2 is None else x2.stride(0), z2.stride(0), dout.stride(0),
+                rows, C, group_size, rows_per_program,
+                HAS_SKIP=x2 is not None, BLOCK=block, BLOCK_R=block_r, num_warps=num_warps)
+        shape = ctx.shape
+        dskip = None if ds_partial is None else ds_partial.sum(0).to(skip.dtype)
+        return (dy.view(shape), dz.view(shape), dw_partial.sum(0).to(weight.dtype),
+                None if dx is None else dx.view(shape), dskip, None, None)
+
+
+def gated_rms_norm_triton(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float,
+                          x: Tensor | None = None, skip: Tensor | None = None) -> Tensor:
+    """Triton `gated_rms_norm` (see `stripes.kernels.gated_rmsnorm`): y, z, x in float32,
+    bfloat16 or float16; weight and skip in any of those."""
+    check_inputs(y, z, weight, group_size, x, skip)
+    for t in (y, z, weight, x, skip):
+        if t is not None and t.dtype not in TRITON_DTYPES:
+            raise ValueError(f"gated_rms_norm_triton: dtype {t.dtype} is not supported; use "
+                             "float32, bfloat16 or float16 (the reference takes float64)")
+    return _GatedRMSNormFunction.apply(y, z, weight.contiguous(), x,
+                                       None if skip is None else skip.contiguous(),
+                                       group_size, eps)
