@@ -169,3 +169,34 @@ def test_every_backward_row_blocking_matches(monkeypatch, block_r, stages, resid
     monkeypatch.setattr(kernel, "backward_config", lambda d, itemsize: config)
     x, w, r = make_inputs((13, 33), residual)
     check_against_float64(x, w, r, EPS, 1e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_out_dtype_writes_y_in_it_and_keeps_h(residual):
+    """A float32 stream normalised into bfloat16 (what the block asks under autocast): y is
+    the float32 result rounded once, h stays float32, and the gradients, which come back in
+    bfloat16, reach float32 inputs."""
+    x, w, r = make_inputs((6, 40), residual)
+    fused = rms_norm_triton(x, w, EPS, r, out_dtype=torch.bfloat16)
+    plain = reference.rms_norm(x, w, EPS, r)
+    y, y32 = (fused[0], plain[0]) if residual else (fused, plain)
+    assert y.dtype == torch.bfloat16
+    assert rel_error(y, y32) < 8e-3  # bfloat16 rounding (the interpreter truncates)
+    if residual:
+        assert fused[1].dtype == torch.float32 and torch.equal(fused[1], plain[1])
+    grad_y = torch.randn(6, 40).to(torch.bfloat16)
+    got = torch.autograd.grad(y, [t for t in (x, w, r) if t is not None], grad_y)
+    want = torch.autograd.grad(y32, [t for t in (x, w, r) if t is not None], grad_y.float())
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and rel_error(a, b) < 1e-5
+
+
+def test_block_norm_writes_the_autocast_dtype():
+    from stripes.arch.layers import RMSNorm
+
+    norm = RMSNorm(16, EPS)
+    x = torch.randn(2, 3, 16)
+    assert norm(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = norm(x, residual=torch.randn(2, 3, 16))
+        assert norm(x).dtype == y.dtype == torch.bfloat16 and h.dtype == torch.float32

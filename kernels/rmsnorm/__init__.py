@@ -16,8 +16,8 @@ MAX_D = 65536
 __all__ = ["rms_norm"]
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
-             ) -> Tensor | tuple[Tensor, Tensor]:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
+             out_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm over the last dim (Zhang & Sennrich, 2019), optionally fused with a residual add.
 
     Shapes: x [..., D], weight [D], residual (optional) x's shape. ValueError otherwise.
@@ -30,6 +30,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     it equals the unfused `h = residual + x; y = rms_norm(h)`. h is an output in its own
     right (the next residual stream), so gradients reaching y and h both flow back to x and
     residual.
+
+    out_dtype: y's dtype when given (h keeps residual's). The pre-norm block asks for the
+    autocast dtype, so the projections that read y do not each cast a float32 copy of it.
 
     Numerics: the mean square, rstd and all products are float32 (float64 inputs stay float64
     in the reference). weight is read in its own dtype (a float32 weight with bfloat16 x under
@@ -45,5 +48,5 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     if fits and use_triton(*tensors):
         from stripes.kernels.rmsnorm.kernel import rms_norm_triton
 
-        return rms_norm_triton(x, weight, eps, residual)
-    return reference.rms_norm(x, weight, eps, residual)
+        return rms_norm_triton(x, weight, eps, residual, out_dtype)
+    return reference.rms_norm(x, weight, eps, residual, out_dtype)

@@ -125,14 +125,15 @@ def row_programs(rows: int, device: torch.device, per_sm: int) -> int:
     return max(min(rows, target), 1)
 
 
-def _forward(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float
-             ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """x, residual: contiguous [rows, D]; weight: [D]. Returns y, h (None without residual)
-    and rstd [rows] float32."""
+def _forward(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
+             out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """x, residual: contiguous [rows, D]; weight: [D]. Returns y (out_dtype, else x's or h's
+    dtype), h (None without residual) and rstd [rows] float32."""
     rows, d = x.shape
     h = None if residual is None else torch.empty((rows, d), dtype=residual.dtype,
                                                   device=x.device)
-    y = torch.empty((rows, d), dtype=x.dtype if h is None else h.dtype, device=x.device)
+    y = torch.empty((rows, d), dtype=out_dtype or (x.dtype if h is None else h.dtype),
+                    device=x.device)
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows == 0:
         return y, h, rstd
@@ -175,11 +176,12 @@ def _backward(h: Tensor, weight: Tensor, rstd: Tensor, grad_y: Tensor, grad_h: T
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, residual: Tensor | None, eps: float):
+    def forward(ctx, x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
+                out_dtype: torch.dtype | None):
         shape, d = x.shape, x.shape[-1]
         x2 = x.reshape(-1, d).contiguous()  # [rows, D]
         r2 = None if residual is None else residual.reshape(-1, d).contiguous()
-        y, h, rstd = _forward(x2, weight.contiguous(), r2, eps)
+        y, h, rstd = _forward(x2, weight.contiguous(), r2, eps, out_dtype)
         # The backward needs only the norm's input (h, or x) and rstd; it recomputes h_hat.
         ctx.save_for_backward(x2 if h is None else h, weight, rstd)
         ctx.x_dtype = x.dtype
@@ -199,17 +201,17 @@ class _RMSNormFunction(torch.autograd.Function):
         if grad_y is None:
             # Only h was used downstream: dh = grad_h passes through the add unchanged.
             if grad_h is None:
-                return None, None, None, None
+                return None, None, None, None, None
             dr = grad_h.to(ctx.residual_dtype)
-            return grad_h.to(ctx.x_dtype).view(shape), None, dr.view(shape), None
+            return grad_h.to(ctx.x_dtype).view(shape), None, dr.view(shape), None, None
         dx, dr, dw = _backward(h, weight.contiguous(), rstd, grad_y.reshape(-1, d).contiguous(),
                                grad_h, ctx.x_dtype, ctx.residual_dtype)
         dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(shape), dw, None if dr is None else dr.view(shape), None
+        return dx.view(shape), dw, None if dr is None else dr.view(shape), None, None
 
 
-def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
-                    ) -> Tensor | tuple[Tensor, Tensor]:
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
+                    out_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Triton `rms_norm` (see `stripes.kernels.rmsnorm.rms_norm`): x, weight and residual in
     float32, bfloat16 or float16, D <= MAX_D."""
     check_inputs(x, weight, residual)
@@ -221,4 +223,7 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, residual: Tensor | No
     if x.shape[-1] > MAX_D:
         raise ValueError(f"rms_norm_triton: D = {x.shape[-1]} is wider than {MAX_D}, the "
                          "widest row kept in registers")
-    return _RMSNormFunction.apply(x, weight, residual, eps)
+    if out_dtype is not None and out_dtype not in TRITON_DTYPES:
+        raise ValueError(f"rms_norm_triton: out_dtype {out_dtype} is not supported; use "
+                         "float32, bfloat16 or float16")
+    return _RMSNormFunction.apply(x, weight, residual, eps, out_dtype)

@@ -110,3 +110,12 @@ def test_dispatch_on_cuda(residual):
     for a, b in zip((out64,) if r is None else out64, (ref64,) if r is None else ref64,
                     strict=True):
         assert torch.equal(a, b)
+
+
+def test_out_dtype_bf16_from_float32_stream():
+    x, w, r = make_inputs(4099, 2048, torch.bfloat16, torch.float32, torch.float32)
+    y, h = rms_norm_triton(x, w, EPS, r, out_dtype=torch.bfloat16)
+    y32, h32 = reference.rms_norm(x, w, EPS, r)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert torch.equal(h, h32)
+    assert rel_error(y, y32) < 4e-3  # one bfloat16 rounding
