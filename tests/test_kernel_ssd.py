@@ -110,3 +110,25 @@ def test_bad_shapes_name_the_argument(change, match):
         args[4] = args[3]
     with pytest.raises(ValueError, match=match):
         ssd(*args[:5], 4, args[5])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_dt_scaling_reads_a_strided_slice(dtype, tol):
+    """v = dt x, the kernels' input: x read in place from a slice of a wider tensor (as the
+    mamba mixer slices it out of the conv's output), gradients to x and dt."""
+    from stripes.kernels.ssd.input_scale import scale_by_dt
+
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 7, 3 * 24 + 5, generator=g).to(dtype).requires_grad_()
+    x = wide[..., 5:].reshape(2, 7, 3, 24)  # [B, T, H, P] with a row stride of 77
+    dt = F.softplus(torch.randn(2, 7, 3, generator=g)).requires_grad_()
+    dv = torch.randn(2, 7, 3, 24, generator=g).to(dtype)
+    v = scale_by_dt(x, dt)
+    got = (v, *torch.autograd.grad(v, (wide, dt), dv))
+    wide64, dt64 = (t.detach().double().requires_grad_() for t in (wide, dt))
+    v64 = wide64[..., 5:].reshape(2, 7, 3, 24) * dt64[..., None]
+    want = (v64, *torch.autograd.grad(v64, (wide64, dt64), dv.double()))
+    assert v.dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
+    for name, a, b in zip(("v", "dx", "ddt"), got, want, strict=True):
+        assert rel_error(a, b) < tol, (name, rel_error(a, b))
+    assert not got[1][..., :5].any()  # the columns outside the slice get no gradient

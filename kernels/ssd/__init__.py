@@ -49,12 +49,13 @@ def ssd_triton(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton path of `ssd` (same contract)."""
     from stripes.kernels.scalar_decay.function import chunk_scalar_decay
+    from stripes.kernels.ssd.input_scale import scale_by_dt
 
     check_inputs(x, dt, A, B, C, initial_state, cu_seqlens, chunk_size)
     with torch.autocast(x.device.type, enabled=False):
         dt32 = dt.to(torch.float32)
         g = dt32 * A.to(torch.float32)  # [B, T, H] log decays, <= 0
-        v = (x.to(torch.float32) * dt32[..., None]).to(x.dtype)  # dt_t x_t [B, T, H, P]
+        v = scale_by_dt(x, dt32)  # dt_t x_t [B, T, H, P] in x's dtype
         init = None if initial_state is None else initial_state.transpose(-1, -2)
         y, final = chunk_scalar_decay(C, B, v, g, sequence_bounds(x, cu_seqlens), init,
                                       return_state, chunk_size)
