@@ -21,11 +21,13 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/stripes-triton-cache}
   > "$OUT/prepare.log" 2>&1 || { echo "prepare failed: $(tail -1 "$OUT/prepare.log")"; exit 1; }
 
 # run NAME LIMIT_S ARGS...: bench/train.py ARGS with its report printed, within LIMIT_S.
+# One GPU, one process: the single backend (what `parallel.backend: auto` picks there; the
+# config's fsdp is for bench/train_vs_hf.sh's torchrun rows).
 run() {
   local name=$1 limit=$2
   shift 2
-  timeout -k 10 "$limit" python3 -W ignore bench/train.py --json "$OUT/$name.json" "$@" \
-    "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" python3 -W ignore bench/train.py --json "$OUT/$name.json" \
+    parallel.backend=single "$@" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name (exit $rc)"
   if [ $rc -eq 0 ]; then grep -A4 "^stripes " "$OUT/$name.log"; else tail -3 "$OUT/$name.log"; fi
