@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, metavar="DIR", help="profile one step into DIR")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke test)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value overrides may sit among the options
     overrides = [*(TINY if args.tiny else []), "checkpoint.resume=never", *args.overrides]
     cfg = load_train_config(args.config, overrides)
     trainer = Trainer(cfg)
