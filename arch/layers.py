@@ -34,10 +34,11 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # Under autocast the output is written in the autocast dtype: what the projections
         # reading it would each cast it to (one bf16 write instead of a float32 write and a
-        # cast per projection, and the same saving for the gradients coming back).
+        # cast per projection, and no cast back per projection for the gradients). The
+        # price: autograd adds the projections' gradients of it in bf16, not float32.
         device = x.device.type
-        out_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                     else None)
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        out_dtype = torch.get_autocast_dtype(device) if autocast else None
         return rms_norm(x, self.weight, self.eps, residual, out_dtype)
 
     def init_weights(self) -> None:

@@ -191,7 +191,7 @@ class Mamba2(Mixer):
         y, ssm_state = ssm(xs, dt, A, B, C, ssm_state)  # [B, T, H, P]
         # The skip term D_h x_t goes into the norm's fused pass: D repeated over each
         # head's P channels.
-        skip = _fp32(self.D).repeat_interleave(P)  # [d_inner]
+        skip = _fp32(self.D)[:, None].expand(H, P).reshape(-1)  # [d_inner]
         y = self.norm(y.reshape(batch, T, self.d_inner), z, x_inner, skip)  # [B, T, d_inner]
         return self.out_proj(y), conv_cache, ssm_state
 

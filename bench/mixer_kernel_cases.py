@@ -230,7 +230,7 @@ def gated_norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                                                      norm_before_gate=False)))
         expected = float64_reference(composed, inputs, grads)
         one = rows * C * 2  # bytes of one bf16 activation
-        n = len(inputs) - 2  # activations among the inputs: y, z (and x)
+        n = 3 if skip else 2  # activations among the inputs: y, z (and x)
         names = ["out", "dy", "dz", "dw", "dx", "dskip"] if skip else ["out", "dy", "dz", "dw"]
         yield Case("gated_norm", f"{rows}x{C} bf16" + (" + D skip" if skip else ""), names,
                    expected, impls, fwd_bytes=(n + 1) * one, fb_bytes=(3 * n + 2) * one,

@@ -200,3 +200,5 @@ def test_block_norm_writes_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, h = norm(x, residual=torch.randn(2, 3, 16))
         assert norm(x).dtype == y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    with torch.device("meta"):  # a device autocast does not know (shape inference)
+        assert RMSNorm(16, EPS)(torch.empty(2, 16)).shape == (2, 16)

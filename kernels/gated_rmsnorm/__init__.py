@@ -15,6 +15,7 @@ from stripes.kernels.dispatch import use_triton
 from stripes.kernels.gated_rmsnorm import reference
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_GROUP = 8192  # a program keeps a whole group in registers; wider groups run the reference
 
 __all__ = ["gated_rms_norm"]
 
@@ -28,12 +29,14 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: f
     ones. Gradients flow to y, z, x, weight and skip (weight's and skip's summed in float32,
     returned in their dtypes).
 
-    CUDA tensors all in float32, bfloat16 or float16 run the Triton kernels (float32 math,
+    CUDA tensors all in float32, bfloat16 or float16, with groups of at most MAX_GROUP
+    channels, run the Triton kernels (float32 math,
     views with channel stride 1 read in place); everything else runs the reference, whose
     math is in promote_types(y, z, float32). Bad shapes raise ValueError.
     """
     tensors = [t for t in (y, z, weight, x, skip) if t is not None]
-    if use_triton(*tensors) and all(t.dtype in TRITON_DTYPES for t in tensors):
+    fits = group_size <= MAX_GROUP and all(t.dtype in TRITON_DTYPES for t in tensors)
+    if fits and use_triton(*tensors):
         from stripes.kernels.gated_rmsnorm.kernel import gated_rms_norm_triton
 
         return gated_rms_norm_triton(y, z, weight, group_size, eps, x, skip)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from stripes.kernels.gated_rmsnorm import TRITON_DTYPES
+from stripes.kernels.gated_rmsnorm import MAX_GROUP, TRITON_DTYPES
 from stripes.kernels.gated_rmsnorm.reference import check_inputs
 from stripes.kernels.rmsnorm.kernel import row_block_and_warps, row_programs
 
@@ -90,10 +90,10 @@ def _gated_norm_bwd_kernel(
         # d silu(z)/dz = sig (1 + z (1 - sig))
         dz = dh * u * sig * (1.0 + z * (1.0 - sig))
         tl.store(dy_ptr + r * C + c, du.to(dy_ptr.dtype.element_ty), mask=mask)
-        tl.store(dz_ptr + r * C + c, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if HAS_SKIP:
             tl.store(dx_ptr + r * C + c, (du * s).to(dx_ptr.dtype.element_ty), mask=mask)
             ds += tl.sum(du * x, axis=0)
+        tl.store(dz_ptr + r * C + c, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_partial_ptr + pid * C + ch, dw, mask=col_mask)
     if HAS_SKIP:
         tl.store(dskip_partial_ptr + pid * C + ch, ds, mask=col_mask)
@@ -105,13 +105,15 @@ def _rows(t: Tensor) -> Tensor:
     return flat if flat.shape[-1] <= 1 or flat.stride(-1) == 1 else flat.contiguous()
 
 
-def _launch_shape(group_size: int, itemsize: int) -> tuple[int, int, int]:
-    """BLOCK covers a group; warps as the plain RMSNorm's; the backward takes BLOCK_R rows
-    together, up to 4k elements a tensor in registers (16-bit inputs; float32 one row): half
-    the plain RMSNorm's backward, which keeps fewer tensors live (not yet swept)."""
+def _launch_shape(group_size: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK, forward warps, BLOCK_R, backward warps). BLOCK covers a group; the forward's
+    warps are the plain RMSNorm's. The backward keeps about eight [BLOCK_R, BLOCK] tensors
+    live, so it takes BLOCK_R rows together only up to 4k elements a tile (16-bit inputs;
+    float32 one row) and gives each thread about 4 values a tensor: ptxas for sm_90 spilled
+    at C = 4096 with 16 warps and not with 32 (not yet swept on a GPU)."""
     block, num_warps = row_block_and_warps(group_size)
     block_r = 1 if itemsize >= 4 else max(1, min(4, 4096 // block))
-    return block, num_warps, block_r
+    return block, num_warps, block_r, min(32, max(1, block * block_r // 128))
 
 
 class _GatedRMSNormFunction(torch.autograd.Function):
@@ -125,7 +127,7 @@ class _GatedRMSNormFunction(torch.autograd.Function):
         out = torch.empty((rows, C), dtype=z.dtype, device=y.device)
         rstd = torch.empty((rows, G), dtype=torch.float32, device=y.device)
         if rows:
-            block, num_warps, _ = _launch_shape(group_size, y.element_size())
+            block, num_warps, _, _ = _launch_shape(group_size, y.element_size())
             _gated_norm_fwd_kernel[(rows, G)](
                 y2, x2, z2, skip, weight, out, rstd,
                 y2.stride(0), 0 if x2 is None else x2.stride(0), z2.stride(0), C,
@@ -143,13 +145,16 @@ class _GatedRMSNormFunction(torch.autograd.Function):
         dy = torch.empty((rows, C), dtype=y2.dtype, device=y2.device)
         dz = torch.empty((rows, C), dtype=z2.dtype, device=y2.device)
         dx = None if x2 is None else torch.empty((rows, C), dtype=x2.dtype, device=y2.device)
-        block, num_warps, block_r = _launch_shape(group_size, y2.element_size())
+        block, _, block_r, num_warps = _launch_shape(group_size, y2.element_size())
         # About 2 programs per SM over all groups, as the plain RMSNorm's 16-bit backward.
         n_programs = max(1, row_programs(rows, y2.device, 2) // G)
         rows_per_program = triton.cdiv(rows, n_programs) if rows else 1
         n_programs = triton.cdiv(rows, rows_per_program) if rows else 1
-        dw_partial = torch.zeros((n_programs, C), dtype=torch.float32, device=y2.device)
-        ds_partial = None if x2 is None else torch.zeros_like(dw_partial)
+        # Every program writes its group's columns of its row: no memset needed but with no rows.
+        partial = torch.zeros if rows == 0 else torch.empty
+        dw_partial = partial((n_programs, C), dtype=torch.float32, device=y2.device)
+        ds_partial = None if x2 is None else partial((n_programs, C), dtype=torch.float32,
+                                                      device=y2.device)
         if rows:
             _gated_norm_bwd_kernel[(n_programs, G)](
                 y2, x2, z2, skip, weight, rstd, dout, dy, dx, dz, dw_partial, ds_partial,
@@ -167,6 +172,9 @@ def gated_rms_norm_triton(y: Tensor, z: Tensor, weight: Tensor, group_size: int,
     """Triton `gated_rms_norm` (see `stripes.kernels.gated_rmsnorm`): y, z, x in float32,
     bfloat16 or float16; weight and skip in any of those."""
     check_inputs(y, z, weight, group_size, x, skip)
+    if group_size > MAX_GROUP:
+        raise ValueError(f"gated_rms_norm_triton: group_size {group_size} is wider than "
+                         f"{MAX_GROUP}, the widest group kept in registers")
     for t in (y, z, weight, x, skip):
         if t is not None and t.dtype not in TRITON_DTYPES:
             raise ValueError(f"gated_rms_norm_triton: dtype {t.dtype} is not supported; use "

@@ -53,10 +53,10 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 def _launch(H: int, P: int) -> dict:
     BH, BP = triton.next_power_of_2(H), triton.next_power_of_2(P)
-    return dict(BH=BH, BP=BP, num_warps=max(1, min(16, BH * BP // 512)))
+    return dict(BH=BH, BP=BP, num_warps=max(1, min(16, BH * BP // 256)))
 
 
-class ScaleByDt(torch.autograd.Function):
+class _ScaleByDt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         Bsz, T, H, P = x.shape
@@ -86,4 +86,4 @@ class ScaleByDt(torch.autograd.Function):
 def scale_by_dt(x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """v [B, T, H, P] = dt[..., None] * x in x's dtype (float32 math); x [B, T, H, P], dt
     [B, T, H]. Gradients to x (its dtype) and dt (its dtype)."""
-    return ScaleByDt.apply(x, dt)
+    return _ScaleByDt.apply(x, dt)
