@@ -5,7 +5,7 @@ xBC -> causal depthwise conv (kernel d_conv) -> SiLU -> x [B, T, H, P], B/C [B, 
 dt = softplus(dt + dt_bias), A = -exp(A_log)    (float32)
 y = SSD(x, dt, A, B, C)                           (stripes.kernels.ssd: Triton on CUDA)
 y = rmsnorm((y + D x) * silu(z)) * weight         (per group of d_inner / G channels, float32;
-                                                   stripes.kernels.gated_rmsnorm: one pass)
+                                                   stripes.kernels.gated_norm: one pass)
 out_proj: d_inner -> D
 
 d_inner = expand * D, H = d_inner / head_dim heads of size P = head_dim, N = d_state,
@@ -34,7 +34,7 @@ from stripes.arch.packing import cu_seqlens, document_positions
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError, require_positive
 from stripes.kernels.causal_conv import causal_conv
-from stripes.kernels.gated_rmsnorm import gated_rms_norm
+from stripes.kernels.gated_norm import gated_norm
 from stripes.kernels.ssd import ssd, ssd_step
 
 
@@ -258,7 +258,7 @@ class Mamba2(Mixer):
 
 class GatedRMSNorm(nn.Module):
     """rmsnorm((y + x * skip) * silu(z)) * weight over groups of `group_size` channels, in
-    float32 (stripes.kernels.gated_rmsnorm: one fused pass on CUDA).
+    float32 (stripes.kernels.gated_norm: one fused pass on CUDA).
 
     y, z, x: [B, T, C] -> [B, T, C] in z's dtype; skip [C] (x and skip optional).
     Normalising per group of d_inner / G channels (the heads that share one B/C group), as
@@ -274,7 +274,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, x: torch.Tensor | None = None,
                 skip: torch.Tensor | None = None) -> torch.Tensor:
-        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps, x, skip)
+        return gated_norm(y, z, self.weight, self.group_size, self.eps, x, skip)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
@@ -37,6 +36,7 @@ from stripes.arch.registry import register_mixer
 from stripes.arch.retention_forms import retention_parallel
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError, require_positive
+from stripes.kernels.gated_norm import gated_norm
 from stripes.kernels.retention import chunk_retention, retention_step
 from stripes.kernels.rotary import apply_rotary_qk
 
@@ -210,12 +210,11 @@ class Retention(Mixer):
     def _output(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """o: [B, T, H, Dv] retention; g: [B, T, H Dv] gate -> [B, T, D] (eq. 8-9)."""
         B, T, H, Dv = o.shape
-        compute = torch.promote_types(o.dtype, torch.float32)
-        # GroupNorm with one group per head normalises each head's Dv vector, in float32.
-        flat = o.to(compute).reshape(B * T, H * Dv)  # [B*T, H*Dv]: group_norm's [N, C]
-        normed = F.group_norm(flat, H, self.norm_weight.to(compute), None, self.cfg.norm_eps)
-        gated = F.silu(g.to(compute)) * normed.view(B, T, H * Dv)  # swish gate (eq. 9)
-        return self.out_proj(gated.to(g.dtype))
+        # GroupNorm with one group per head normalises each head's Dv vector, in float32,
+        # then the swish gate (eq. 9): one pass (stripes.kernels.gated_norm), in g's dtype.
+        gated = gated_norm(o.reshape(B, T, H * Dv), g, self.norm_weight, Dv, self.cfg.norm_eps,
+                           centered=True, gate_first=False)
+        return self.out_proj(gated)
 
     # -- decoding ---------------------------------------------------------------------------
     def allocate_state(self, batch_size, max_len, device, dtype) -> RetentionState:

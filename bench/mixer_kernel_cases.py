@@ -25,7 +25,7 @@ anchor, no library of such kernels being installable here.
 GB/s count q, k, v and out once forward, and dout, q, k, v, dq, dk, dv once backward.
 
 gated_norm: Mamba-2's output norm, 32,768 rows of C = 4096 (hybrid-1b's d_inner), one group,
-bf16 y, z (and x), float32 weight (and skip). Rows: stripes `gated_rms_norm`, the unfused
+bf16 y, z (and x), float32 weight (and skip). Rows: stripes `gated_norm`, the unfused
 ops eagerly and compiled, and mamba_ssm's `rmsnorm_fn(norm_before_gate=False)` (the anchor,
 without the skip term, which it adds inside its scan). GB/s count each bf16 activation once
 forward (inputs, out) and backward (dout, the inputs again, their gradients).
@@ -192,13 +192,19 @@ def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, compo
 
 
 def gated_norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
-    """Mamba-2's output norm at hybrid-1b's width: rmsnorm(y * silu(z)) * w (beside mamba_ssm's
-    rmsnorm_fn with norm_before_gate=False, the anchor), then with the D skip fused in."""
-    from stripes.kernels.gated_rmsnorm import gated_rms_norm, reference
+    """Mamba-2's output norm at hybrid-1b's width, rmsnorm(y * silu(z)) * w (beside mamba_ssm's
+    rmsnorm_fn with norm_before_gate=False, the anchor), then with the D skip fused in; and
+    retention's, GroupNorm per head then the swish gate."""
+    from stripes.kernels.gated_norm import gated_norm, reference
 
-    rows, C = (48, 40) if quick else (32768, 4096)
+    rows = 48 if quick else 32768
     anchor, why = mamba_ssm_op("layernorm_gated", "rmsnorm_fn", device)
-    for skip in (False, True):
+    # label, C, group, skip, centered, gate_first
+    variants = [("mamba", 4096, 4096, False, False, True),
+                ("mamba + D skip", 4096, 4096, True, False, True),
+                ("retention", 2048, 256, False, True, False)]
+    for label, C, group, skip, centered, gate_first in variants:
+        C, group = (40, 40 if group == C else 8) if quick else (C, group)
         y, z, x = (torch.randn(rows, C, device=device).to(BF16).requires_grad_()
                    for _ in range(3))
         w = (1 + 0.1 * torch.randn(C, device=device)).requires_grad_()
@@ -206,10 +212,11 @@ def gated_norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         inputs = [y, z, w, x, d] if skip else [y, z, w]
         grads = [torch.randn(rows, C, device=device, dtype=BF16)]
 
-        def with_eps(fn, inputs=inputs):  # every impl as fn(*inputs)
-            return lambda *ts: fn(ts[0], ts[1], ts[2], C, 1e-5, *ts[3:])
+        def with_args(fn, group=group, centered=centered, gate_first=gate_first):
+            return lambda *ts: fn(ts[0], ts[1], ts[2], group, 1e-5, *ts[3:],
+                                  centered=centered, gate_first=gate_first)
 
-        composed, fused = with_eps(reference.gated_rms_norm), with_eps(gated_rms_norm)
+        composed, fused = with_args(reference.gated_norm), with_args(gated_norm)
         compiled_fn, note = compiled(composed, device)
 
         def impl(name, role, fn, note="", inputs=inputs, grads=grads):
@@ -217,24 +224,24 @@ def gated_norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
             return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, note)
 
         impls = [impl("torch: the unfused ops", "torch", composed),
-                 impl("stripes gated_rms_norm", "stripes", fused),
+                 impl("stripes gated_norm", "stripes", fused),
                  impl("torch.compile(the unfused ops)", "extra", compiled_fn, note)]
-        if skip:
+        if label != "mamba":
             impls.append(Impl("mamba_ssm rmsnorm_fn", "anchor", None,
-                              note="no row: mamba_ssm adds D x inside its scan"))
+                              note="no row: not mamba_ssm's function (its D x is in its scan)"))
         elif anchor is None:
             impls.append(Impl("mamba_ssm rmsnorm_fn", "anchor", None, note=why))
         else:
             impls.append(impl("mamba_ssm rmsnorm_fn", "anchor",
-                              lambda y, z, w: anchor(y, w, None, z=z, eps=1e-5, group_size=C,
-                                                     norm_before_gate=False)))
+                              lambda y, z, w, C=C: anchor(y, w, None, z=z, eps=1e-5,
+                                                          group_size=C,
+                                                          norm_before_gate=False)))
         expected = float64_reference(composed, inputs, grads)
         one = rows * C * 2  # bytes of one bf16 activation
         n = 3 if skip else 2  # activations among the inputs: y, z (and x)
         names = ["out", "dy", "dz", "dw", "dx", "dskip"] if skip else ["out", "dy", "dz", "dw"]
-        yield Case("gated_norm", f"{rows}x{C} bf16" + (" + D skip" if skip else ""), names,
-                   expected, impls, fwd_bytes=(n + 1) * one, fb_bytes=(3 * n + 2) * one,
-                   graph=True)
+        yield Case("gated_norm", f"{label} {rows}x{C}/{group} bf16", names, expected, impls,
+                   fwd_bytes=(n + 1) * one, fb_bytes=(3 * n + 2) * one, graph=True)
 
 
 def fft_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:

@@ -1,13 +1,13 @@
-"""Triton gated RMSNorm (+ Mamba-2's D skip) under the interpreter on CPU, against the float64
-reference; the mixer's use of it against its unfused form."""
+"""Triton gated norms (Mamba-2's RMS with the gate first and the D skip, RetNet's GroupNorm
+with the gate after) under the interpreter on CPU, against the float64 reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stripes.kernels.gated_rmsnorm import gated_rms_norm, reference
-from stripes.kernels.gated_rmsnorm.kernel import gated_rms_norm_triton
+from stripes.kernels.gated_norm import gated_norm, reference
+from stripes.kernels.gated_norm.kernel import gated_norm_triton
 
 from numerics import poison_empty, rel_error
 
@@ -35,9 +35,15 @@ def make_inputs(lead, C, skip: bool, dtype=torch.float32, strided=False, seed=0)
     return inputs, tuple(t for t in leaves if t is not None)
 
 
-def grads(fn, inputs, leaves, group_size, grad_out):
+MAMBA = dict(centered=False, gate_first=True)
+RETNET = dict(centered=True, gate_first=False)
+VARIANTS = [MAMBA, RETNET, dict(centered=True, gate_first=True),
+            dict(centered=False, gate_first=False)]
+
+
+def grads(fn, inputs, leaves, group_size, grad_out, variant):
     y, z, weight, x, skip = inputs
-    out = fn(y, z, weight, group_size, EPS, x, skip)
+    out = fn(y, z, weight, group_size, EPS, x, skip, **variant)
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
@@ -56,13 +62,14 @@ def float64_twin(inputs, leaves):
     return out, [twins[id(t)] for t in leaves]
 
 
-def check(lead, C, group_size, skip, dtype=torch.float32, strided=False, tol=1e-5):
+def check(lead, C, group_size, skip, dtype=torch.float32, strided=False, tol=1e-5,
+          variant=MAMBA):
     inputs, leaves = make_inputs(lead, C, skip, dtype, strided)
     grad_out = torch.randn(*lead, C, generator=torch.Generator().manual_seed(1)).to(dtype)
-    out, got = grads(gated_rms_norm_triton, inputs, leaves, group_size, grad_out)
+    out, got = grads(gated_norm_triton, inputs, leaves, group_size, grad_out, variant)
     ref_inputs, ref_leaves = float64_twin(inputs, leaves)
-    ref_out, want = grads(reference.gated_rms_norm, ref_inputs, ref_leaves, group_size,
-                          grad_out.double())
+    ref_out, want = grads(reference.gated_norm, ref_inputs, ref_leaves, group_size,
+                          grad_out.double(), variant)
     assert out.dtype == inputs[1].dtype and out.shape == ref_out.shape
     assert rel_error(out, ref_out) < tol, rel_error(out, ref_out)
     for i, (a, b, leaf) in enumerate(zip(got, want, leaves, strict=True)):
@@ -71,28 +78,43 @@ def check(lead, C, group_size, skip, dtype=torch.float32, strided=False, tol=1e-
 
 
 @pytest.mark.parametrize("lead, C, group_size", [((7,), 16, 16), ((2, 5), 24, 8),
-                                                 ((3,), 33, 11), ((1, 1), 4, 2)])
+                                                 ((3,), 33, 11), ((1, 1), 8, 4)])
 @pytest.mark.parametrize("skip", [False, True])
-def test_float32_matches_float64_reference(lead, C, group_size, skip):
-    check(lead, C, group_size, skip)
+@pytest.mark.parametrize("variant", VARIANTS, ids=["mamba", "retnet", "centered-gate-first",
+                                                   "rms-gate-after"])
+def test_float32_matches_float64_reference(lead, C, group_size, skip, variant):
+    check(lead, C, group_size, skip, variant=variant)
 
 
-def test_strided_slices_read_in_place_and_every_output_written(monkeypatch):
+@pytest.mark.parametrize("variant", [MAMBA, RETNET], ids=["mamba", "retnet"])
+def test_strided_slices_read_in_place_and_every_output_written(monkeypatch, variant):
     poison_empty(monkeypatch)  # an element the kernels leave unwritten shows up as NaN
-    check((3, 9), 32, 16, skip=True, strided=True)
+    check((3, 9), 32, 16, skip=True, strided=True, variant=variant)
 
 
-def test_bfloat16_inputs_float32_math():
+@pytest.mark.parametrize("variant", [MAMBA, RETNET], ids=["mamba", "retnet"])
+def test_bfloat16_inputs_float32_math(variant):
     # Inputs rounded to bfloat16 are exact float64 values: only the output's rounding and
     # the gradients' (each a bfloat16 store) separate the kernel from the float64 reference.
-    check((4, 6), 64, 32, skip=True, dtype=torch.bfloat16, tol=8e-3)
+    check((4, 6), 64, 32, skip=True, dtype=torch.bfloat16, tol=8e-3, variant=variant)
+
+
+def test_retnet_variant_is_group_norm_then_swish_gate():
+    """The reference's centered, gate-after form is what RetNet's output wrote before
+    (F.group_norm with one group per head, then silu(g) times it)."""
+    g = torch.Generator().manual_seed(5)
+    o, gate = torch.randn(6, 24, generator=g), torch.randn(6, 24, generator=g)
+    w = torch.rand(24, generator=g) + 0.5
+    want = torch.nn.functional.silu(gate) * torch.nn.functional.group_norm(o, 3, w, None, EPS)
+    got = reference.gated_norm(o, gate, w, 8, EPS, centered=True, gate_first=False)
+    assert rel_error(got, want) < 1e-6
 
 
 def test_public_function_runs_the_reference_off_cuda_with_the_same_values():
     inputs, _ = make_inputs((2, 3), 16, skip=True)
     y, z, weight, x, s = inputs
-    a = gated_rms_norm(y, z, weight, 8, EPS, x, s)
-    b = gated_rms_norm_triton(y, z, weight, 8, EPS, x, s)
+    a = gated_norm(y, z, weight, 8, EPS, x, s)
+    b = gated_norm_triton(y, z, weight, 8, EPS, x, s)
     assert rel_error(a, b) < 1e-6
 
 
@@ -107,4 +129,4 @@ def test_bad_shapes_are_one_clear_error(change, message):
                 eps=EPS, x=torch.zeros(2, 8), skip=torch.ones(8))
     args.update(change)
     with pytest.raises(ValueError, match=message):
-        gated_rms_norm(**args)
+        gated_norm(**args)
