@@ -15,34 +15,36 @@ import triton.language as tl
 
 
 @triton.jit
-def _scale_fwd_kernel(x_ptr, dt_ptr, v_ptr, stride_xr, stride_xh, H, P,
-                      BH: tl.constexpr, BP: tl.constexpr):
+def _token_tile(x_ptr, dt_ptr, stride_xr, stride_xh, H, P, BH: tl.constexpr,
+                BP: tl.constexpr):
+    """This program's token: x [BH, BP] and dt [BH] in float32, the offsets of its [H, P]
+    tile in a contiguous [tokens, H, P] tensor and of its dt, and their masks."""
     row = tl.program_id(0).to(tl.int64)
     h, p = tl.arange(0, BH), tl.arange(0, BP)
     h_ok = h < H
     mask = h_ok[:, None] & (p < P)[None, :]
     x = tl.load(x_ptr + row * stride_xr + h[:, None] * stride_xh + p[None, :], mask=mask,
                 other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + row * H + h, mask=h_ok, other=0.0)
-    v = x * dt[:, None]
-    tl.store(v_ptr + row * H * P + h[:, None] * P + p[None, :], v.to(v_ptr.dtype.element_ty),
-             mask=mask)
+    dt_at = row * H + h
+    dt = tl.load(dt_ptr + dt_at, mask=h_ok, other=0.0)
+    return x, dt, row * H * P + h[:, None] * P + p[None, :], mask, dt_at, h_ok
+
+
+@triton.jit
+def _scale_fwd_kernel(x_ptr, dt_ptr, v_ptr, stride_xr, stride_xh, H, P,
+                      BH: tl.constexpr, BP: tl.constexpr):
+    x, dt, at, mask, _, _ = _token_tile(x_ptr, dt_ptr, stride_xr, stride_xh, H, P, BH, BP)
+    tl.store(v_ptr + at, (x * dt[:, None]).to(v_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _scale_bwd_kernel(x_ptr, dt_ptr, dv_ptr, dx_ptr, ddt_ptr, stride_xr, stride_xh, H, P,
                       BH: tl.constexpr, BP: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    h, p = tl.arange(0, BH), tl.arange(0, BP)
-    h_ok = h < H
-    mask = h_ok[:, None] & (p < P)[None, :]
-    x = tl.load(x_ptr + row * stride_xr + h[:, None] * stride_xh + p[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    at = row * H * P + h[:, None] * P + p[None, :]
+    x, dt, at, mask, dt_at, h_ok = _token_tile(x_ptr, dt_ptr, stride_xr, stride_xh, H, P,
+                                               BH, BP)
     dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + row * H + h, mask=h_ok, other=0.0)
     tl.store(dx_ptr + at, (dv * dt[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(ddt_ptr + row * H + h, tl.sum(dv * x, axis=1), mask=h_ok)
+    tl.store(ddt_ptr + dt_at, tl.sum(dv * x, axis=1), mask=h_ok)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
