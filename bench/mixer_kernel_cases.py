@@ -29,6 +29,13 @@ bf16 y, z (and x), float32 weight (and skip). Rows: stripes `gated_norm`, the un
 ops eagerly and compiled, and mamba_ssm's `rmsnorm_fn(norm_before_gate=False)` (the anchor,
 without the skip term, which it adds inside its scan). GB/s count each bf16 activation once
 forward (inputs, out) and backward (dout, the inputs again, their gradients).
+
+modal_filter: Hyena-LI's taps h[g, t] = Re(sum_n R p^t) at hybrid-1b's shape, G = 2048
+filters of N = 16 modes, T in {8k, 32k} taps, float32 (the parameters' dtype). Rows: stripes
+`modal_filter`, the complex reference run eagerly, and the anchor: torch.compile of the same
+sum written in real arithmetic (e^(-rt) (R_re cos - R_im sin)), which inductor can fuse into
+one pass with no [G, N, T] tensor. GB/s count h written forward and dh read backward: the
+floor, since the four [G, N] parameters are nothing beside them.
 """
 
 from __future__ import annotations
@@ -242,6 +249,44 @@ def gated_norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         names = ["out", "dy", "dz", "dw", "dx", "dskip"] if skip else ["out", "dy", "dz", "dw"]
         yield Case("gated_norm", f"{label} {rows}x{C}/{group} bf16", names, expected, impls,
                    fwd_bytes=(n + 1) * one, fb_bytes=(3 * n + 2) * one, graph=True)
+
+
+def modal_filter_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    from stripes.kernels.modal_filter import modal_filter, reference
+
+    for G, N, T in [(6, 4, 40)] if quick else [(2048, 16, 8192), (2048, 16, 32768)]:
+        rate = torch.empty(G, N, device=device).uniform_(-9.0, 0.0).exp().requires_grad_()
+        theta = torch.empty(G, N, device=device).uniform_(0.0, math.pi).requires_grad_()
+        re, im = ((torch.randn(G, N, device=device) / N ** 0.5).requires_grad_()
+                  for _ in range(2))
+        inputs, grads = [rate, theta, re, im], [torch.randn(G, T, device=device)]
+        compiled_fn, note = compiled(real_modal_filter, device)
+
+        def impl(name, role, fn, note="", inputs=inputs, grads=grads, T=T):
+            forward = lambda: fn(*inputs, T)
+            return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, note)
+
+        impls = [impl("torch: complex reference", "torch", reference.modal_filter),
+                 impl("stripes modal_filter", "stripes", modal_filter),
+                 impl("torch.compile(real form)", "anchor", compiled_fn, note)]
+        # float64 by slices of filters (each is independent): the whole 32k reference would
+        # hold [G, N, T] complex128 tensors of 17 GB under autograd.
+        slices = [float64_reference(lambda *p, T=T: reference.modal_filter(*p, T),
+                                    [t[g:g + 256] for t in inputs], [grads[0][g:g + 256]])
+                  for g in range(0, G, 256)]
+        expected = [torch.cat(parts) for parts in zip(*slices, strict=True)]
+        yield Case("modal_filter", f"G{G} N{N} T{T} fp32", ["h", "drate", "dtheta", "dre",
+                                                            "dim"],
+                   expected, impls, fwd_bytes=4 * G * T, fb_bytes=8 * G * T, graph=True)
+
+
+def real_modal_filter(rate, theta, re, im, length: int) -> torch.Tensor:
+    """The modal filter in real arithmetic, [G, length]: what a PyTorch user would write for
+    torch.compile to fuse."""
+    t = torch.arange(length, device=rate.device, dtype=rate.dtype)
+    decay = torch.exp(-rate[..., None] * t)  # [G, N, T]
+    angle = theta[..., None] * t
+    return (decay * (re[..., None] * torch.cos(angle) - im[..., None] * torch.sin(angle))).sum(1)
 
 
 def fft_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
