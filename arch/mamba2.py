@@ -12,11 +12,11 @@ d_inner = expand * D, H = d_inner / head_dim heads of size P = head_dim, N = d_s
 G = n_groups. Parameter names follow the reference implementation (`in_proj`, `conv1d`,
 `dt_bias`, `A_log`, `D`, `norm.weight`, `out_proj`), so Mamba-2 checkpoints map 1:1.
 
-Training runs stripes.kernels.causal_conv and the chunked SSD algorithm (stripes.kernels.ssd:
-Triton kernels on CUDA, stripes.arch.ssd's reference elsewhere); packed documents go in as
-per-token document positions and cu_seqlens spans. Decoding keeps the last d_conv - 1 conv
-inputs and the SSM state, and `step` is the recurrence for one token (a fused kernel on
-CUDA).
+Training runs stripes.kernels.causal_conv (conv and SiLU in one pass) and the chunked SSD
+algorithm (stripes.kernels.ssd: Triton kernels on CUDA, stripes.arch.ssd's reference
+elsewhere); packed documents go in as per-token document positions and cu_seqlens spans.
+Decoding keeps the last d_conv - 1 conv inputs and the SSM state, and `step` is the
+recurrence for one token (a fused kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -180,10 +180,11 @@ class Mamba2(Mixer):
         if conv_cache is None:  # training: each row, or each packed document, from zeros
             positions = None if doc_ids is None else document_positions(doc_ids)
             xBC = causal_conv(xBC, self.conv1d.weight[:, 0].flip(-1), self.conv1d.bias,
-                              positions=positions)  # [B, T, conv_dim]
+                              positions=positions, silu=True)  # [B, T, conv_dim]
         else:
             xBC, conv_cache = self._conv(xBC, conv_cache)
-        x_inner, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
+            xBC = F.silu(xBC)
+        x_inner, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         xs = x_inner.reshape(batch, T, H, P)  # heads [B, T, H, P]
         B, C = B.reshape(batch, T, G, N), C.reshape(batch, T, G, N)  # [B, T, G, N]
         dt = F.softplus(_fp32(dt) + _fp32(self.dt_bias))  # [B, T, H], > 0

@@ -4,6 +4,8 @@ document resets, strided views and taps longer than the sequence."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -38,13 +40,15 @@ def run(fn, tensors, grad):
     return [out] + [t.grad for n, t in leaves.items() if t is not None and t.is_floating_point()]
 
 
-@pytest.mark.parametrize("B, T, C, L, x2, gate, bias, docs", [
-    (2, 70, 20, 3, False, False, False, False),   # the featurizer: plain taps
-    (2, 70, 70, 7, True, True, False, False),     # Hyena-SE: q * (h * (k v)), 2 x 2 blocks
-    (1, 40, 12, 4, False, False, True, True),     # Mamba-2's conv with bias over documents
-    (1, 5, 8, 9, True, True, True, True),         # more taps than steps
+@pytest.mark.parametrize("B, T, C, L, x2, gate, bias, docs, silu", [
+    (2, 70, 20, 3, False, False, False, False, False),  # the featurizer: plain taps
+    (2, 70, 70, 7, True, True, False, False, False),    # Hyena-SE: q * (h * (k v)), 2 x 2 blocks
+    (1, 40, 12, 4, False, False, True, True, True),     # Mamba-2's conv: bias, SiLU, documents
+    (2, 70, 12, 4, False, False, True, False, True),    # Mamba-2's conv across a block edge
+    (1, 5, 8, 9, True, True, True, True, False),        # more taps than steps
+    (1, 70, 8, 5, True, True, True, True, True),        # everything at once
 ])
-def test_float32_matches_float64_reference(B, T, C, L, x2, gate, bias, docs):
+def test_float32_matches_float64_reference(B, T, C, L, x2, gate, bias, docs, silu):
     g = torch.Generator().manual_seed(T + C + L)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     doc_ids = torch.randint(0, 3, (B, T), generator=g).sort(dim=1).values
@@ -52,10 +56,11 @@ def test_float32_matches_float64_reference(B, T, C, L, x2, gate, bias, docs):
                "x2": rand(B, T, C) if x2 else None, "gate": rand(B, T, C) if gate else None,
                "positions": positions_of(doc_ids) if docs else None}
     grad = rand(B, T, C)
-    want = run(causal_conv_reference, tensors, grad)
+    want = run(functools.partial(causal_conv_reference, silu=silu), tensors, grad)
     dev = {n: (t.to(DEVICE, torch.float32) if t is not None and t.is_floating_point()
                else (t.to(DEVICE) if t is not None else None)) for n, t in tensors.items()}
-    got = run(causal_conv_triton, dev, grad.to(DEVICE, torch.float32))
+    got = run(functools.partial(causal_conv_triton, silu=silu), dev,
+              grad.to(DEVICE, torch.float32))
     assert len(got) == len(want)
     for actual, expected in zip(got, want, strict=True):
         assert actual.dtype == torch.float32 and torch.isfinite(actual).all()

@@ -7,7 +7,10 @@ over the L taps, loading the rows t - j of its block for each (the block's input
 gy = dout * gate (the gradient of y) and the same tiling:
     loop over taps j, rows t - j:  y (again, for dgate),  dh[c, j] += sum_t gy[t] u[t - j]
     loop over taps j, rows s + j:  du[s] += h[c, j] gy[s + j]       (the transposed conv)
-then dx = du * x2, dx2 = du * x, dgate = dout * y, dbias = sum gy. dh and dbias are summed
+then dx = du * x2, dx2 = du * x, dgate = dout * y, dbias = sum gy. With the SiLU, gy also
+carries silu'(pre) at its row, pre being the conv's output before the activation: it is
+recomputed (L taps) at rows t and at every row s + j of the transposed loop, L^2 tile reads
+that hit the cache, rather than stored forward and read back. dh and dbias are summed
 per program into float32 partials [B * T-blocks, C, L] that torch adds up: a tap's gradient
 is a reduction over every token, and partials keep it deterministic without atomics.
 A tap j contributes at t only when j <= pos[t] (pos: steps since t's document start); in
@@ -52,21 +55,42 @@ def _tap(h_ptr, c, c_ok, j, L):
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr, T, C, L,
-                     sxb, sxt, sx2b, sx2t, sgb, sgt, sob, sot,
-                     HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_POS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)  # [BT]
-    c = pid_c * BC + tl.arange(0, BC)  # [BC]
-    t_ok, c_ok = t < T, c < C
-    pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t_ok, other=0) if HAS_POS else t
+def _conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, t, t_ok, pos, c, c_ok, L,
+               sxb, sxt, sx2b, sx2t, HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BT: tl.constexpr, BC: tl.constexpr):
+    """The conv's output before activation and gate, bias + sum_j h[c, j] u[t - j], [BT, BC]
+    float32 at rows t (pos: their steps since their documents' starts)."""
     y = tl.zeros((BT, BC), dtype=tl.float32)
     for j in range(L):
         u = _tap_input(x_ptr, x2_ptr, b, t, t_ok, pos, j, c, c_ok, sxb, sxt, sx2b, sx2t, HAS_X2)
         y += u * _tap(h_ptr, c, c_ok, j, L)
     if HAS_BIAS:
         y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _silu_and_slope(pre):
+    """silu(pre) and its derivative sigmoid(pre) (1 + pre (1 - sigmoid(pre)))."""
+    sig = tl.sigmoid(pre)
+    return pre * sig, sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr, T, C, L,
+                     sxb, sxt, sx2b, sx2t, sgb, sgt, sob, sot,
+                     HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_POS: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr,
+                     BC: tl.constexpr):
+    pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)  # [BT]
+    c = pid_c * BC + tl.arange(0, BC)  # [BC]
+    t_ok, c_ok = t < T, c < C
+    pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t_ok, other=0) if HAS_POS else t
+    y = _conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, t, t_ok, pos, c, c_ok, L,
+                   sxb, sxt, sx2b, sx2t, HAS_X2, HAS_BIAS, BT, BC)
+    if SILU:
+        y = y * tl.sigmoid(y)
     mask = t_ok[:, None] & c_ok[None, :]
     if HAS_GATE:
         y *= _load_rows(gate_ptr, b, t, c, sgb, sgt, mask)
@@ -79,7 +103,8 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
                      dx_ptr, dx2_ptr, dgate_ptr, dh_ptr, dbias_ptr, T, C, L,
                      sxb, sxt, sx2b, sx2t, sgb, sgt, sdb, sdt,
                      HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_POS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                     HAS_POS: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr,
+                     BC: tl.constexpr):
     """dx, dx2, dgate: contiguous [B, T, C]; dh: [B * n_tblocks, C, L] and dbias:
     [B * n_tblocks, C] float32 partials. dout has strides (sdb, sdt)."""
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -92,11 +117,20 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
     dout = _load_rows(dout_ptr, b, t, c, sdb, sdt, here)
     gy = dout * _load_rows(gate_ptr, b, t, c, sgb, sgt, here) if HAS_GATE else dout
 
-    # Taps reading rows t - j: y again (for dgate) and dh's partial sums.
-    y = tl.zeros((BT, BC), dtype=tl.float32)
+    if SILU:  # y is the activation's output (for dgate); gy moves to its input
+        y, slope = _silu_and_slope(_conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, t, t_ok, pos,
+                                              c, c_ok, L, sxb, sxt, sx2b, sx2t, HAS_X2,
+                                              HAS_BIAS, BT, BC))
+        gy *= slope
+    else:  # y is summed in the taps' loop below, where it costs no extra read
+        y = tl.zeros((BT, BC), dtype=tl.float32)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+
+    # Taps reading rows t - j: dh's partial sums (and y, without the SiLU).
     for j in range(L):
         u = _tap_input(x_ptr, x2_ptr, b, t, t_ok, pos, j, c, c_ok, sxb, sxt, sx2b, sx2t, HAS_X2)
-        if HAS_GATE:
+        if HAS_GATE and not SILU:
             y += u * _tap(h_ptr, c, c_ok, j, L)
         tl.store(dh_ptr + (part * C + c) * L + j, tl.sum(gy * u, axis=0), mask=c_ok)
     if HAS_BIAS:
@@ -106,14 +140,21 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
     du = tl.zeros((BT, BC), dtype=tl.float32)
     for j in range(L):
         rows = t + j
-        row_ok = rows < T
+        row_ok = (rows < T) & t_ok
         if HAS_POS:
-            later = tl.load(pos_ptr + b.to(tl.int64) * T + rows, mask=row_ok & t_ok, other=-1)
+            later = tl.load(pos_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=-1)
             row_ok = row_ok & (later >= j)
-        mask = (row_ok & t_ok)[:, None] & c_ok[None, :]
+        else:
+            later = rows
+        mask = row_ok[:, None] & c_ok[None, :]
         g = _load_rows(dout_ptr, b, rows, c, sdb, sdt, mask)
         if HAS_GATE:
             g *= _load_rows(gate_ptr, b, rows, c, sgb, sgt, mask)
+        if SILU:
+            _, slope = _silu_and_slope(_conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, rows,
+                                                  row_ok, later, c, c_ok, L, sxb, sxt, sx2b,
+                                                  sx2t, HAS_X2, HAS_BIAS, BT, BC))
+            g *= slope
         du += g * _tap(h_ptr, c, c_ok, j, L)
 
     out_at = b.to(tl.int64) * T * C + t.to(tl.int64)[:, None] * C + c[None, :]
@@ -125,8 +166,6 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
     else:
         tl.store(dx_ptr + out_at, du.to(dx_ptr.dtype.element_ty), mask=here)
     if HAS_GATE:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(dgate_ptr + out_at, (dout * y).to(dgate_ptr.dtype.element_ty), mask=here)
 
 
@@ -141,7 +180,7 @@ def _channels_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 class CausalConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h, bias, x2, gate, positions):
+    def forward(ctx, x, h, bias, x2, gate, positions, silu):
         x, x2, gate = (_channels_contiguous(t) for t in (x, x2, gate))
         h = h.contiguous()
         B, T, C = x.shape
@@ -153,8 +192,10 @@ class CausalConvFunction(torch.autograd.Function):
                 h if bias is None else bias, x if positions is None else positions, out,
                 T, C, h.shape[1], *_strides(x, x), *_strides(x2, x), *_strides(gate, x),
                 *_strides(out, out), HAS_X2=x2 is not None, HAS_GATE=gate is not None,
-                HAS_BIAS=bias is not None, HAS_POS=positions is not None, BT=BT, BC=BC)
+                HAS_BIAS=bias is not None, HAS_POS=positions is not None, SILU=silu, BT=BT,
+                BC=BC)
         ctx.save_for_backward(x, h, bias, x2, gate, positions)
+        ctx.silu = silu
         return out
 
     @staticmethod
@@ -179,18 +220,19 @@ class CausalConvFunction(torch.autograd.Function):
                 dh if dbias is None else dbias, T, C, L, *_strides(x, x), *_strides(x2, x),
                 *_strides(gate, x), *_strides(dout, dout), HAS_X2=x2 is not None,
                 HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
-                HAS_POS=positions is not None, BT=BT, BC=BC)
+                HAS_POS=positions is not None, SILU=ctx.silu, BT=BT, BC=BC)
         return (dx, dh.sum(0).to(h.dtype), None if dbias is None else dbias.sum(0).to(bias.dtype),
-                dx2, dgate, None)
+                dx2, dgate, None, None)
 
 
 def causal_conv_triton(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None,
                        x2: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                       positions: torch.Tensor | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, silu: bool = False
+                       ) -> torch.Tensor:
     """The Triton path of stripes.kernels.causal_conv.causal_conv (same contract)."""
     from stripes.kernels.causal_conv.reference import check_inputs
 
     check_inputs(x, h, bias, x2, gate, positions)
     if positions is not None:
         positions = positions.to(torch.int32).contiguous()
-    return CausalConvFunction.apply(x, h, bias, x2, gate, positions)
+    return CausalConvFunction.apply(x, h, bias, x2, gate, positions, silu)

@@ -2,12 +2,13 @@
 
     u[b, t, c]   = x[b, t, c] * x2[b, t, c]                      (x2 optional)
     y[b, t, c]   = bias[c] + sum_{j < L, j <= pos[b, t]} h[c, j] u[b, t - j, c]
+    y[b, t, c]   = silu(y[b, t, c])                               (silu optional)
     out[b, t, c] = gate[b, t, c] * y[b, t, c]                    (gate optional)
 
 pos[b, t] counts the steps since the start of t's document (t itself without documents),
 so no tap reaches across a document start: each document is convolved as if alone.
 Hyena's featurizer (a 3-tap conv), Hyena-SE's gated long filter (q * (h * (k v))) and
-Mamba-2's short conv (with bias) are all this function.
+Mamba-2's short conv (with bias and SiLU) are all this function.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def check_inputs(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None,
 
 def causal_conv(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None,
                 x2: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
     """Same contract as stripes.kernels.causal_conv.causal_conv: computes in
     promote_types(x, h, float32), one shifted product per tap, and returns x's dtype."""
     check_inputs(x, h, bias, x2, gate, positions)
@@ -51,6 +52,8 @@ def causal_conv(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = No
         y = y + torch.where(reaches, earlier, 0.0) * h[:, j].to(dtype)
     if bias is not None:
         y = y + bias.to(dtype)
+    if silu:
+        y = torch.nn.functional.silu(y)
     if gate is not None:
         y = y * gate.to(dtype)
     return y.to(x.dtype)
