@@ -23,6 +23,9 @@ activations and a float32 filter. Rows: stripes `causal_conv` (one kernel each w
 same composition in PyTorch (k * v, conv1d, * q) run eagerly, and torch.compile of it: the
 anchor, no library of such kernels being installable here.
 GB/s count q, k, v and out once forward, and dout, q, k, v, dq, dk, dv once backward.
+A last row is Mamba-2's conv at hybrid-1b's width (4352 channels, 4 taps, bias, SiLU), beside
+the same PyTorch ops eagerly and compiled (the anchor); GB/s count x and out forward, and
+out, dout, x, dx backward.
 
 gated_norm: Mamba-2's output norm, 32,768 rows of C = 4096 (hybrid-1b's d_inner), one group,
 bf16 y, z (and x), float32 weight (and skip). Rows: stripes `gated_norm`, the unfused
@@ -175,6 +178,37 @@ def causal_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                               lambda q, k, v, h: q * direct_causal_conv(k * v, h),
                               lambda q, k, v, h: causal_conv(k, h, x2=v, gate=q),
                               "stripes causal_conv", "torch: q * conv1d(k * v)")
+    yield mamba_conv_case(device, quick)
+
+
+def mamba_conv_case(device: torch.device, quick: bool) -> Case:
+    """Mamba-2's conv at hybrid-1b's width, silu(conv1d(xBC) + bias): stripes' one pass each
+    way beside the PyTorch ops eagerly (the torch anchor) and compiled (the anchor)."""
+    from stripes.arch.hyena_filters import direct_causal_conv
+    from stripes.kernels.causal_conv import causal_conv
+
+    B, T, C, L = (2, 40, 24, 4) if quick else (16, 4096, 4352, 4)
+    x = torch.randn(B, T, C, device=device).to(BF16).requires_grad_()
+    h = (torch.randn(C, L, device=device) / L ** 0.5).requires_grad_()
+    bias = (0.1 * torch.randn(C, device=device)).requires_grad_()
+    inputs, grads = [x, h, bias], [torch.randn(B, T, C, device=device, dtype=BF16)]
+    composed = lambda x, h, bias: torch.nn.functional.silu(
+        direct_causal_conv(x, h) + bias.to(x.dtype))
+    compiled_fn, note = compiled(composed, device)
+
+    def impl(name, role, fn, note=""):
+        forward = lambda: fn(*inputs)
+        return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, note)
+
+    impls = [impl("torch: silu(conv1d(x) + bias)", "torch", composed),
+             impl("stripes causal_conv(silu=True)", "stripes",
+                  lambda x, h, bias: causal_conv(x, h, bias, silu=True)),
+             impl("torch.compile(silu(conv1d(x) + bias))", "anchor", compiled_fn, note)]
+    expected = float64_reference(composed, inputs, grads)
+    one = x.numel() * 2  # bytes of one bf16 activation
+    return Case("causal_conv", f"B{B} T{T} D{C} L{L} mamba silu bf16", ["out", "dx", "dh",
+                                                                         "dbias"],
+                expected, impls, fwd_bytes=2 * one, fb_bytes=5 * one, graph=True)
 
 
 def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, composed, fused,
