@@ -7,8 +7,8 @@ Face Llama of the same shapes beside it in the same process.
 The model, engine (parallel.backend, compile, activation checkpointing), optimizer and data
 loader are the trainer's own (train/loop.py's pieces) for a world of one. Then:
 1. throughput: `--steps` steps after `--warmup`, with no sync but the trainer's one per step
-   (it reads the loss): tokens/s, MFU (3 x the mixers' forward FLOPs per token against the
-   device's peak, train/metrics.py), peak memory;
+   (it reads the loss once the update is queued): tokens/s, MFU (3 x the mixers' forward
+   FLOPs per token against the device's peak, train/metrics.py), peak memory;
 2. breakdown: `--steps` more steps with a device sync after each phase: data (next batch on
    the device), forward, backward, optimizer (clip and step); milliseconds per step and
    shares. The syncs cost a little, so the synced step is a bit longer than in 1;
@@ -80,10 +80,9 @@ class Trainer:
                 self.engine.backward(loss)
                 mark("backward")
             total += loss.detach()
-        loss_value = float(total)  # the trainer's per-step host read
-        self.engine.step(cfg.optim.lr, True)
+        self.engine.step(cfg.optim.lr, torch.isfinite(total))
         mark("optimizer")
-        return loss_value
+        return float(total)  # the trainer's one host read a step, after the update is queued
 
     def sync(self) -> None:
         if self.world.device.type == "cuda":

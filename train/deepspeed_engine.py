@@ -133,13 +133,17 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss, scale_wrt_gas=False)  # the loop already divided by accum
 
-    def step(self, lr: float, loss_finite: bool, frozen=()) -> tuple[float, bool]:
+    def step(self, lr: float, loss_finite: torch.Tensor, frozen=()
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSpeed's own step (its clipping and its overflow check; `loss_finite` is not
+        consulted: its boundary bookkeeping needs the step taken)."""
         if frozen:  # TrainConfig refuses `freeze` with this backend
             raise ValueError("DeepSpeedEngine cannot freeze parameters")
         apply_lr(self.module.optimizer, lr)
         self.module.step()
         norm = self.module.get_global_grad_norm()
-        return (float("nan") if norm is None else float(norm)), self.module.was_step_applied()
+        return (torch.tensor(float("nan") if norm is None else float(norm)),
+                torch.tensor(self.module.was_step_applied()))
 
 
 class DeepSpeedStates:

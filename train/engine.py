@@ -6,6 +6,7 @@
             loss = engine.module(ids, doc_ids, targets) / accum   # fused head + loss
             engine.backward(loss)
     grad_norm, applied = engine.step(lr, loss_finite)   # clip, guard, update, zero grads
+    float(loss), float(grad_norm), bool(applied)        # the step's one host read, after it
     save_checkpoint(..., engine.states, ...)            # the backend's checkpoint format
 
 `TorchEngine` serves single, ddp and fsdp (train/parallel.py wraps the model; a torch AdamW
@@ -16,7 +17,6 @@ The loop knows nothing else about either, so a backend is one class here and one
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -42,11 +42,13 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, lr: float, loss_finite: bool, frozen: Sequence[nn.Parameter] = ()
-             ) -> tuple[float, bool]:
-        """Apply the accumulated gradients at `lr` unless the loss or the gradient norm is not
-        finite, leaving `frozen` parameters as they are; always clear the gradients. Returns
-        (global gradient norm before clipping, over the parameters that train; applied)."""
+    def step(self, lr: float, loss_finite: torch.Tensor, frozen: Sequence[nn.Parameter] = ()
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the accumulated gradients at `lr` unless the loss (`loss_finite`, a 0-dim
+        bool tensor) or the gradient norm is not finite, leaving `frozen` parameters as they
+        are; always clear the gradients. Returns 0-dim tensors: the global gradient norm
+        before clipping (over the parameters that train) and whether the update was applied.
+        Reading them is the caller's business, after the step has been queued."""
         ...
 
 
@@ -59,6 +61,7 @@ class TorchEngine:
         self.module = parallelize(model, cfg.parallel, backend, world, bf16)
         # After wrapping: FSDP2 swaps the parameters for sharded ones.
         self.optimizer = build_optimizer(model, cfg.optim, world.device.type)
+        self.fused = bool(self.optimizer.defaults.get("fused"))
         self.states = DcpStates(model, self.optimizer)
         self.grad_clip = cfg.grad_clip
 
@@ -71,26 +74,33 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float, loss_finite: bool, frozen: Sequence[nn.Parameter] = ()
-             ) -> tuple[float, bool]:
+    def step(self, lr: float, loss_finite: torch.Tensor, frozen: Sequence[nn.Parameter] = ()
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         apply_lr(self.optimizer, lr)
         for param in frozen:  # AdamW skips a parameter without a gradient: no move, no decay
             param.grad = None
         grad_norm = _clip(self.model, self.grad_clip)
-        applied = loss_finite and math.isfinite(grad_norm)
-        if applied:
+        applied = loss_finite.to(grad_norm.device) & torch.isfinite(grad_norm)
+        if self.fused:
+            # The verdict stays on the device: fused AdamW reads found_inf there and, when it
+            # is 1, leaves parameters, moments and step counts as they were. No host sync
+            # between backward and the update.
+            self.optimizer.found_inf = (~applied).float()
+            self.optimizer.step()
+        elif applied:  # the foreach kernels take no such flag: the host reads the verdict
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
 
 
-def _clip(model: nn.Module, max_norm: float | None) -> float:
-    """Global gradient norm (clipped to `max_norm` when set); DTensor-aware under FSDP2."""
+def _clip(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm, a 0-dim float32 device tensor (the gradients are clipped to
+    `max_norm` when set); DTensor-aware under FSDP2."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.float()
 
 
 def _deepspeed(model: StripedLM, cfg: TrainConfig, backend: str, world: World, accum: int,

@@ -22,7 +22,6 @@ stage's settings and started from the checkpoint that ended the stage before.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -212,14 +211,17 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
                 engine.backward(loss)
             loss_sum += loss.detach()
         # One reduction for the loss and two votes that must be unanimous: a signal may reach
-        # one rank first, and each rank reads its own clock.
+        # one rank first, and each rank reads its own clock. The update is queued on the
+        # reduced loss's device-side verdict; the host reads everything once, after it.
         minutes = cfg.checkpoint.every_minutes
         votes = torch.tensor([float(stop.requested), float(
             minutes is not None and time.monotonic() - last_save > 60 * minutes)],
             device=world.device)
-        loss_mean, stop_votes, clock_votes = all_reduce_mean(
-            torch.cat([loss_sum.reshape(1), votes])).tolist()
-        grad_norm, applied = engine.step(lr, math.isfinite(loss_mean), freezer.frozen(step))
+        reduced = all_reduce_mean(torch.cat([loss_sum.reshape(1), votes]))
+        grad_norm, applied = engine.step(lr, torch.isfinite(reduced[0]), freezer.frozen(step))
+        loss_mean, stop_votes, clock_votes, grad_norm, applied = torch.cat([
+            reduced, torch.stack([grad_norm.float(), applied.float()]).to(reduced)]).tolist()
+        applied = bool(applied)
         tokens_seen += cfg.global_batch_tokens
 
         if applied:

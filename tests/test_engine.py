@@ -1,0 +1,75 @@
+"""TorchEngine.step queues the update on a device-side verdict: a non-finite loss or gradient
+leaves parameters and optimizer state as they were, with the fused AdamW (found_inf, no host
+read) and with the foreach one (the host reads the verdict); a finite step applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stripes.arch.model import StripedLM
+from stripes.train.config import load_train_config
+from stripes.train.distributed import World
+from stripes.train.engine import TorchEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(fused: bool) -> TorchEngine:
+    cfg = load_train_config(ROOT / "configs" / "train" / "tiny.yaml",
+                            [f"optim.fused={str(fused).lower()}", "grad_clip=1.0"])
+    torch.manual_seed(0)
+    model = StripedLM(cfg.model)
+    model.init_weights()
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return TorchEngine(model, cfg, "single", world, accum=1, bf16=False)
+
+
+def backward(engine: TorchEngine, poison: bool = False) -> torch.Tensor:
+    ids = torch.randint(0, 4096, (2, 16))
+    loss = engine.module(ids, None, ids.roll(-1, dims=1))
+    engine.backward(loss)
+    if poison:  # one non-finite gradient entry
+        next(p for p in engine.model.parameters() if p.grad is not None).grad.view(-1)[0] = \
+            float("nan")
+    return loss.detach()
+
+
+def snapshot(engine: TorchEngine) -> list[torch.Tensor]:
+    state = [v for s in engine.optimizer.state.values() for v in s.values()]
+    return [p.detach().clone() for p in engine.model.parameters()] + \
+        [v.clone() for v in state if torch.is_tensor(v)]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_non_finite_step_changes_nothing(fused, bad):
+    engine = build(fused)
+    assert engine.fused is fused
+    engine.step(1e-3, torch.isfinite(backward(engine)))  # a first step: optimizer state exists
+    before = snapshot(engine)
+    loss = backward(engine, poison=bad == "gradient")
+    finite = torch.tensor(False) if bad == "loss" else torch.isfinite(loss)
+    grad_norm, applied = engine.step(1e-3, finite)
+    assert applied.dim() == 0 and not bool(applied)
+    if bad == "gradient":
+        assert not torch.isfinite(grad_norm)
+    after = snapshot(engine)
+    assert len(after) == len(before)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert all(p.grad is None for p in engine.model.parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_finite_step_applies(fused):
+    engine = build(fused)
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    grad_norm, applied = engine.step(1e-3, torch.isfinite(backward(engine)))
+    assert bool(applied) and float(grad_norm) > 0
+    moved = [not torch.equal(p, b) for p, b in zip(engine.model.parameters(), before,
+                                                   strict=True)]
+    assert sum(moved) > len(moved) // 2
+    steps = [s["step"] for s in engine.optimizer.state.values()]
+    assert steps and all(float(s) == 1 for s in steps)
