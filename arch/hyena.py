@@ -12,8 +12,8 @@ The kinds differ only in the long filter h ([C, L], tap j multiplies u[t - j]; t
 formulas and convolutions are in `hyena_filters`):
   hyena_se  short explicit taps, `filter_len` (7).
   hyena_mr  explicit taps times a learned decay exp(-a_c t), `filter_len` (128).
-  hyena_li  modal filter Re(sum_n R_n p_n^t), `state_size` modes; by FFT in training, a
-            diagonal complex recurrence in decoding.
+  hyena_li  modal filter Re(sum_n R_n p_n^t), `state_size` modes: the diagonal complex
+            recurrence it is, in training (on CUDA) and decoding.
 The filter's tap 0 multiplies the current token, so it also plays the role of Hyena's
 per-channel skip term D * u; there is no separate one.
 
@@ -24,7 +24,9 @@ of SE and MR is chosen by filter length (DIRECT_MAX_TAPS, 64): direct, in the sa
 up to it (7 taps cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048);
 by FFT beyond, in stripes.kernels.fft_conv (a backward that keeps only its inputs), with
 packed documents as separate rows (`per_document`). LI's filter is as long as the
-sequence: always FFT.
+sequence, but it is a sum of N decaying exponentials: on CUDA stripes.kernels.modal_conv
+walks its recurrence (N complex multiply-adds a token and channel, no filter, no FFT);
+elsewhere the filter is built and convolved by FFT. Packed documents run as separate rows.
 
 Decoding state (`HyenaState`): the featurizer's last short_len-1 inputs, plus for SE/MR the
 last filter_len-1 values of u (FIR history), for LI the complex modal state [B, D, N].
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 
 from stripes.arch.hyena_filters import (
+    compute_dtype,
     decayed_filter,
     direct_causal_conv,
     fft_causal_conv,
@@ -49,6 +52,7 @@ from stripes.arch.hyena_filters import (
     modal_chunk,
     modal_filter,
     modal_poles,
+    positive_rate,
 )
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_positions, per_document
@@ -57,6 +61,7 @@ from stripes.core.config import ConfigError
 from stripes.kernels.causal_conv import causal_conv
 from stripes.kernels.fft_conv import fft_gated_conv
 from stripes.kernels.hyena_step import hyena_step_
+from stripes.kernels.modal_conv import modal_gated_conv
 
 
 def _positive(key: str, value: int, why: str) -> None:
@@ -355,8 +360,11 @@ class HyenaLI(Hyena):
         return modal_filter(self.log_rate, self.theta, self.residues(), length)
 
     def gated_long_conv(self, q, k, v, positions):
-        """By FFT (stripes.kernels.fft_conv), the filter built for this length."""
-        return fft_gated_conv(q, k, v, self._per_channel(self.filter(q.shape[1])))
+        """As the recurrence the filter is (stripes.kernels.modal_conv: no filter, no FFT, on
+        CUDA); elsewhere the filter built for this length, convolved by FFT."""
+        dtype = compute_dtype(self.log_rate, self.theta)
+        return modal_gated_conv(q, k, v, positive_rate(self.log_rate), self.theta.to(dtype),
+                                self.residue_re.to(dtype), self.residue_im.to(dtype))
 
     def _allocate_long(self, batch_size, device, dtype) -> torch.Tensor:
         complex_dtype = torch.promote_types(dtype, torch.float32).to_complex()
@@ -374,7 +382,9 @@ class HyenaLI(Hyena):
                 "residues": self._per_channel(self.residues())}  # complex [D, N] each
 
     def _long_flops(self, seq_len: int) -> float:
-        return fft_conv_flops(seq_len)
+        """The recurrence's: per mode, p s + u (a complex product and an add, 8 FLOPs) and
+        Re(R s) summed (4); the FFT the reference runs would count fft_conv_flops."""
+        return 12.0 * self.cfg.state_size
 
     def _long_state_bytes(self, batch_size: int, dtype: torch.dtype) -> int:
         complex_dtype = torch.promote_types(dtype, torch.float32).to_complex()

@@ -233,6 +233,10 @@ def test_state_bytes_and_flops(kind):
     if getattr(mixer, "direct", False):  # constant per token, 2 FLOPs per tap and channel
         L = mixer.cfg.filter_len
         assert mixer.flops_per_token(64) == proj + 2 * 3 * 3 * D + 2 * D + 2 * L * D
+    elif kind == "hyena_li":  # the recurrence: 12 FLOPs per mode, channel and token
+        N = mixer.cfg.state_size
+        assert mixer.flops_per_token(64) == mixer.flops_per_token(4096) \
+            == proj + 2 * 3 * 3 * D + 2 * D + 12 * N * D
     else:  # FFT: grows like log T per token
         assert mixer.flops_per_token(4096) > mixer.flops_per_token(64)
 

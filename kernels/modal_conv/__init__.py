@@ -1,0 +1,46 @@
+"""Hyena-LI's gated long convolution, out = q * (h * (k v)) with the modal filter
+h[c, t] = Re(sum_n R p^t), as the recurrence that filter is: s[t] = p s[t-1] + k[t] v[t],
+y[t] = Re(sum_n R_n s_n[t]) (formula in reference.py).
+
+Done by its definition, the filter is built at the sequence's length ([C, T], from [C, N, T]
+complex powers or stripes.kernels.modal_filter) and the convolution runs by FFT at n = 2T:
+at hybrid-1b's width and 32k tokens that was about 29 of the layer's 37 ms forward and
+backward on an H100 (BENCHMARKS.md). The recurrence needs neither: each token costs N
+complex multiply-adds a channel, and q, k, v are read and out written once. The Triton
+kernels walk it by segments of time in parallel, passing states between segments
+(kernel.py); backward is the adjoint recurrence, so nothing but the inputs is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stripes.kernels.dispatch import use_triton
+from stripes.kernels.fft_conv import fft_gated_conv
+from stripes.kernels.modal_conv.reference import check_inputs, per_channel
+from stripes.kernels.modal_filter import modal_filter
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def modal_gated_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.Tensor,
+                     theta: torch.Tensor, residue_re: torch.Tensor,
+                     residue_im: torch.Tensor) -> torch.Tensor:
+    """q, k, v [B, T, C]; rate (> 0), theta, residue_re, residue_im [G, N] real: G filters,
+    each shared by C / G channels. Returns out [B, T, C] in q's dtype; gradients flow to
+    all seven.
+
+    CUDA activations of a Triton dtype with float32 parameters run the Triton kernels
+    (float32 math; q, k, v may be views with channel stride 1, e.g. chunks of one
+    projection). Everything else builds the filter (stripes.kernels.modal_filter) and
+    convolves by FFT (stripes.kernels.fft_conv), as reference.py does but with those
+    modules' memory-saving backward passes. Bad shapes raise ValueError."""
+    params = (rate, theta, residue_re, residue_im)
+    if (use_triton(q, k, v, *params) and all(t.dtype in TRITON_DTYPES for t in (q, k, v))
+            and all(p.dtype == torch.float32 for p in params)):
+        from stripes.kernels.modal_conv.kernel import modal_gated_conv_triton
+
+        return modal_gated_conv_triton(q, k, v, *params)
+    check_inputs(q, k, v, *params)
+    h = modal_filter(*params, q.shape[1])  # [G, T]
+    return fft_gated_conv(q, k, v, per_channel(h, q.shape[2]))

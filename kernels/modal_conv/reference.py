@@ -1,0 +1,71 @@
+"""References for Hyena-LI's gated long convolution with its modal filter,
+
+    out[b, t, c] = q[b, t, c] * y[b, t, c],   y = h_c * (k v) (causal),
+    h_c[t] = Re( sum_n R[c, n] p[c, n]^t ),   p = exp(-rate + i theta),
+
+two ways: by its definition, the filter built at the sequence's length and the convolution
+done by FFT (what the mixer ran before the kernel; differentiable in every input), and as
+the recurrence the kernel walks, one token at a time:
+
+    s[t] = p s[t-1] + u[t]  (u = k v, s[-1] = 0, complex per channel and mode)
+    y[t] = Re( sum_n R_n s_n[t] )
+
+since sum_{j<=t} Re(R p^(t-j)) u[j] = Re(R sum_{j<=t} p^(t-j) u[j]). The recurrence is slow in
+PyTorch (a Python loop over time) and is there for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stripes.kernels.fft_conv.reference import fft_gated_conv
+from stripes.kernels.modal_filter.reference import modal_filter
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.Tensor,
+                 theta: torch.Tensor, residue_re: torch.Tensor,
+                 residue_im: torch.Tensor) -> None:
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"modal_gated_conv: q, k, v must be [B, T, C] of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    C = q.shape[2]
+    if rate.dim() != 2 or rate.shape[0] == 0 or C % rate.shape[0]:
+        raise ValueError(f"modal_gated_conv: rate must be [G, N] with G dividing C = {C}, got "
+                         f"{tuple(rate.shape)}")
+    for name, p in (("theta", theta), ("residue_re", residue_re), ("residue_im", residue_im)):
+        if p.shape != rate.shape:
+            raise ValueError(f"modal_gated_conv: {name} must have rate's shape "
+                             f"{tuple(rate.shape)}, got {tuple(p.shape)}")
+
+
+def per_channel(param: torch.Tensor, channels: int) -> torch.Tensor:
+    """[G, ...] -> [C, ...]: channel c uses filter c // (C / G)."""
+    return param.repeat_interleave(channels // param.shape[0], dim=0)
+
+
+def modal_gated_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.Tensor,
+                     theta: torch.Tensor, residue_re: torch.Tensor,
+                     residue_im: torch.Tensor) -> torch.Tensor:
+    """q, k, v [B, T, C]; rate (> 0), theta, residue_re, residue_im [G, N] real, G filters
+    shared by C / G channels each. Returns [B, T, C] in q's dtype: the filter by its
+    definition, the convolution by FFT."""
+    check_inputs(q, k, v, rate, theta, residue_re, residue_im)
+    h = modal_filter(rate, theta, residue_re, residue_im, q.shape[1])  # [G, T]
+    return fft_gated_conv(q, k, v, per_channel(h, q.shape[2]))
+
+
+def modal_gated_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           rate: torch.Tensor, theta: torch.Tensor, residue_re: torch.Tensor,
+                           residue_im: torch.Tensor) -> torch.Tensor:
+    """The same output, token by token through the complex state [B, C, N]."""
+    check_inputs(q, k, v, rate, theta, residue_re, residue_im)
+    C = q.shape[2]
+    p = per_channel(torch.exp(torch.complex(-rate, theta)), C)  # [C, N]
+    R = per_channel(torch.complex(residue_re, residue_im), C)
+    u = k * v
+    s = torch.zeros(q.shape[0], *p.shape, dtype=p.dtype, device=q.device)  # [B, C, N]
+    ys = []
+    for t in range(q.shape[1]):
+        s = p * s + u[:, t, :, None]
+        ys.append((R * s).real.sum(-1))  # [B, C]
+    return q * torch.stack(ys, dim=1).to(q.dtype)

@@ -1,0 +1,99 @@
+"""The gated modal convolution: its two references agree (filter + FFT against the token-by-
+token recurrence, float64), and the Triton kernels (interpreter on CPU) match them in float32
+for the output and all seven gradients, over segment lengths that split the sequence
+unevenly, filters shared by channel groups, mode and channel counts off the block sizes, and
+q, k, v chunked out of one projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stripes.kernels.modal_conv import modal_gated_conv
+from stripes.kernels.modal_conv.kernel import modal_gated_conv_triton, segment_length
+from stripes.kernels.modal_conv.reference import modal_gated_conv as reference
+from stripes.kernels.modal_conv.reference import modal_gated_recurrence
+
+from numerics import poison_empty, rel_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    poison_empty(monkeypatch)
+
+
+def inputs(B, T, C, G, N, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    qkv = rand(B, T, 3 * C)  # one projection, chunked: strided views
+    rate = torch.empty(G, N, dtype=dtype).uniform_(-5.0, 0.5, generator=g).exp()
+    theta = torch.empty(G, N, dtype=dtype).uniform_(0.0, 3.1, generator=g)
+    return [*qkv.chunk(3, dim=-1), rate, theta, rand(G, N) / N ** 0.5, rand(G, N) / N ** 0.5]
+
+
+def forward_backward(fn, tensors, grad, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, **kwargs)
+    out.backward(grad.to(out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+def test_references_agree():
+    tensors = inputs(2, 29, 12, 4, 5)
+    grad = torch.randn(2, 29, 12, dtype=torch.float64)
+    fft = forward_backward(reference, tensors, grad)
+    loop = forward_backward(modal_gated_recurrence, tensors, grad)
+    for a, b in zip(fft, loop, strict=True):
+        assert rel_error(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("B, T, C, G, N, segment", [
+    (2, 37, 40, 40, 3, 10),    # a filter a channel; 4 segments, the last one short
+    (1, 50, 40, 8, 16, 7),     # 5 channels a filter, 8 segments
+    (2, 23, 33, 3, 5, 23),     # one segment
+    (1, 9, 8, 2, 4, 1),        # a token a segment
+    (1, 70, 32, 32, 16, None),  # the launcher's choice
+])
+def test_float32_kernels_match_float64_reference(B, T, C, G, N, segment):
+    tensors = inputs(B, T, C, G, N, seed=T + C)
+    grad = torch.randn(B, T, C, dtype=torch.float64)
+    want = forward_backward(reference, tensors, grad)
+    dev = [t.to(DEVICE, torch.float32) for t in tensors]
+    got = forward_backward(modal_gated_conv_triton, dev, grad.to(DEVICE), segment=segment)
+    names = ["out", "dq", "dk", "dv", "drate", "dtheta", "dre", "dim"]
+    for name, actual, expected in zip(names, got, want, strict=True):
+        assert actual.dtype == torch.float32 and torch.isfinite(actual).all(), name
+        assert rel_error(actual, expected) < 2e-5, name
+
+
+def test_bfloat16_activations():
+    tensors = inputs(1, 40, 16, 16, 4, seed=3)
+    grad = torch.randn(1, 40, 16, dtype=torch.float64)
+    want = forward_backward(reference, tensors, grad)
+    dev = [t.to(DEVICE, torch.bfloat16 if i < 3 else torch.float32)
+           for i, t in enumerate(tensors)]
+    got = forward_backward(modal_gated_conv_triton, dev, grad.to(DEVICE), segment=16)
+    assert [t.dtype for t in got[:4]] == [torch.bfloat16] * 4
+    for actual, expected in zip(got, want, strict=True):
+        assert rel_error(actual, expected) < 2e-2
+
+
+def test_segments_fill_the_device_and_stay_long():
+    T = 32768
+    cpu = torch.device("cpu")  # one "SM" off CUDA: one segment per 8 programs' worth
+    assert segment_length(1, T, 2048, cpu) == T
+    assert segment_length(1, T, 8, cpu) == T // 8
+    assert segment_length(1, 100, 8, cpu) == 100  # never below MIN_SEGMENT tokens
+    assert segment_length(1, 10, 8, cpu) == 10
+
+
+def test_cpu_runs_the_filter_and_fft_and_names_bad_shapes():
+    tensors = inputs(1, 12, 6, 3, 2)
+    assert rel_error(modal_gated_conv(*tensors), reference(*tensors)) < 1e-12
+    q, k, v, rate, theta, re, im = tensors
+    with pytest.raises(ValueError, match="G dividing C"):
+        modal_gated_conv(q, k, v, rate.repeat(2, 1)[:4], theta[:2], re[:2], im[:2])
+    with pytest.raises(ValueError, match="residue_im"):
+        modal_gated_conv(q, k, v, rate, theta, re, im[:, :1])
