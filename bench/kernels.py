@@ -13,7 +13,9 @@ Per kernel, bf16, forward and forward+backward (all input gradients):
 - ssd       B*L = 65,536, L in {2k, 8k}, H = 32, P = 64, N = 128, one group, and
 - causal_conv  Hyena-SE's gated 7-tap filter over 65,536 x 2048, and
 - fft_conv  Hyena's gated FFT long convolution, B = 64, C = 768, T in {1k, 4k}, and
-- modal_filter  Hyena-LI's taps from its poles, G = 2048, N = 16, T in {8k, 32k}
+- modal_filter  Hyena-LI's taps from its poles, G = 2048, N = 16, T in {8k, 32k}, and
+- modal_conv  Hyena-LI's gated long convolution by its recurrence, at fft_conv's shapes and
+            one 32k row of 2048 channels
             (bench/mixer_kernel_cases.py says what runs and how FLOPs and bytes are counted).
 Rows: `stripes` (the public function: Triton on CUDA), the module's `reference` run eagerly
 (the plain-PyTorch anchor, "torch"; for linear_ce that anchor is what the model did before,
@@ -36,7 +38,8 @@ gradients, against the reference in float64 on the same inputs. A stripes row ab
 a stripes/torch row that fails, makes the exit status 1.
 
     python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention,ssd,
-                             gated_norm,causal_conv,fft_conv,modal_filter]
+                             gated_norm,causal_conv,fft_conv,modal_filter,
+                             modal_conv]
                              [--quick]
 
 liger entry points (0.8.5), each called with liger's defaults unless said: rmsnorm
@@ -88,6 +91,7 @@ from mixer_kernel_cases import (
     causal_conv_cases,
     fft_conv_cases,
     gated_norm_cases,
+    modal_conv_cases,
     modal_filter_cases,
     retention_cases,
     ssd_cases,
@@ -96,7 +100,7 @@ from mixer_kernel_cases import (
 from stripes.arch.rope import RopeConfig, rope_angles
 
 KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "gated_norm",
-           "causal_conv", "fft_conv", "modal_filter")
+           "causal_conv", "fft_conv", "modal_filter", "modal_conv")
 MATMUL_BOUND = {"linear_ce", "retention", "ssd"}  # their "% ceiling" is against a bf16 matmul
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
@@ -284,7 +288,8 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_cases,
             "linear_ce": linear_ce_cases, "retention": retention_cases, "ssd": ssd_cases,
             "gated_norm": gated_norm_cases, "causal_conv": causal_conv_cases,
-            "fft_conv": fft_conv_cases, "modal_filter": modal_filter_cases}
+            "fft_conv": fft_conv_cases, "modal_filter": modal_filter_cases,
+            "modal_conv": modal_conv_cases}
 
 
 def write_report(args: argparse.Namespace, rows: list[dict]) -> str:

@@ -39,6 +39,13 @@ filters of N = 16 modes, T in {8k, 32k} taps, float32 (the parameters' dtype). R
 sum written in real arithmetic (e^(-rt) (R_re cos - R_im sin)), which inductor can fuse into
 one pass with no [G, N, T] tensor. GB/s count h written forward and dh read backward: the
 floor, since the four [G, N] parameters are nothing beside them.
+
+modal_conv: Hyena-LI's gated long convolution q * (h * (k v)) with that filter, at the
+fft_conv case's shapes (B = 64, C = 768, T in {1k, 4k}) and at hybrid-1b's (one row of 32k,
+C = 2048), N = 16 modes, bf16 activations. Rows: stripes `modal_gated_conv` (the recurrence
+kernel), the filter built by definition then the FFT composition, eagerly (the torch
+anchor: the issue's "plain PyTorch FFT") and compiled (the anchor). GB/s count as for
+causal_conv: q, k, v, out forward; dout, q, k, v, dq, dk, dv backward.
 """
 
 from __future__ import annotations
@@ -312,6 +319,50 @@ def modal_filter_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         yield Case("modal_filter", f"G{G} N{N} T{T} fp32", ["h", "drate", "dtheta", "dre",
                                                             "dim"],
                    expected, impls, fwd_bytes=4 * G * T, fb_bytes=8 * G * T, graph=True)
+
+
+def modal_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """Hyena-LI's gated long convolution at the issue's FFT shapes and hybrid-1b's (one
+    32k row): stripes' recurrence kernel beside the filter + FFT composition eagerly (the
+    torch anchor) and compiled (the anchor)."""
+    from stripes.kernels.modal_conv import modal_gated_conv, reference
+
+    shapes = [(2, 24, 16, 4)] if quick else [(64, 1024, 768, 16), (64, 4096, 768, 16),
+                                             (1, 32768, 2048, 16)]
+    for B, T, C, N in shapes:
+        q, k, v = (torch.randn(B, T, C, device=device).to(BF16).requires_grad_()
+                   for _ in range(3))
+        rate = torch.empty(C, N, device=device).uniform_(-9.0, 0.0).exp().requires_grad_()
+        theta = torch.empty(C, N, device=device).uniform_(0.0, math.pi).requires_grad_()
+        re, im = ((torch.randn(C, N, device=device) / N ** 0.5).requires_grad_()
+                  for _ in range(2))
+        inputs = [q, k, v, rate, theta, re, im]
+        grads = [torch.randn(B, T, C, device=device, dtype=BF16)]
+        compiled_fn, note = compiled(reference.modal_gated_conv, device)
+
+        def impl(name, role, fn, note="", inputs=inputs, grads=grads):
+            forward = lambda: fn(*inputs)
+            return Impl(name, role, fwd_bwd(forward, inputs, grads), forward, None, note)
+
+        impls = [impl("torch: modal filter, then q * fft_causal_conv(k * v)", "torch",
+                      reference.modal_gated_conv),
+                 impl("stripes modal_gated_conv", "stripes", modal_gated_conv),
+                 impl("torch.compile(the same)", "anchor", compiled_fn, note)]
+        # float64 by slices of channels (each is independent of the others): the whole
+        # reference would hold [C, N, T] complex128 powers of 17 GB at 32k.
+        step = max(1, C // 8)
+        slices = [float64_reference(reference.modal_gated_conv,
+                                    [t[..., c:c + step] for t in inputs[:3]]
+                                    + [t[c:c + step] for t in inputs[3:]],
+                                    [grads[0][..., c:c + step]])
+                  for c in range(0, C, step)]
+        expected = [torch.cat(parts, dim=-1 if i < 4 else 0)
+                    for i, parts in enumerate(zip(*slices, strict=True))]
+        one = q.numel() * 2  # bytes of one bf16 activation
+        yield Case("modal_conv", f"B{B} T{T} C{C} N{N} bf16", ["out", "dq", "dk", "dv",
+                                                               "drate", "dtheta", "dre",
+                                                               "dim"],
+                   expected, impls, fwd_bytes=4 * one, fb_bytes=11 * one)
 
 
 def real_modal_filter(rate, theta, re, im, length: int) -> torch.Tensor:
