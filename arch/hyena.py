@@ -49,7 +49,6 @@ from stripes.arch.hyena_filters import (
     fft_causal_conv,
     fft_conv_flops,
     fir_continue,
-    modal_chunk,
     modal_filter,
     modal_poles,
     positive_rate,
@@ -61,7 +60,7 @@ from stripes.core.config import ConfigError
 from stripes.kernels.causal_conv import causal_conv
 from stripes.kernels.fft_conv import fft_gated_conv
 from stripes.kernels.hyena_step import hyena_step_
-from stripes.kernels.modal_conv import modal_gated_conv
+from stripes.kernels.modal_conv import modal_conv_continue, modal_gated_conv
 
 
 def _positive(key: str, value: int, why: str) -> None:
@@ -372,8 +371,10 @@ class HyenaLI(Hyena):
                            dtype=complex_dtype)  # [B, D, N]
 
     def _long_prefill(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
-        y, modes = modal_chunk(u, self._per_channel(self.log_rate), self._per_channel(self.theta),
-                               self._per_channel(self.residues()), state.long)
+        dtype = compute_dtype(self.log_rate, self.theta)
+        y, modes = modal_conv_continue(u, positive_rate(self.log_rate), self.theta.to(dtype),
+                                       self.residue_re.to(dtype), self.residue_im.to(dtype),
+                                       state.long)
         state.long.copy_(modes)
         return y
 

@@ -9,8 +9,11 @@ token). Every routine computes
 and they differ only in how (Poli et al. 2023, "Hyena Hierarchy", Sec. 3: the long
 convolution of the order-2 operator y = q * (h * (k * v))):
   direct_causal_conv   the sum above as a depthwise conv1d: O(T L); short filters, decoding
-  fft_causal_conv      zero-padded FFT product at length 2T: O(T log T); training of MR, LI
+  fft_causal_conv      zero-padded FFT product at length 2T: O(T log T); training of MR (and
+                       of LI off CUDA)
   modal_recurrence     the modal filter's state space, one token at a time: decoding of LI
+                       (stripes.kernels.modal_conv walks it by segments for LI's training
+                       and prefill on CUDA)
 
 Filters (Ku et al. 2025, StripedHyena 2: SE short explicit, MR medium explicit with decay,
 LI long implicit; the LI form is the modal / poles-residues form of StripedHyena, Together
@@ -153,28 +156,6 @@ def modal_recurrence(u: torch.Tensor, poles: torch.Tensor, residues: torch.Tenso
         state = poles * state + u_c[:, t, :, None]  # [B, C, N]
         ys.append((state * residues).real.sum(-1))  # [B, C]
     return torch.stack(ys, dim=1).to(u.dtype), state
-
-
-def modal_chunk(u: torch.Tensor, log_rate: torch.Tensor, theta: torch.Tensor,
-                residues: torch.Tensor, state: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk of T tokens continuing the modal recurrence, in parallel form (prefill):
-
-        y[t]  = (h * u)[t] + Re( sum_n R_n p_n^(t+1) s_n )          (FFT conv + carry)
-        s_new = p^T s + sum_{j<T} p^(T-1-j) u[j]
-
-    u: [B, T, C]; log_rate, theta: [C, N]; residues: complex [C, N]; state: complex
-    [B, C, N]. Returns (y [B, T, C] in u's dtype, the new state), equal to
-    `modal_recurrence` up to rounding."""
-    T = u.shape[1]
-    powers = modal_powers(log_rate, theta, torch.arange(T + 1, device=u.device))  # [C, N, T+1]
-    u_r = u.to(state.real.dtype)  # the state's precision: float32, or float64
-    h = (residues[..., None] * powers[..., :T]).real.sum(1)  # [C, T], as modal_filter
-    y = fft_causal_conv(u_r, h)  # [B, T, C]
-    carry = torch.einsum("cnt,bcn->btc", residues[..., None] * powers[..., 1:], state)
-    inject = torch.einsum("btc,cnt->bcn", u_r.to(state.dtype), powers[..., :T].flip(-1))
-    new_state = powers[..., T] * state + inject  # [B, C, N]
-    return (y + carry.real).to(u.dtype), new_state
 
 
 def fft_conv_flops(seq_len: int) -> float:

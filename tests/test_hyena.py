@@ -24,13 +24,13 @@ from stripes.arch.hyena_filters import (
     decayed_filter,
     direct_causal_conv,
     fft_causal_conv,
-    modal_chunk,
     modal_filter,
     modal_poles,
     modal_recurrence,
     positive_rate,
 )
 from stripes.core.config import ConfigError
+from stripes.kernels.modal_conv import modal_conv_continue
 
 from numerics import rel_error
 
@@ -134,16 +134,17 @@ def test_modal_recurrence_equals_fft_path():
 
 
 @pytest.mark.parametrize("T", [1, 2, 17])
-def test_modal_chunk_continues_a_carried_state(T):
+def test_modal_conv_continue_carries_a_state(T):
     log_rate, theta, residues = modal_params()
     u = torch.randn(2, T, 3, dtype=torch.float64)
     state = torch.randn(2, 3, 4, dtype=torch.complex128)
-    y, new_state = modal_chunk(u, log_rate, theta, residues, state)
+    params = (positive_rate(log_rate), theta, residues.real, residues.imag)
+    y, new_state = modal_conv_continue(u, *params, state)
     y_rec, state_rec = modal_recurrence(u, modal_poles(log_rate, theta), residues, state)
     assert rel_error(y, y_rec) < 1e-10
     assert rel_error(torch.view_as_real(new_state), torch.view_as_real(state_rec)) < 1e-10
     # The carry matters: without it the outputs differ.
-    y_fresh, _ = modal_chunk(u, log_rate, theta, residues, torch.zeros_like(state))
+    y_fresh, _ = modal_conv_continue(u, *params, torch.zeros_like(state))
     assert rel_error(y_fresh, y_rec) > 1e-3
 
 

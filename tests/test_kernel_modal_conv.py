@@ -9,10 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stripes.arch.hyena_filters import modal_recurrence
 from stripes.kernels.modal_conv import modal_gated_conv
-from stripes.kernels.modal_conv.kernel import modal_gated_conv_triton, segment_length
+from stripes.kernels.modal_conv.kernel import (
+    modal_conv_continue_triton,
+    modal_gated_conv_triton,
+    segment_length,
+)
+from stripes.kernels.modal_conv.reference import (
+    modal_conv_continue,
+    modal_gated_recurrence,
+    per_channel,
+)
 from stripes.kernels.modal_conv.reference import modal_gated_conv as reference
-from stripes.kernels.modal_conv.reference import modal_gated_recurrence
 
 from numerics import poison_empty, rel_error
 
@@ -97,3 +106,25 @@ def test_cpu_runs_the_filter_and_fft_and_names_bad_shapes():
         modal_gated_conv(q, k, v, rate.repeat(2, 1)[:4], theta[:2], re[:2], im[:2])
     with pytest.raises(ValueError, match="residue_im"):
         modal_gated_conv(q, k, v, rate, theta, re, im[:, :1])
+
+
+@pytest.mark.parametrize("T, segment", [(37, 10), (37, 37), (5, 2), (0, None)])
+def test_continue_kernel_carries_the_state(T, segment):
+    """Prefill from a carried state: the Triton kernels (float32) against the parallel form
+    and the token-by-token recurrence (float64), output and state after the chunk."""
+    B, C, G, N = 2, 12, 4, 5
+    _, u, _, rate, theta, re, im = inputs(B, T, C, G, N, seed=T)
+    g = torch.Generator().manual_seed(1)
+    state = torch.randn(B, C, N, dtype=torch.complex128, generator=g)
+    y, new_state = modal_conv_continue(u, rate, theta, re, im, state)
+    poles = per_channel(torch.exp(torch.complex(-rate, theta)), C)
+    y_rec, state_rec = modal_recurrence(u, poles, per_channel(torch.complex(re, im), C), state)
+    assert rel_error(y, y_rec) < 1e-10 or T == 0
+    assert rel_error(torch.view_as_real(new_state), torch.view_as_real(state_rec)) < 1e-10
+    got_y, got_state = modal_conv_continue_triton(
+        u.to(DEVICE, torch.float32), *(t.to(DEVICE, torch.float32) for t in (rate, theta, re, im)),
+        state.to(DEVICE, torch.complex64), segment=segment)
+    assert got_y.shape == (B, T, C) and got_state.dtype == torch.complex64
+    if T:
+        assert rel_error(got_y, y) < 2e-5
+    assert rel_error(torch.view_as_real(got_state), torch.view_as_real(new_state)) < 2e-5

@@ -18,6 +18,7 @@ import torch
 from stripes.kernels.dispatch import use_triton
 from stripes.kernels.fft_conv import fft_gated_conv
 from stripes.kernels.modal_conv.reference import check_inputs, per_channel
+from stripes.kernels.modal_conv.reference import modal_conv_continue as continue_reference
 from stripes.kernels.modal_filter import modal_filter
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,3 +45,22 @@ def modal_gated_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: to
     check_inputs(q, k, v, *params)
     h = modal_filter(*params, q.shape[1])  # [G, T]
     return fft_gated_conv(q, k, v, per_channel(h, q.shape[2]))
+
+
+def modal_conv_continue(u: torch.Tensor, rate: torch.Tensor, theta: torch.Tensor,
+                        residue_re: torch.Tensor, residue_im: torch.Tensor,
+                        state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoding's prefill: y = h * u for u [B, T, C] continuing from state (complex
+    [B, C, N], the recurrence's state after the tokens before u), and the state after u.
+    No gradients: under autograd, or off CUDA, or with a complex128 state, the reference
+    (parallel form by FFT, [C, N, T] powers in memory) runs; otherwise the Triton kernels,
+    whose memory does not grow with T beyond y itself."""
+    params = (rate, theta, residue_re, residue_im)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params, state))
+    if (not needs_grad and use_triton(u, *params, state) and u.dtype in TRITON_DTYPES
+            and state.dtype == torch.complex64
+            and all(p.dtype == torch.float32 for p in params)):
+        from stripes.kernels.modal_conv.kernel import modal_conv_continue_triton
+
+        return modal_conv_continue_triton(u, *params, state)
+    return continue_reference(u, *params, state)

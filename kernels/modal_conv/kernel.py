@@ -89,35 +89,50 @@ def _tile(pid_c, N, C, CPG, BC: tl.constexpr, BN: tl.constexpr):
 
 # -- forward ----------------------------------------------------------------------------------
 @triton.jit
+def _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V: tl.constexpr):
+    """u = k v at token t ([BC]), or k alone."""
+    u = _row(k_ptr, b, t, c, skb, skt, ok)
+    if HAS_V:
+        u *= _row(v_ptr, b, t, c, svb, svt, ok)
+    return u
+
+
+@triton.jit
 def _local_fwd(k_ptr, v_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, CPG, SEG, n_seg,
-               skb, skt, svb, svt, BC: tl.constexpr, BN: tl.constexpr):
+               skb, skt, svb, svt, HAS_V: tl.constexpr, BC: tl.constexpr,
+               BN: tl.constexpr):
     """Each segment's end state from a zero start -> state[b, seg, 0:2]."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
     sr = tl.zeros((BC, BN), tl.float32)
     si = tl.zeros((BC, BN), tl.float32)
-    for i in range(SEG):
-        t = seg * SEG + i
-        ok = c_ok & (t < T)
-        u = _row(k_ptr, b, t, c, skb, skt, ok) * _row(v_ptr, b, t, c, svb, svt, ok)
+    for i in range(tl.minimum(SEG, T - seg * SEG)):  # the last segment may be short
+        u = _input(k_ptr, v_ptr, b, seg * SEG + i, c, skb, skt, svb, svt, c_ok, HAS_V)
         sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
     tl.store(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), si, mask=mask)
 
 
 @triton.jit
-def _pass_fwd(rate_ptr, theta_ptr, state_ptr, C, N, CPG, SEG, n_seg,
-              BLOCK: tl.constexpr):
-    """In place over state[b]: each segment's local end state becomes its entering state."""
+def _pass_fwd(rate_ptr, theta_ptr, state_ptr, init_ptr, final_ptr, T, C, N, CPG, SEG, n_seg,
+              HAS_INIT: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK: tl.constexpr):
+    """In place over state[b]: each segment's local end state becomes its entering state,
+    starting from init[b] ([C, N] complex as (real, imag) pairs) or zero; the state after
+    the last token goes to final[b] (same layout)."""
     pid, b = tl.program_id(0), tl.program_id(1)
     lanes = pid * BLOCK + tl.arange(0, BLOCK)
     ok = lanes < C * N
     rate = tl.load(rate_ptr + _param_lanes(lanes, N, CPG), mask=ok, other=0.0)
     theta = tl.load(theta_ptr + _param_lanes(lanes, N, CPG), mask=ok, other=0.0)
+    pairs = (b.to(tl.int64) * C * N + lanes) * 2
+    if HAS_INIT:
+        sr = tl.load(init_ptr + pairs, mask=ok, other=0.0)
+        si = tl.load(init_ptr + pairs + 1, mask=ok, other=0.0)
+    else:
+        sr = tl.zeros((BLOCK,), tl.float32)
+        si = tl.zeros((BLOCK,), tl.float32)
     wr, wi = _power(rate, theta, SEG * 1.0)  # p^SEG
-    sr = tl.zeros((BLOCK,), tl.float32)
-    si = tl.zeros((BLOCK,), tl.float32)
     for seg in range(n_seg):
         at_r = _states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N)
         at_i = _states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N)
@@ -125,14 +140,20 @@ def _pass_fwd(rate_ptr, theta_ptr, state_ptr, C, N, CPG, SEG, n_seg,
         li = tl.load(at_i, mask=ok, other=0.0)
         tl.store(at_r, sr, mask=ok)
         tl.store(at_i, si, mask=ok)
+        if seg == n_seg - 1:  # the last segment: T - seg SEG tokens
+            wr, wi = _power(rate, theta, (T - seg * SEG) * 1.0)
         sr, si = wr * sr - wi * si + lr, wr * si + wi * sr + li
+    if HAS_FINAL:
+        tl.store(final_ptr + pairs, sr, mask=ok)
+        tl.store(final_ptr + pairs + 1, si, mask=ok)
 
 
 @triton.jit
 def _output_fwd(q_ptr, k_ptr, v_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr, state_ptr, out_ptr,
                 T, C, N, CPG, SEG, n_seg, sqb, sqt, skb, skt, svb, svt,
-                BC: tl.constexpr, BN: tl.constexpr):
-    """out = q y over each segment, from its entering state."""
+                HAS_Q: tl.constexpr, HAS_V: tl.constexpr, BC: tl.constexpr,
+                BN: tl.constexpr):
+    """out = q y (or y) over each segment, from its entering state."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
@@ -140,13 +161,14 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr, state_
     ri = tl.load(im_ptr + plane, mask=mask, other=0.0)
     sr = tl.load(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), mask=mask, other=0.0)
     si = tl.load(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), mask=mask, other=0.0)
-    for i in range(SEG):
+    for i in range(tl.minimum(SEG, T - seg * SEG)):
         t = seg * SEG + i
-        ok = c_ok & (t < T)
-        u = _row(k_ptr, b, t, c, skb, skt, ok) * _row(v_ptr, b, t, c, svb, svt, ok)
+        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
         sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
         y = tl.sum(rr * sr - ri * si, axis=1)
-        _store_row(out_ptr, b, t, c, T, C, _row(q_ptr, b, t, c, sqb, sqt, ok) * y, ok)
+        if HAS_Q:
+            y *= _row(q_ptr, b, t, c, sqb, sqt, c_ok)
+        _store_row(out_ptr, b, t, c, T, C, y, c_ok)
 
 
 # -- backward ---------------------------------------------------------------------------------
@@ -165,10 +187,9 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     si = tl.zeros((BC, BN), tl.float32)
     dr = tl.zeros((BC, BN), tl.float32)  # s' = ds/dp
     di = tl.zeros((BC, BN), tl.float32)
-    for i in range(SEG):
-        t = seg * SEG + i
-        ok = c_ok & (t < T)
-        u = _row(k_ptr, b, t, c, skb, skt, ok) * _row(v_ptr, b, t, c, svb, svt, ok)
+    rows = tl.minimum(SEG, T - seg * SEG)
+    for i in range(rows):
+        u = _input(k_ptr, v_ptr, b, seg * SEG + i, c, skb, skt, svb, svt, c_ok, True)
         dr, di = pr * dr - pi * di + sr, pr * di + pi * dr + si
         sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N), sr, mask=mask)
@@ -177,10 +198,9 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 3, 4, lanes, C, N), di, mask=mask)
     ar = tl.zeros((BC, BN), tl.float32)
     ai = tl.zeros((BC, BN), tl.float32)
-    for i in range(SEG):
-        t = seg * SEG + SEG - 1 - i
-        ok = c_ok & (t < T)
-        g = (_row(dout_ptr, b, t, c, sdb, sdt, ok) * _row(q_ptr, b, t, c, sqb, sqt, ok))[:, None]
+    for i in range(rows):
+        t = seg * SEG + rows - 1 - i
+        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
         ar, ai = rr * g + pr * ar - pi * ai, ri * g + pr * ai + pi * ar
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N), ar, mask=mask)
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 1, 2, lanes, C, N), ai, mask=mask)
@@ -249,15 +269,15 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     gsi = tl.zeros((BC, BN), tl.float32)
     gdr = tl.zeros((BC, BN), tl.float32)  # sum_t g s'
     gdi = tl.zeros((BC, BN), tl.float32)
-    for i in range(SEG):
+    rows = tl.minimum(SEG, T - seg * SEG)
+    for i in range(rows):
         t = seg * SEG + i
-        ok = c_ok & (t < T)
-        u = _row(k_ptr, b, t, c, skb, skt, ok) * _row(v_ptr, b, t, c, svb, svt, ok)
-        dout = _row(dout_ptr, b, t, c, sdb, sdt, ok)
-        g = (dout * _row(q_ptr, b, t, c, sqb, sqt, ok))[:, None]
+        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
+        dout = _row(dout_ptr, b, t, c, sdb, sdt, c_ok)
+        g = (dout * _row(q_ptr, b, t, c, sqb, sqt, c_ok))[:, None]
         dr, di = pr * dr - pi * di + sr, pr * di + pi * dr + si
         sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
-        _store_row(dq_ptr, b, t, c, T, C, dout * tl.sum(rr * sr - ri * si, axis=1), ok)
+        _store_row(dq_ptr, b, t, c, T, C, dout * tl.sum(rr * sr - ri * si, axis=1), c_ok)
         gsr += g * sr
         gsi += g * si
         gdr += g * dr
@@ -271,14 +291,13 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     at = _states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N)
     ar = tl.load(at, mask=mask, other=0.0)
     ai = tl.load(at + C * N, mask=mask, other=0.0)
-    for i in range(SEG):
-        t = seg * SEG + SEG - 1 - i
-        ok = c_ok & (t < T)
-        g = (_row(dout_ptr, b, t, c, sdb, sdt, ok) * _row(q_ptr, b, t, c, sqb, sqt, ok))[:, None]
+    for i in range(rows):
+        t = seg * SEG + rows - 1 - i
+        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
         ar, ai = rr * g + pr * ar - pi * ai, ri * g + pr * ai + pi * ar
         du = tl.sum(ar, axis=1)
-        _store_row(dk_ptr, b, t, c, T, C, du * _row(v_ptr, b, t, c, svb, svt, ok), ok)
-        _store_row(dv_ptr, b, t, c, T, C, du * _row(k_ptr, b, t, c, skb, skt, ok), ok)
+        _store_row(dk_ptr, b, t, c, T, C, du * _row(v_ptr, b, t, c, svb, svt, c_ok), c_ok)
+        _store_row(dv_ptr, b, t, c, T, C, du * _row(k_ptr, b, t, c, skb, skt, c_ok), c_ok)
 
 
 # -- launchers --------------------------------------------------------------------------------
@@ -300,25 +319,40 @@ def segment_length(batch: int, T: int, C: int, device: torch.device) -> int:
     return triton.cdiv(T, segments)
 
 
+def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
+             params: list[torch.Tensor], segment: int, initial: torch.Tensor | None = None,
+             final: torch.Tensor | None = None) -> torch.Tensor:
+    """out = q y with u = k v (q, v None: y, u = k), from `initial` and into `final` (float32
+    [B, C, N, 2] views of complex states) when given. params: float32 [G, N], contiguous."""
+    B, T, C = k.shape
+    G, N = params[0].shape
+    n_seg, cpg = triton.cdiv(T, segment), C // G
+    out = torch.empty(B, T, C, dtype=k.dtype, device=k.device)
+    if out.numel():
+        state = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=k.device)
+        grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
+        k_v = [k, k if v is None else v]
+        _local_fwd[grid](*k_v, params[0], params[1], state, T, C, N, cpg, segment, n_seg,
+                         *_strides(*k_v), HAS_V=v is not None, BC=BC, BN=BN)
+        _pass_fwd[(triton.cdiv(C * N, PASS_BLOCK), B)](
+            params[0], params[1], state, state if initial is None else initial,
+            state if final is None else final, T, C, N, cpg, segment, n_seg,
+            HAS_INIT=initial is not None, HAS_FINAL=final is not None, BLOCK=PASS_BLOCK)
+        q_k_v = [k if q is None else q, *k_v]
+        _output_fwd[grid](*q_k_v, *params, state, out, T, C, N, cpg, segment, n_seg,
+                          *_strides(*q_k_v), HAS_Q=q is not None, HAS_V=v is not None,
+                          BC=BC, BN=BN)
+    elif final is not None and initial is not None:
+        final.copy_(initial)
+    return out
+
+
 class ModalConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rate, theta, residue_re, residue_im, segment):
         q, k, v = (_channels_contiguous(t) for t in (q, k, v))
         params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
-        B, T, C = q.shape
-        G, N = rate.shape
-        n_seg, cpg = triton.cdiv(T, segment), C // G
-        out = torch.empty(B, T, C, dtype=q.dtype, device=q.device)
-        if out.numel():
-            state = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=q.device)
-            grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
-            _local_fwd[grid](k, v, params[0], params[1], state, T, C, N, cpg, segment, n_seg,
-                             *_strides(k, v), BC=BC, BN=BN)
-            _pass_fwd[(triton.cdiv(C * N, PASS_BLOCK), B)](params[0], params[1], state, C, N,
-                                                          cpg, segment, n_seg,
-                                                          BLOCK=PASS_BLOCK)
-            _output_fwd[grid](q, k, v, *params, state, out, T, C, N, cpg, segment, n_seg,
-                              *_strides(q, k, v), BC=BC, BN=BN)
+        out = _forward(q, k, v, params, segment)
         ctx.save_for_backward(q, k, v, *params)
         ctx.segment = segment
         return out
@@ -367,3 +401,21 @@ def modal_gated_conv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         segment = segment_length(B, T, C, q.device)
     return ModalConvFunction.apply(q, k, v, rate, theta, residue_re, residue_im,
                                    max(1, segment))
+
+
+def modal_conv_continue_triton(u: torch.Tensor, rate: torch.Tensor, theta: torch.Tensor,
+                               residue_re: torch.Tensor, residue_im: torch.Tensor,
+                               state: torch.Tensor, segment: int | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of stripes.kernels.modal_conv.modal_conv_continue (same contract)."""
+    from stripes.kernels.modal_conv.reference import check_continue_inputs
+
+    check_continue_inputs(u, rate, theta, residue_re, residue_im, state)
+    B, T, C = u.shape
+    if segment is None:
+        segment = segment_length(B, T, C, u.device) if T else 1
+    params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
+    initial = torch.view_as_real(state.to(torch.complex64).contiguous())
+    final = torch.empty_like(initial)
+    y = _forward(None, _channels_contiguous(u), None, params, max(1, segment), initial, final)
+    return y, torch.view_as_complex(final).to(state.dtype)

@@ -12,14 +12,19 @@ the recurrence the kernel walks, one token at a time:
 
 since sum_{j<=t} Re(R p^(t-j)) u[j] = Re(R sum_{j<=t} p^(t-j) u[j]). The recurrence is slow in
 PyTorch (a Python loop over time) and is there for tests.
+
+Decoding's prefill continues the recurrence from a carried state s[-1] (`modal_conv_continue`,
+ungated): y[t] = (h * u)[t] + Re(sum_n R_n p_n^(t+1) s_n[-1]), and the state after the chunk
+is p^T s[-1] + sum_{j<T} p^(T-1-j) u[j].
 """
 
 from __future__ import annotations
 
 import torch
 
+from stripes.arch.hyena_filters import fft_causal_conv
 from stripes.kernels.fft_conv.reference import fft_gated_conv
-from stripes.kernels.modal_filter.reference import modal_filter
+from stripes.kernels.modal_filter.reference import modal_filter, rate_powers
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.Tensor,
@@ -69,3 +74,35 @@ def modal_gated_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         s = p * s + u[:, t, :, None]
         ys.append((R * s).real.sum(-1))  # [B, C]
     return q * torch.stack(ys, dim=1).to(q.dtype)
+
+
+def check_continue_inputs(u: torch.Tensor, rate: torch.Tensor, theta: torch.Tensor,
+                          residue_re: torch.Tensor, residue_im: torch.Tensor,
+                          state: torch.Tensor) -> None:
+    check_inputs(u, u, u, rate, theta, residue_re, residue_im)
+    B, _, C = u.shape
+    if state.shape != (B, C, rate.shape[1]) or not state.is_complex():
+        raise ValueError(f"modal_conv_continue: state must be complex [B, C, N] = "
+                         f"[{B}, {C}, {rate.shape[1]}], got {state.dtype} "
+                         f"{tuple(state.shape)}")
+
+
+def modal_conv_continue(u: torch.Tensor, rate: torch.Tensor, theta: torch.Tensor,
+                        residue_re: torch.Tensor, residue_im: torch.Tensor,
+                        state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """u [B, T, C] continuing from state (complex [B, C, N], s[-1]): (y [B, T, C] in u's
+    dtype, the state after u), in parallel form: the filter by its definition convolved by
+    FFT, plus the carried state's decay, in the state's precision."""
+    check_continue_inputs(u, rate, theta, residue_re, residue_im, state)
+    T, C = u.shape[1], u.shape[2]
+    if T == 0:  # nothing read: the state stays (an FFT of length 0 is an error)
+        return u.clone(), state.clone()
+    real = state.real.dtype  # float32, or float64
+    powers = rate_powers(rate.to(real), theta.to(real), torch.arange(T + 1, device=u.device))
+    powers = per_channel(powers, C)  # [C, N, T + 1]
+    R = per_channel(torch.complex(residue_re.to(real), residue_im.to(real)), C)[..., None]
+    u_r = u.to(real)
+    y = fft_causal_conv(u_r, (R * powers[..., :T]).real.sum(1))  # [B, T, C]
+    carry = torch.einsum("cnt,bcn->btc", R * powers[..., 1:], state)
+    inject = torch.einsum("btc,cnt->bcn", u_r.to(state.dtype), powers[..., :T].flip(-1))
+    return (y + carry.real).to(u.dtype), powers[..., T] * state + inject
