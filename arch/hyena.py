@@ -25,8 +25,9 @@ up to it (7 taps cost 14 FLOPs per channel and token against ~186 by FFT at T = 
 by FFT beyond, in stripes.kernels.fft_conv (a backward that keeps only its inputs), with
 packed documents as separate rows (`per_document`). LI's filter is as long as the
 sequence, but it is a sum of N decaying exponentials: on CUDA stripes.kernels.modal_conv
-walks its recurrence (N complex multiply-adds a token and channel, no filter, no FFT);
-elsewhere the filter is built and convolved by FFT. Packed documents run as separate rows.
+walks its recurrence (N complex multiply-adds a token and channel, no filter, no FFT) and
+restarts it at document starts; elsewhere the filter is built and convolved by FFT, with
+packed documents as separate rows.
 
 Decoding state (`HyenaState`): the featurizer's last short_len-1 inputs, plus for SE/MR the
 last filter_len-1 values of u (FIR history), for LI the complex modal state [B, D, N].
@@ -358,12 +359,19 @@ class HyenaLI(Hyena):
         """h[g, t] for t < length: [G, length], float32 (float64 in a float64 model)."""
         return modal_filter(self.log_rate, self.theta, self.residues(), length)
 
+    @property
+    def packs_documents(self) -> bool:
+        """On CUDA the modal_conv kernels restart the state at each document start; the FFT
+        path elsewhere cannot, so documents run there as separate rows."""
+        return self.log_rate.is_cuda
+
     def gated_long_conv(self, q, k, v, positions):
         """As the recurrence the filter is (stripes.kernels.modal_conv: no filter, no FFT, on
         CUDA); elsewhere the filter built for this length, convolved by FFT."""
         dtype = compute_dtype(self.log_rate, self.theta)
         return modal_gated_conv(q, k, v, positive_rate(self.log_rate), self.theta.to(dtype),
-                                self.residue_re.to(dtype), self.residue_im.to(dtype))
+                                self.residue_re.to(dtype), self.residue_im.to(dtype),
+                                positions)
 
     def _allocate_long(self, batch_size, device, dtype) -> torch.Tensor:
         complex_dtype = torch.promote_types(dtype, torch.float32).to_complex()

@@ -11,7 +11,7 @@ import torch
 
 from stripes.arch.hyena_filters import modal_recurrence
 from stripes.kernels.modal_conv import modal_gated_conv
-from stripes.kernels.modal_conv.kernel import (
+from stripes.kernels.modal_conv.function import (
     modal_conv_continue_triton,
     modal_gated_conv_triton,
     segment_length,
@@ -75,6 +75,33 @@ def test_float32_kernels_match_float64_reference(B, T, C, G, N, segment):
     for name, actual, expected in zip(names, got, want, strict=True):
         assert actual.dtype == torch.float32 and torch.isfinite(actual).all(), name
         assert rel_error(actual, expected) < 2e-5, name
+
+
+def positions_of(doc_ids: torch.Tensor) -> torch.Tensor:
+    steps = torch.arange(doc_ids.shape[1])
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return steps - torch.where(starts, steps, 0).cummax(dim=1).values
+
+
+@pytest.mark.parametrize("T, segment", [(40, 7), (40, 40), (23, 5)])
+def test_packed_documents_restart_the_state(T, segment):
+    """With positions, the kernels (float32) match the recurrence that restarts at each
+    document (float64), which matches each document convolved alone; segment edges fall
+    inside documents, on their starts and on their last tokens."""
+    B, C, G, N = 2, 12, 4, 5
+    tensors = inputs(B, T, C, G, N, seed=T + segment)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 14 + [2] * (T - 21), [0] * (T - 6) + [1] * 6])
+    positions = positions_of(doc_ids)
+    grad = torch.randn(B, T, C, dtype=torch.float64)
+    want = forward_backward(modal_gated_recurrence, tensors, grad, positions=positions)
+    first = [t[:1, 7:21] if i < 3 else t for i, t in enumerate(tensors)]
+    assert rel_error(want[0][:1, 7:21], reference(*first)) < 1e-10  # document 1 alone
+    dev = [t.to(DEVICE, torch.float32) for t in tensors]
+    got = forward_backward(modal_gated_conv_triton, dev, grad.to(DEVICE),
+                           positions=positions.to(DEVICE), segment=segment)
+    for actual, expected in zip(got, want, strict=True):
+        assert rel_error(actual, expected) < 2e-5
 
 
 def test_bfloat16_activations():

@@ -17,7 +17,11 @@ import torch
 
 from stripes.kernels.dispatch import use_triton
 from stripes.kernels.fft_conv import fft_gated_conv
-from stripes.kernels.modal_conv.reference import check_inputs, per_channel
+from stripes.kernels.modal_conv.reference import (
+    check_inputs,
+    modal_gated_recurrence,
+    per_channel,
+)
 from stripes.kernels.modal_conv.reference import modal_conv_continue as continue_reference
 from stripes.kernels.modal_filter import modal_filter
 
@@ -25,26 +29,38 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def modal_gated_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.Tensor,
-                     theta: torch.Tensor, residue_re: torch.Tensor,
-                     residue_im: torch.Tensor) -> torch.Tensor:
+                     theta: torch.Tensor, residue_re: torch.Tensor, residue_im: torch.Tensor,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v [B, T, C]; rate (> 0), theta, residue_re, residue_im [G, N] real: G filters,
-    each shared by C / G channels. Returns out [B, T, C] in q's dtype; gradients flow to
-    all seven.
+    each shared by C / G channels; positions: [B, T] integers, the steps since each token's
+    document start (None: one document a row). Returns out [B, T, C] in q's dtype;
+    gradients flow to q, k, v and the four parameters.
 
     CUDA activations of a Triton dtype with float32 parameters run the Triton kernels
     (float32 math; q, k, v may be views with channel stride 1, e.g. chunks of one
-    projection). Everything else builds the filter (stripes.kernels.modal_filter) and
-    convolves by FFT (stripes.kernels.fft_conv), as reference.py does but with those
-    modules' memory-saving backward passes. Bad shapes raise ValueError."""
+    projection). Elsewhere, without positions, the filter is built
+    (stripes.kernels.modal_filter) and convolved by FFT (stripes.kernels.fft_conv), as
+    reference.py does but with those modules' memory-saving backward passes; with positions,
+    the token-by-token recurrence runs (correct but slow: stripes.arch.hyena runs documents
+    as separate rows there instead). Bad shapes raise ValueError."""
     params = (rate, theta, residue_re, residue_im)
-    if (use_triton(q, k, v, *params) and all(t.dtype in TRITON_DTYPES for t in (q, k, v))
-            and all(p.dtype == torch.float32 for p in params)):
-        from stripes.kernels.modal_conv.kernel import modal_gated_conv_triton
+    if runs_triton(q, k, v, *params):
+        from stripes.kernels.modal_conv.function import modal_gated_conv_triton
 
-        return modal_gated_conv_triton(q, k, v, *params)
-    check_inputs(q, k, v, *params)
+        return modal_gated_conv_triton(q, k, v, *params, positions)
+    check_inputs(q, k, v, *params, positions)
+    if positions is not None:
+        return modal_gated_recurrence(q, k, v, *params, positions)
     h = modal_filter(*params, q.shape[1])  # [G, T]
     return fft_gated_conv(q, k, v, per_channel(h, q.shape[2]))
+
+
+def runs_triton(*tensors: torch.Tensor) -> bool:
+    """Whether modal_gated_conv on these activations (then parameters) runs the Triton
+    kernels: CUDA, activations of a Triton dtype, float32 parameters."""
+    acts, params = tensors[:-4], tensors[-4:]
+    return (use_triton(*tensors) and all(t.dtype in TRITON_DTYPES for t in acts)
+            and all(p.dtype == torch.float32 for p in params))
 
 
 def modal_conv_continue(u: torch.Tensor, rate: torch.Tensor, theta: torch.Tensor,
@@ -57,10 +73,8 @@ def modal_conv_continue(u: torch.Tensor, rate: torch.Tensor, theta: torch.Tensor
     whose memory does not grow with T beyond y itself."""
     params = (rate, theta, residue_re, residue_im)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params, state))
-    if (not needs_grad and use_triton(u, *params, state) and u.dtype in TRITON_DTYPES
-            and state.dtype == torch.complex64
-            and all(p.dtype == torch.float32 for p in params)):
-        from stripes.kernels.modal_conv.kernel import modal_conv_continue_triton
+    if not needs_grad and state.dtype == torch.complex64 and runs_triton(u, *params):
+        from stripes.kernels.modal_conv.function import modal_conv_continue_triton
 
         return modal_conv_continue_triton(u, *params, state)
     return continue_reference(u, *params, state)

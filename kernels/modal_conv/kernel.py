@@ -29,7 +29,6 @@ All arithmetic is float32; modes past N get p = 0 and R = 0, so they add nothing
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -37,8 +36,6 @@ from stripes.kernels.modal_filter.kernel import _power
 
 BC = 32  # channels per program
 PASS_BLOCK = 256  # (channel, mode) lanes per program of the passing scans
-MIN_SEGMENT = 64  # tokens
-PROGRAMS_PER_SM = 8  # segments are cut so that about this many programs per SM run
 
 
 @triton.jit
@@ -87,6 +84,31 @@ def _tile(pid_c, N, C, CPG, BC: tl.constexpr, BN: tl.constexpr):
     return c, c_ok, c[:, None] * N + n[None, :], (c // CPG)[:, None] * N + n[None, :], mask
 
 
+@triton.jit
+def _keep(pos_ptr, b, t, T, HAS_POS: tl.constexpr):
+    """1.0 when token t continues the state of token t - 1, 0.0 where a document starts
+    (pos[t] = 0) or past the sequence. Without positions each row is one document, whose
+    first token keeps the state carried in (zero, or prefill's)."""
+    if HAS_POS:
+        pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t < T, other=0)
+        keep = tl.where(pos > 0, 1.0, 0.0)
+    else:
+        keep = tl.where(t < T, 1.0, 0.0)
+    return keep
+
+
+@triton.jit
+def _carried(pos_ptr, b, t, L, T, HAS_POS: tl.constexpr):
+    """1.0 when a state survives the L tokens that end at token t (no document starts among
+    them: pos[t] >= L), else 0.0."""
+    if HAS_POS:
+        pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t < T, other=0)
+        carried = tl.where(pos >= L, 1.0, 0.0)
+    else:
+        carried = tl.where(t < T + L, 1.0, 1.0)
+    return carried
+
+
 # -- forward ----------------------------------------------------------------------------------
 @triton.jit
 def _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V: tl.constexpr):
@@ -98,9 +120,9 @@ def _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V: tl.constexpr):
 
 
 @triton.jit
-def _local_fwd(k_ptr, v_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, CPG, SEG, n_seg,
-               skb, skt, svb, svt, HAS_V: tl.constexpr, BC: tl.constexpr,
-               BN: tl.constexpr):
+def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, CPG, SEG,
+               n_seg, skb, skt, svb, svt, HAS_V: tl.constexpr, HAS_POS: tl.constexpr,
+               BC: tl.constexpr, BN: tl.constexpr):
     """Each segment's end state from a zero start -> state[b, seg, 0:2]."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
@@ -108,15 +130,18 @@ def _local_fwd(k_ptr, v_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, CPG, SEG, 
     sr = tl.zeros((BC, BN), tl.float32)
     si = tl.zeros((BC, BN), tl.float32)
     for i in range(tl.minimum(SEG, T - seg * SEG)):  # the last segment may be short
-        u = _input(k_ptr, v_ptr, b, seg * SEG + i, c, skb, skt, svb, svt, c_ok, HAS_V)
-        sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
+        t = seg * SEG + i
+        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
+        keep = _keep(pos_ptr, b, t, T, HAS_POS)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), si, mask=mask)
 
 
 @triton.jit
-def _pass_fwd(rate_ptr, theta_ptr, state_ptr, init_ptr, final_ptr, T, C, N, CPG, SEG, n_seg,
-              HAS_INIT: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK: tl.constexpr):
+def _pass_fwd(rate_ptr, theta_ptr, state_ptr, init_ptr, final_ptr, pos_ptr, T, C, N, CPG,
+              SEG, n_seg, HAS_INIT: tl.constexpr, HAS_FINAL: tl.constexpr,
+              HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
     """In place over state[b]: each segment's local end state becomes its entering state,
     starting from init[b] ([C, N] complex as (real, imag) pairs) or zero; the state after
     the last token goes to final[b] (same layout)."""
@@ -140,19 +165,21 @@ def _pass_fwd(rate_ptr, theta_ptr, state_ptr, init_ptr, final_ptr, T, C, N, CPG,
         li = tl.load(at_i, mask=ok, other=0.0)
         tl.store(at_r, sr, mask=ok)
         tl.store(at_i, si, mask=ok)
-        if seg == n_seg - 1:  # the last segment: T - seg SEG tokens
-            wr, wi = _power(rate, theta, (T - seg * SEG) * 1.0)
-        sr, si = wr * sr - wi * si + lr, wr * si + wi * sr + li
+        rows = tl.minimum(SEG, T - seg * SEG)
+        if seg == n_seg - 1:  # the last segment may be short
+            wr, wi = _power(rate, theta, rows * 1.0)
+        f = _carried(pos_ptr, b, seg * SEG + rows - 1, rows, T, HAS_POS)
+        sr, si = f * (wr * sr - wi * si) + lr, f * (wr * si + wi * sr) + li
     if HAS_FINAL:
         tl.store(final_ptr + pairs, sr, mask=ok)
         tl.store(final_ptr + pairs + 1, si, mask=ok)
 
 
 @triton.jit
-def _output_fwd(q_ptr, k_ptr, v_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr, state_ptr, out_ptr,
-                T, C, N, CPG, SEG, n_seg, sqb, sqt, skb, skt, svb, svt,
-                HAS_Q: tl.constexpr, HAS_V: tl.constexpr, BC: tl.constexpr,
-                BN: tl.constexpr):
+def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr, state_ptr,
+                out_ptr, T, C, N, CPG, SEG, n_seg, sqb, sqt, skb, skt, svb, svt,
+                HAS_Q: tl.constexpr, HAS_V: tl.constexpr, HAS_POS: tl.constexpr,
+                BC: tl.constexpr, BN: tl.constexpr):
     """out = q y (or y) over each segment, from its entering state."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
@@ -164,7 +191,8 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr, state_
     for i in range(tl.minimum(SEG, T - seg * SEG)):
         t = seg * SEG + i
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
-        sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
+        keep = _keep(pos_ptr, b, t, T, HAS_POS)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
         y = tl.sum(rr * sr - ri * si, axis=1)
         if HAS_Q:
             y *= _row(q_ptr, b, t, c, sqb, sqt, c_ok)
@@ -173,9 +201,10 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr, state_
 
 # -- backward ---------------------------------------------------------------------------------
 @triton.jit
-def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr,
+def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr,
                fstate_ptr, rstate_ptr, T, C, N, CPG, SEG, n_seg,
-               sqb, sqt, skb, skt, svb, svt, sdb, sdt, BC: tl.constexpr, BN: tl.constexpr):
+               sqb, sqt, skb, skt, svb, svt, sdb, sdt, HAS_POS: tl.constexpr,
+               BC: tl.constexpr, BN: tl.constexpr):
     """From zero starts: each segment's end (s, s') -> fstate[b, seg, 0:4], and its adjoint
     at the segment's first token, walking back from its end -> rstate[b, seg, 0:2]."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -189,26 +218,31 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     di = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
     for i in range(rows):
-        u = _input(k_ptr, v_ptr, b, seg * SEG + i, c, skb, skt, svb, svt, c_ok, True)
-        dr, di = pr * dr - pi * di + sr, pr * di + pi * dr + si
-        sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
+        t = seg * SEG + i
+        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
+        keep = _keep(pos_ptr, b, t, T, HAS_POS)
+        dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 1, 4, lanes, C, N), si, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 2, 4, lanes, C, N), dr, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 3, 4, lanes, C, N), di, mask=mask)
     ar = tl.zeros((BC, BN), tl.float32)
     ai = tl.zeros((BC, BN), tl.float32)
+    keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)  # (a starts at zero here)
     for i in range(rows):
         t = seg * SEG + rows - 1 - i
         g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
-        ar, ai = rr * g + pr * ar - pi * ai, ri * g + pr * ai + pi * ar
+        ar, ai = (rr * g + keep_next * (pr * ar - pi * ai),
+                  ri * g + keep_next * (pr * ai + pi * ar))
+        keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N), ar, mask=mask)
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 1, 2, lanes, C, N), ai, mask=mask)
 
 
 @triton.jit
-def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, C, N, CPG, SEG, n_seg,
-              BLOCK: tl.constexpr):
+def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, pos_ptr, T, C, N, CPG, SEG, n_seg,
+              HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
     """In place: fstate's local (s, s') end states become each segment's entering (s, s');
     rstate's local adjoints become the adjoint entering each segment from its right."""
     pid, b = tl.program_id(0), tl.program_id(1)
@@ -233,9 +267,11 @@ def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, C, N, CPG, SEG, n_seg
         tl.store(at + C * N, si, mask=ok)
         tl.store(at + 2 * C * N, dr, mask=ok)
         tl.store(at + 3 * C * N, di, mask=ok)
-        dr, di = (wr * dr - wi * di + vr * sr - vi * si + ldr,
-                  wr * di + wi * dr + vr * si + vi * sr + ldi)
-        sr, si = wr * sr - wi * si + lsr, wr * si + wi * sr + lsi
+        # The last segment's exit state is never used, so p^SEG serves it too.
+        f = _carried(pos_ptr, b, seg * SEG + SEG - 1, SEG, T, HAS_POS)
+        dr, di = (f * (wr * dr - wi * di + vr * sr - vi * si) + ldr,
+                  f * (wr * di + wi * dr + vr * si + vi * sr) + ldi)
+        sr, si = f * (wr * sr - wi * si) + lsr, f * (wr * si + wi * sr) + lsi
     ar = tl.zeros((BLOCK,), tl.float32)
     ai = tl.zeros((BLOCK,), tl.float32)
     for back in range(n_seg):
@@ -245,14 +281,17 @@ def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, C, N, CPG, SEG, n_seg
         lai = tl.load(at + C * N, mask=ok, other=0.0)
         tl.store(at, ar, mask=ok)
         tl.store(at + C * N, ai, mask=ok)
-        # Only the last segment can be short, and nothing enters it from the right.
-        ar, ai = wr * ar - wi * ai + lar, wr * ai + wi * ar + lai
+        # a at the next segment's first token reaches back through SEG tokens (only the
+        # last segment can be short, and nothing enters it from the right).
+        f = _carried(pos_ptr, b, (seg + 1) * SEG, SEG, T, HAS_POS)
+        ar, ai = f * (wr * ar - wi * ai) + lar, f * (wr * ai + wi * ar) + lai
 
 
 @triton.jit
-def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr,
+def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr,
                fstate_ptr, rstate_ptr, dq_ptr, dk_ptr, dv_ptr, part_ptr, T, C, N, CPG, SEG,
-               n_seg, sqb, sqt, skb, skt, svb, svt, sdb, sdt, BC: tl.constexpr, BN: tl.constexpr):
+               n_seg, sqb, sqt, skb, skt, svb, svt, sdb, sdt, HAS_POS: tl.constexpr,
+               BC: tl.constexpr, BN: tl.constexpr):
     """Per segment from its entering states: forward for dq and the parameter sums
     (sum g s, sum g s' -> part[b, seg, 0:4]), then backward for du, dk and dv."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -275,8 +314,9 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
         dout = _row(dout_ptr, b, t, c, sdb, sdt, c_ok)
         g = (dout * _row(q_ptr, b, t, c, sqb, sqt, c_ok))[:, None]
-        dr, di = pr * dr - pi * di + sr, pr * di + pi * dr + si
-        sr, si = pr * sr - pi * si + u[:, None], pr * si + pi * sr
+        keep = _keep(pos_ptr, b, t, T, HAS_POS)
+        dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
         _store_row(dq_ptr, b, t, c, T, C, dout * tl.sum(rr * sr - ri * si, axis=1), c_ok)
         gsr += g * sr
         gsi += g * si
@@ -291,131 +331,13 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     at = _states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N)
     ar = tl.load(at, mask=mask, other=0.0)
     ai = tl.load(at + C * N, mask=mask, other=0.0)
+    keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
     for i in range(rows):
         t = seg * SEG + rows - 1 - i
         g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
-        ar, ai = rr * g + pr * ar - pi * ai, ri * g + pr * ai + pi * ar
+        ar, ai = (rr * g + keep_next * (pr * ar - pi * ai),
+                  ri * g + keep_next * (pr * ai + pi * ar))
+        keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
         du = tl.sum(ar, axis=1)
         _store_row(dk_ptr, b, t, c, T, C, du * _row(v_ptr, b, t, c, svb, svt, c_ok), c_ok)
         _store_row(dv_ptr, b, t, c, T, C, du * _row(k_ptr, b, t, c, skb, skt, c_ok), c_ok)
-
-
-# -- launchers --------------------------------------------------------------------------------
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for t in tensors for s in (t.stride(0), t.stride(1))]
-
-
-def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(2) == 1 else t.contiguous()
-
-
-def segment_length(batch: int, T: int, C: int, device: torch.device) -> int:
-    """Tokens a program walks: segments enough for PROGRAMS_PER_SM programs per SM (more
-    segments cost more state passing, fewer leave SMs idle), none under MIN_SEGMENT."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else 1
-    blocks = batch * triton.cdiv(C, BC)
-    segments = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, blocks), T // MIN_SEGMENT))
-    return triton.cdiv(T, segments)
-
-
-def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
-             params: list[torch.Tensor], segment: int, initial: torch.Tensor | None = None,
-             final: torch.Tensor | None = None) -> torch.Tensor:
-    """out = q y with u = k v (q, v None: y, u = k), from `initial` and into `final` (float32
-    [B, C, N, 2] views of complex states) when given. params: float32 [G, N], contiguous."""
-    B, T, C = k.shape
-    G, N = params[0].shape
-    n_seg, cpg = triton.cdiv(T, segment), C // G
-    out = torch.empty(B, T, C, dtype=k.dtype, device=k.device)
-    if out.numel():
-        state = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=k.device)
-        grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
-        k_v = [k, k if v is None else v]
-        _local_fwd[grid](*k_v, params[0], params[1], state, T, C, N, cpg, segment, n_seg,
-                         *_strides(*k_v), HAS_V=v is not None, BC=BC, BN=BN)
-        _pass_fwd[(triton.cdiv(C * N, PASS_BLOCK), B)](
-            params[0], params[1], state, state if initial is None else initial,
-            state if final is None else final, T, C, N, cpg, segment, n_seg,
-            HAS_INIT=initial is not None, HAS_FINAL=final is not None, BLOCK=PASS_BLOCK)
-        q_k_v = [k if q is None else q, *k_v]
-        _output_fwd[grid](*q_k_v, *params, state, out, T, C, N, cpg, segment, n_seg,
-                          *_strides(*q_k_v), HAS_Q=q is not None, HAS_V=v is not None,
-                          BC=BC, BN=BN)
-    elif final is not None and initial is not None:
-        final.copy_(initial)
-    return out
-
-
-class ModalConvFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rate, theta, residue_re, residue_im, segment):
-        q, k, v = (_channels_contiguous(t) for t in (q, k, v))
-        params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
-        out = _forward(q, k, v, params, segment)
-        ctx.save_for_backward(q, k, v, *params)
-        ctx.segment = segment
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, rate, theta, re, im = ctx.saved_tensors
-        dout = _channels_contiguous(dout)
-        B, T, C = q.shape
-        (G, N), segment = rate.shape, ctx.segment
-        n_seg, cpg = triton.cdiv(T, segment), C // G
-        dq, dk, dv = (torch.empty(B, T, C, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        part = torch.zeros(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
-        if dq.numel():
-            fstate = torch.empty(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
-            rstate = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=q.device)
-            grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
-            strides = _strides(q, k, v, dout)
-            _local_bwd[grid](q, k, v, dout, rate, theta, re, im, fstate, rstate, T, C, N,
-                             cpg, segment, n_seg, *strides, BC=BC, BN=BN)
-            _pass_bwd[(triton.cdiv(C * N, PASS_BLOCK), B)](rate, theta, fstate, rstate, C, N,
-                                                          cpg, segment, n_seg,
-                                                          BLOCK=PASS_BLOCK)
-            _grads_bwd[grid](q, k, v, dout, rate, theta, re, im, fstate, rstate, dq, dk, dv,
-                             part, T, C, N, cpg, segment, n_seg, *strides, BC=BC, BN=BN)
-        # Per channel, then per filter: every sum is linear in the channels' W and s sums.
-        sums = part.sum((0, 1)).view(4, G, cpg, N).sum(2)
-        gsr, gsi, gdr, gdi = sums.unbind(0)  # [G, N] each
-        p = torch.exp(torch.complex(-rate, theta))
-        prw = p * torch.complex(re, im) * torch.complex(gdr, gdi)  # p R W
-        return dq, dk, dv, -prw.real, -prw.imag, gsr, -gsi, None
-
-
-def modal_gated_conv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            rate: torch.Tensor, theta: torch.Tensor, residue_re: torch.Tensor,
-                            residue_im: torch.Tensor, segment: int | None = None
-                            ) -> torch.Tensor:
-    """The Triton path of stripes.kernels.modal_conv.modal_gated_conv (same contract);
-    `segment`: tokens per program (None: segment_length's choice)."""
-    from stripes.kernels.modal_conv.reference import check_inputs
-
-    check_inputs(q, k, v, rate, theta, residue_re, residue_im)
-    B, T, C = q.shape
-    if segment is None:
-        segment = segment_length(B, T, C, q.device)
-    return ModalConvFunction.apply(q, k, v, rate, theta, residue_re, residue_im,
-                                   max(1, segment))
-
-
-def modal_conv_continue_triton(u: torch.Tensor, rate: torch.Tensor, theta: torch.Tensor,
-                               residue_re: torch.Tensor, residue_im: torch.Tensor,
-                               state: torch.Tensor, segment: int | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton path of stripes.kernels.modal_conv.modal_conv_continue (same contract)."""
-    from stripes.kernels.modal_conv.reference import check_continue_inputs
-
-    check_continue_inputs(u, rate, theta, residue_re, residue_im, state)
-    B, T, C = u.shape
-    if segment is None:
-        segment = segment_length(B, T, C, u.device) if T else 1
-    params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
-    initial = torch.view_as_real(state.to(torch.complex64).contiguous())
-    final = torch.empty_like(initial)
-    y = _forward(None, _channels_contiguous(u), None, params, max(1, segment), initial, final)
-    return y, torch.view_as_complex(final).to(state.dtype)

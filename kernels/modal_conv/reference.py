@@ -28,8 +28,8 @@ from stripes.kernels.modal_filter.reference import modal_filter, rate_powers
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.Tensor,
-                 theta: torch.Tensor, residue_re: torch.Tensor,
-                 residue_im: torch.Tensor) -> None:
+                 theta: torch.Tensor, residue_re: torch.Tensor, residue_im: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> None:
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"modal_gated_conv: q, k, v must be [B, T, C] of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -41,6 +41,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.
         if p.shape != rate.shape:
             raise ValueError(f"modal_gated_conv: {name} must have rate's shape "
                              f"{tuple(rate.shape)}, got {tuple(p.shape)}")
+    if positions is not None and positions.shape != q.shape[:2]:
+        raise ValueError(f"modal_gated_conv: positions must be [B, T] = {list(q.shape[:2])}, "
+                         f"got {tuple(positions.shape)}")
 
 
 def per_channel(param: torch.Tensor, channels: int) -> torch.Tensor:
@@ -61,9 +64,12 @@ def modal_gated_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: to
 
 def modal_gated_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            rate: torch.Tensor, theta: torch.Tensor, residue_re: torch.Tensor,
-                           residue_im: torch.Tensor) -> torch.Tensor:
-    """The same output, token by token through the complex state [B, C, N]."""
-    check_inputs(q, k, v, rate, theta, residue_re, residue_im)
+                           residue_im: torch.Tensor, positions: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """The same output, token by token through the complex state [B, C, N]; with positions
+    ([B, T], steps since each token's document start) the state restarts at every document
+    start, so packed documents are convolved as if alone."""
+    check_inputs(q, k, v, rate, theta, residue_re, residue_im, positions)
     C = q.shape[2]
     p = per_channel(torch.exp(torch.complex(-rate, theta)), C)  # [C, N]
     R = per_channel(torch.complex(residue_re, residue_im), C)
@@ -71,6 +77,8 @@ def modal_gated_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s = torch.zeros(q.shape[0], *p.shape, dtype=p.dtype, device=q.device)  # [B, C, N]
     ys = []
     for t in range(q.shape[1]):
+        if positions is not None:  # a document starts: nothing carries over
+            s = torch.where((positions[:, t] > 0)[:, None, None], s, 0)
         s = p * s + u[:, t, :, None]
         ys.append((R * s).real.sum(-1))  # [B, C]
     return q * torch.stack(ys, dim=1).to(q.dtype)
