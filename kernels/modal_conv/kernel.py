@@ -24,7 +24,13 @@ runs the same three steps: local (s, s') end states and the local adjoint at eac
 start, both passed across segments (forward and in reverse), then one pass per segment
 that walks forward for dq and the parameter sums and backward for du. The parameter sums
 are written per (row, segment) and added by torch (deterministic: no atomics).
-All arithmetic is float32; modes past N get p = 0 and R = 0, so they add nothing.
+
+Packed documents (positions, the steps since each token's document start): where a document
+starts the state carried in is dropped (s[t] = u[t], s'[t] = 0), and an adjoint does not
+reach back across it; a segment passes its entering state on only if no document starts
+inside it. Prefill passes a carried state in (the passing scan starts from it) and takes the
+state after the last token out. All arithmetic is float32; modes past N get p = 0 and R = 0,
+so they add nothing.
 """
 
 from __future__ import annotations
