@@ -27,11 +27,6 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in (t.stride(0), t.stride(1))]
 
 
-def _kernel_params(*params: torch.Tensor) -> list[torch.Tensor]:
-    """[G, N] parameters as the kernels read them: float32 [N, G], contiguous."""
-    return [p.float().t().contiguous() for p in params]
-
-
 def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 else t.contiguous()
 
@@ -52,14 +47,13 @@ def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
              ) -> torch.Tensor:
     """out = q y with u = k v (q, v None: y, u = k), resetting at document starts
     (positions: int32 [B, T]), from `initial` and into `final` (float32 [B, C, N, 2] views
-    of complex states) when given. params: float32 [N, G], contiguous (modes-major, as the
-    kernels read them)."""
+    of complex states) when given. params: float32 [G, N], contiguous."""
     B, T, C = k.shape
-    N, G = params[0].shape
+    G, N = params[0].shape
     n_seg, cpg = triton.cdiv(T, segment), C // G
     out = torch.empty(B, T, C, dtype=k.dtype, device=k.device)
     if out.numel():
-        state = torch.empty(B, n_seg, 2, N, C, dtype=torch.float32, device=k.device)
+        state = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=k.device)
         grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
         k_v = [k, k if v is None else v]
         pos = k if positions is None else positions
@@ -84,7 +78,7 @@ class ModalConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rate, theta, residue_re, residue_im, positions, segment):
         q, k, v = (_channels_contiguous(t) for t in (q, k, v))
-        params = _kernel_params(rate, theta, residue_re, residue_im)
+        params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
         out = _forward(q, k, v, params, segment, positions)
         ctx.save_for_backward(q, k, v, *params, positions)
         ctx.segment = segment
@@ -93,16 +87,16 @@ class ModalConvFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, rate, theta, re, im, positions = ctx.saved_tensors  # parameters [N, G]
+        q, k, v, rate, theta, re, im, positions = ctx.saved_tensors
         dout = _channels_contiguous(dout)
         B, T, C = q.shape
-        (N, G), segment = rate.shape, ctx.segment
+        (G, N), segment = rate.shape, ctx.segment
         n_seg, cpg = triton.cdiv(T, segment), C // G
         dq, dk, dv = (torch.empty(B, T, C, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        part = torch.zeros(B, n_seg, 4, N, C, dtype=torch.float32, device=q.device)
+        part = torch.zeros(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
         if dq.numel():
-            fstate = torch.empty(B, n_seg, 4, N, C, dtype=torch.float32, device=q.device)
-            rstate = torch.empty(B, n_seg, 2, N, C, dtype=torch.float32, device=q.device)
+            fstate = torch.empty(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
+            rstate = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=q.device)
             grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
             strides = _strides(q, k, v, dout)
             pos = q if positions is None else positions
@@ -116,9 +110,8 @@ class ModalConvFunction(torch.autograd.Function):
                              dv, part, T, C, N, cpg, segment, n_seg, *strides, BC=BC, BN=BN,
                              **flags)
         # Per channel, then per filter: every sum is linear in the channels' W and s sums.
-        sums = part.sum((0, 1)).view(4, N, G, cpg).sum(3).transpose(1, 2)
+        sums = part.sum((0, 1)).view(4, G, cpg, N).sum(2)
         gsr, gsi, gdr, gdi = sums.unbind(0)  # [G, N] each
-        rate, theta, re, im = (p.t() for p in (rate, theta, re, im))  # [G, N]
         p = torch.exp(torch.complex(-rate, theta))
         prw = p * torch.complex(re, im) * torch.complex(gdr, gdi)  # p R W
         return dq, dk, dv, -prw.real, -prw.imag, gsr, -gsi, None, None
@@ -149,7 +142,7 @@ def modal_conv_continue_triton(u: torch.Tensor, rate: torch.Tensor, theta: torch
     B, T, C = u.shape
     if segment is None:
         segment = segment_length(B, T, C, u.device) if T else 1
-    params = _kernel_params(rate, theta, residue_re, residue_im)
+    params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
     initial = torch.view_as_real(state.to(torch.complex64).contiguous())
     final = torch.empty_like(initial)
     y = _forward(None, _channels_contiguous(u), None, params, max(1, segment), None, initial,

@@ -40,16 +40,14 @@ import triton.language as tl
 
 from stripes.kernels.modal_filter.kernel import _power
 
-# Channels per program: with 4 warps each thread owns one channel and all its modes, so the
-# sums over modes stay in registers (no shuffles or barriers in the per-token loop).
-BC = 128
+BC = 32  # channels per program
 PASS_BLOCK = 256  # (channel, mode) lanes per program of the passing scans
 
 
 @triton.jit
-def _param_lanes(lanes, C, CPG):
-    """State lanes n C + c -> their filter's lanes n G + c // CPG (parameters [N, G])."""
-    return lanes // C * (C // CPG) + lanes % C // CPG
+def _param_lanes(lanes, N, CPG):
+    """Channel lanes c N + n -> their filter's lanes (c // CPG) N + n."""
+    return lanes // N // CPG * N + lanes % N
 
 
 @triton.jit
@@ -77,21 +75,19 @@ def _store_row(ptr, b, t, c, T, C, value, mask):
 
 @triton.jit
 def _states_at(ptr, b, seg, n_seg, part, n_parts, lanes, C, N):
-    """Pointers into a [B, n_seg, n_parts, N, C] float32 state buffer (lanes n C + c)."""
+    """Pointers into a [B, n_seg, n_parts, C, N] float32 state buffer."""
     return ptr + ((b.to(tl.int64) * n_seg + seg) * n_parts + part) * C * N + lanes
 
 
 @triton.jit
 def _tile(pid_c, N, C, CPG, BC: tl.constexpr, BN: tl.constexpr):
-    """This program's channels c [BC]; their state lanes n C + c and their filters' lanes
-    n G + c // CPG, [BN, BC] each; masks. Channels are contiguous in every buffer, so loads
-    and stores coalesce with one thread per channel holding all its modes."""
+    """This program's channels c [BC]; their state lanes c N + n and their filters' lanes
+    (c // CPG) N + n, [BC, BN] each; masks."""
     c = pid_c * BC + tl.arange(0, BC)
     n = tl.arange(0, BN)
     c_ok = c < C
-    mask = (n < N)[:, None] & c_ok[None, :]
-    return (c, c_ok, n[:, None] * C + c[None, :], n[:, None] * (C // CPG) + (c // CPG)[None, :],
-            mask)
+    mask = c_ok[:, None] & (n < N)[None, :]
+    return c, c_ok, c[:, None] * N + n[None, :], (c // CPG)[:, None] * N + n[None, :], mask
 
 
 @triton.jit
@@ -137,13 +133,13 @@ def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, C
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
-    sr = tl.zeros((BN, BC), tl.float32)
-    si = tl.zeros((BN, BC), tl.float32)
+    sr = tl.zeros((BC, BN), tl.float32)
+    si = tl.zeros((BC, BN), tl.float32)
     for i in range(tl.minimum(SEG, T - seg * SEG)):  # the last segment may be short
         t = seg * SEG + i
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        sr, si = keep * (pr * sr - pi * si) + u[None, :], keep * (pr * si + pi * sr)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), si, mask=mask)
 
@@ -158,9 +154,9 @@ def _pass_fwd(rate_ptr, theta_ptr, state_ptr, init_ptr, final_ptr, pos_ptr, T, C
     pid, b = tl.program_id(0), tl.program_id(1)
     lanes = pid * BLOCK + tl.arange(0, BLOCK)
     ok = lanes < C * N
-    rate = tl.load(rate_ptr + _param_lanes(lanes, C, CPG), mask=ok, other=0.0)
-    theta = tl.load(theta_ptr + _param_lanes(lanes, C, CPG), mask=ok, other=0.0)
-    pairs = ((b.to(tl.int64) * C + lanes % C) * N + lanes // C) * 2  # init, final: [B, C, N]
+    rate = tl.load(rate_ptr + _param_lanes(lanes, N, CPG), mask=ok, other=0.0)
+    theta = tl.load(theta_ptr + _param_lanes(lanes, N, CPG), mask=ok, other=0.0)
+    pairs = (b.to(tl.int64) * C * N + lanes) * 2
     if HAS_INIT:
         sr = tl.load(init_ptr + pairs, mask=ok, other=0.0)
         si = tl.load(init_ptr + pairs + 1, mask=ok, other=0.0)
@@ -202,8 +198,8 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
         t = seg * SEG + i
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        sr, si = keep * (pr * sr - pi * si) + u[None, :], keep * (pr * si + pi * sr)
-        y = tl.sum(rr * sr - ri * si, axis=0)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
+        y = tl.sum(rr * sr - ri * si, axis=1)
         if HAS_Q:
             y *= _row(q_ptr, b, t, c, sqb, sqt, c_ok)
         _store_row(out_ptr, b, t, c, T, C, y, c_ok)
@@ -222,27 +218,27 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
     rr = tl.load(re_ptr + plane, mask=mask, other=0.0)
     ri = tl.load(im_ptr + plane, mask=mask, other=0.0)
-    sr = tl.zeros((BN, BC), tl.float32)
-    si = tl.zeros((BN, BC), tl.float32)
-    dr = tl.zeros((BN, BC), tl.float32)  # s' = ds/dp
-    di = tl.zeros((BN, BC), tl.float32)
+    sr = tl.zeros((BC, BN), tl.float32)
+    si = tl.zeros((BC, BN), tl.float32)
+    dr = tl.zeros((BC, BN), tl.float32)  # s' = ds/dp
+    di = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
     for i in range(rows):
         t = seg * SEG + i
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
         dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
-        sr, si = keep * (pr * sr - pi * si) + u[None, :], keep * (pr * si + pi * sr)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 1, 4, lanes, C, N), si, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 2, 4, lanes, C, N), dr, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 3, 4, lanes, C, N), di, mask=mask)
-    ar = tl.zeros((BN, BC), tl.float32)
-    ai = tl.zeros((BN, BC), tl.float32)
+    ar = tl.zeros((BC, BN), tl.float32)
+    ai = tl.zeros((BC, BN), tl.float32)
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)  # (a starts at zero here)
     for i in range(rows):
         t = seg * SEG + rows - 1 - i
-        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[None, :]
+        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
         ar, ai = (rr * g + keep_next * (pr * ar - pi * ai),
                   ri * g + keep_next * (pr * ai + pi * ar))
         keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
@@ -258,8 +254,8 @@ def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, pos_ptr, T, C, N, CPG
     pid, b = tl.program_id(0), tl.program_id(1)
     lanes = pid * BLOCK + tl.arange(0, BLOCK)
     ok = lanes < C * N
-    rate = tl.load(rate_ptr + _param_lanes(lanes, C, CPG), mask=ok, other=0.0)
-    theta = tl.load(theta_ptr + _param_lanes(lanes, C, CPG), mask=ok, other=0.0)
+    rate = tl.load(rate_ptr + _param_lanes(lanes, N, CPG), mask=ok, other=0.0)
+    theta = tl.load(theta_ptr + _param_lanes(lanes, N, CPG), mask=ok, other=0.0)
     wr, wi = _power(rate, theta, SEG * 1.0)  # p^SEG
     vr, vi = _power(rate, theta, SEG - 1.0)
     vr, vi = SEG * vr, SEG * vi  # SEG p^(SEG-1): how s reaches s' over a segment
@@ -314,20 +310,20 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     si = tl.load(at + C * N, mask=mask, other=0.0)
     dr = tl.load(at + 2 * C * N, mask=mask, other=0.0)
     di = tl.load(at + 3 * C * N, mask=mask, other=0.0)
-    gsr = tl.zeros((BN, BC), tl.float32)  # sum_t g s
-    gsi = tl.zeros((BN, BC), tl.float32)
-    gdr = tl.zeros((BN, BC), tl.float32)  # sum_t g s'
-    gdi = tl.zeros((BN, BC), tl.float32)
+    gsr = tl.zeros((BC, BN), tl.float32)  # sum_t g s
+    gsi = tl.zeros((BC, BN), tl.float32)
+    gdr = tl.zeros((BC, BN), tl.float32)  # sum_t g s'
+    gdi = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
     for i in range(rows):
         t = seg * SEG + i
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
         dout = _row(dout_ptr, b, t, c, sdb, sdt, c_ok)
-        g = (dout * _row(q_ptr, b, t, c, sqb, sqt, c_ok))[None, :]
+        g = (dout * _row(q_ptr, b, t, c, sqb, sqt, c_ok))[:, None]
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
         dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
-        sr, si = keep * (pr * sr - pi * si) + u[None, :], keep * (pr * si + pi * sr)
-        _store_row(dq_ptr, b, t, c, T, C, dout * tl.sum(rr * sr - ri * si, axis=0), c_ok)
+        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
+        _store_row(dq_ptr, b, t, c, T, C, dout * tl.sum(rr * sr - ri * si, axis=1), c_ok)
         gsr += g * sr
         gsi += g * si
         gdr += g * dr
@@ -344,10 +340,10 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
     for i in range(rows):
         t = seg * SEG + rows - 1 - i
-        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[None, :]
+        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
         ar, ai = (rr * g + keep_next * (pr * ar - pi * ai),
                   ri * g + keep_next * (pr * ai + pi * ar))
         keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
-        du = tl.sum(ar, axis=0)
+        du = tl.sum(ar, axis=1)
         _store_row(dk_ptr, b, t, c, T, C, du * _row(v_ptr, b, t, c, svb, svt, c_ok), c_ok)
         _store_row(dv_ptr, b, t, c, T, C, du * _row(k_ptr, b, t, c, skb, skt, c_ok), c_ok)
