@@ -59,6 +59,7 @@ from stripes.arch.packing import document_positions, per_document
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError
 from stripes.kernels.causal_conv import causal_conv
+from stripes.kernels.dispatch import use_triton
 from stripes.kernels.fft_conv import fft_gated_conv
 from stripes.kernels.hyena_step import hyena_step_
 from stripes.kernels.modal_conv import modal_conv_continue, modal_gated_conv
@@ -361,9 +362,10 @@ class HyenaLI(Hyena):
 
     @property
     def packs_documents(self) -> bool:
-        """On CUDA the modal_conv kernels restart the state at each document start; the FFT
-        path elsewhere cannot, so documents run there as separate rows."""
-        return self.log_rate.is_cuda
+        """Where the modal_conv kernels run (CUDA, float32 filter parameters: all but float64
+        models) they restart the state at each document start; the FFT path elsewhere
+        cannot, so documents run there as separate rows."""
+        return use_triton(self.log_rate) and self.log_rate.dtype == torch.float32
 
     def gated_long_conv(self, q, k, v, positions):
         """As the recurrence the filter is (stripes.kernels.modal_conv: no filter, no FFT, on
