@@ -4,7 +4,8 @@
 #   anchors  the GPU tests against fla's and mamba_ssm's error                     (300 s)
 #   kernels  bench/kernels.py for retention, ssd, gated_norm, beside fla, mamba_ssm (400 s)
 #   sweep    bench/scalar_decay_sweep.py: launch settings of the retention/SSD kernels  (400 s)
-#   convs    bench/kernels.py for causal_conv and fft_conv, beside torch.compile  (240 s)
+#   convs    bench/kernels.py for causal_conv, fft_conv, modal_filter and modal_conv,
+#            beside plain PyTorch and torch.compile                                (300 s)
 #   decode   bench/decode_step.py at 4k / 32k / 128k                              (120 s)
 #   model    bench/decode_model.py: transformer-1b vs hybrid-1b, batch 1 and 64     (240 s)
 #   smoke    the trainer on the demo hybrid, one process / FSDP2 / compile        (240 s;
@@ -25,7 +26,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/stripes-triton-cache}
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done; }
 if [[ $PARTS == *,tests,* ]]; then
   timeout -k 10 150 python3 -m pytest -v -m gpu tests/gpu -p no:warnings --tb=short \
-    -k "(retention or ssd or gated or causal_conv or fft_conv or step or mixers or graph) and not as_close" \
+    -k "(retention or ssd or gated or causal_conv or fft_conv or modal or step or mixers or graph) and not as_close" \
     2>&1 | stamp > "$OUT/gpu_tests.log"
   echo "gpu tests: exit ${PIPESTATUS[0]}"; grep -E "FAILED|ERROR|passed|failed" \
     "$OUT/gpu_tests.log" | tail -20
@@ -47,9 +48,10 @@ if [[ $PARTS == *,sweep,* ]]; then
   echo "bench/scalar_decay_sweep.py: exit $?"; cat "$OUT/sweep/scalar_decay_sweep.md" 2>/dev/null
 fi
 if [[ $PARTS == *,convs,* ]]; then
-  timeout -k 10 240 python3 -W ignore bench/kernels.py --only causal_conv,fft_conv \
-    --out "$OUT/convs" > "$OUT/convs.log" 2>&1
-  echo "bench/kernels.py causal_conv,fft_conv: exit $?"; cat "$OUT/convs/kernels.md" 2>/dev/null
+  timeout -k 10 300 python3 -W ignore bench/kernels.py \
+    --only causal_conv,fft_conv,modal_filter,modal_conv --out "$OUT/convs" > "$OUT/convs.log" 2>&1
+  echo "bench/kernels.py causal_conv,fft_conv,modal_filter,modal_conv: exit $?"
+  cat "$OUT/convs/kernels.md" 2>/dev/null
 fi
 if [[ $PARTS == *,decode,* ]]; then
   timeout -k 10 120 python3 -W ignore bench/decode_step.py --out "$OUT" > "$OUT/decode.log" 2>&1
