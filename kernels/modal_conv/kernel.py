@@ -106,13 +106,11 @@ def _keep(pos_ptr, b, t, T, HAS_POS: tl.constexpr):
 @triton.jit
 def _carried(pos_ptr, b, t, L, T, HAS_POS: tl.constexpr):
     """1.0 when a state survives the L tokens that end at token t (no document starts among
-    them: pos[t] >= L), else 0.0."""
+    them: pos[t] >= L), else 0.0; always 1.0 without positions."""
     if HAS_POS:
         pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t < T, other=0)
-        carried = tl.where(pos >= L, 1.0, 0.0)
-    else:
-        carried = tl.where(t < T + L, 1.0, 1.0)
-    return carried
+        return tl.where(pos >= L, 1.0, 0.0)
+    return 1.0
 
 
 # -- forward ----------------------------------------------------------------------------------
