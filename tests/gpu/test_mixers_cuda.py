@@ -59,3 +59,16 @@ def test_packed_documents_on_cuda():
     packed = model(torch.cat((a, b), 1), doc_ids)
     assert rel_error(packed[:, :21], model(a)) < 1e-10
     assert rel_error(packed[:, 21:], model(b)) < 1e-10
+
+
+def test_packed_documents_on_cuda_float32():
+    """float32: the paths that only float32 runs (hyena_li's modal_conv restarting at each
+    document instead of padded rows, the Triton conv and scan kernels)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = build()
+    a, b = (torch.randint(0, 256, (1, n), device="cuda") for n in (21, 30))
+    doc_ids = torch.tensor([[0] * 21 + [1] * 30], device="cuda")
+    packed = model(torch.cat((a, b), 1), doc_ids)
+    assert rel_error(packed[:, :21], model(a)) < 1e-4
+    assert rel_error(packed[:, 21:], model(b)) < 1e-4
