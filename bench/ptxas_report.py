@@ -11,6 +11,8 @@ the interpreter, compiles each for sm_ARCH (`triton.compile` with a GPUTarget ne
 driver) and runs the wheel's own `ptxas -v` on the PTX. The tests' shapes are tiny, but
 the code depends on types and constexprs (block sizes), which they share with real
 launches; a launcher that derives block sizes from shapes is reported at the tests' sizes.
+Arguments are specialized as Triton specializes the tests' own: pointers 16-byte aligned
+and integers divisible by 16 are marked so (real shapes are more often divisible).
 Compile errors that the interpreter forgives show up here as an error row.
 """
 
@@ -54,16 +56,20 @@ def _record(fn, args, kwargs, launches: dict) -> None:
     params = inspect.signature(fn).parameters
     bound = dict(zip(params, args, strict=False)) | {k: v for k, v in kwargs.items()
                                                      if k in params}
-    signature, constexprs = {}, {}
+    signature, constexprs, divisible = {}, {}, []
     for name, param in params.items():
         value = bound.get(name, param.default)
         if "constexpr" in str(param.annotation) or value is None:
             constexprs[name] = value
-        else:
-            signature[name] = _arg_type(value)
+            continue
+        signature[name] = _arg_type(value)
+        address = value.data_ptr() if hasattr(value, "data_ptr") else value
+        if isinstance(address, int) and not isinstance(address, bool) and address % 16 == 0:
+            divisible.append(name)  # what Triton's launcher marks tt.divisibility 16
     options = {k: kwargs[k] for k in OPTIONS if k in kwargs}
     entry = {"module": fn.__module__, "file": inspect.getsourcefile(fn), "kernel": fn.__name__,
-             "signature": signature, "constexprs": constexprs, "options": options}
+             "signature": signature, "constexprs": constexprs, "divisible": divisible,
+             "options": options}
     launches[json.dumps(entry, sort_keys=True, default=repr)] = entry
 
 
@@ -124,12 +130,14 @@ def compile_launch(entry: dict, arch: int) -> dict:
 
     row = {"kernel": f"{entry['module']}.{entry['kernel']}",
            "constexprs": {k: v for k, v in entry["constexprs"].items() if v is not None},
-           "num_warps": entry["options"].get("num_warps", 4)}
+           "divisible": entry["divisible"], "num_warps": entry["options"].get("num_warps", 4)}
     try:
         fn = getattr(_module(entry), entry["kernel"])
         signature = {name: ("constexpr" if name in entry["constexprs"]
                             else entry["signature"][name]) for name in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn, signature, entry["constexprs"]),
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name in entry["divisible"]}
+        compiled = triton.compile(ASTSource(fn, signature, entry["constexprs"], attrs),
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": row["num_warps"]})
         row.update(_ptxas_info(compiled.asm["ptx"], arch), shared_bytes=compiled.metadata.shared,
@@ -162,6 +170,10 @@ def main() -> int:
             print("ptxas_report: the tests recorded no launches", file=sys.stderr)
             return 1
         launches = json.loads(record.read_text())
+    if not launches:
+        print(f"ptxas_report: the tests launched no Triton kernel (pytest exit "
+              f"{tests.returncode})", file=sys.stderr)
+        return 1
     rows = [compile_launch(entry, args.arch) for entry in launches]
     print(f"sm_{args.arch}: {len(rows)} distinct launches (tests exit {tests.returncode})")
     print("| kernel | constexprs | warps | registers | spill bytes | barriers | shared B |")

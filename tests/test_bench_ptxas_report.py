@@ -58,6 +58,15 @@ def test_compile_errors_are_rows_and_fail_the_run(tmp_path):
     assert rows["doubled"]["status"] == "ok" and rows["doubled"]["registers"] > 0
     assert rows["doubled"]["constexprs"] == {"B": 8}
     assert rows["tiny_dot"]["status"] == "error" and "K >= 16" in rows["tiny_dot"]["error"]
+    assert rows["doubled"]["divisible"] == ["x_ptr"]  # aligned; n = 8 is not a multiple of 16
+
+
+def test_no_launch_is_an_error(tmp_path):
+    tests = tmp_path / "test_nothing.py"
+    tests.write_text("def test_nothing():\n    pass\n")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--", str(tests)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "launched no Triton kernel" in done.stderr
 
 
 def test_a_stripes_kernel(tmp_path):
