@@ -60,6 +60,19 @@ def _poles(rate_ptr, theta_ptr, lanes, mask):
 
 
 @triton.jit
+def _decay_add(xr, xi, wr, wi, keep, ar, ai):
+    """keep (w x) + a for complex x, w, a as (real, imag) and a 0/1 factor `keep`: the
+    adjoint's step R g + keep p a, and a state passed across a segment, f p^SEG S + local."""
+    return keep * (wr * xr - wi * xi) + ar, keep * (wr * xi + wi * xr) + ai
+
+
+@triton.jit
+def _scan_step(sr, si, pr, pi, keep, u):
+    """s = keep (p s) + u: one token of the recurrence, u [BC] real."""
+    return keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
+
+
+@triton.jit
 def _row(ptr, b, t, c, sb, st, mask):
     """[BC] float32: one token's channels c of a [B, T, C] tensor with strides (sb, st, 1)."""
     at = ptr + b.to(tl.int64) * sb + t.to(tl.int64) * st + c
@@ -137,7 +150,7 @@ def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, C
         t = seg * SEG + i
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
+        sr, si = _scan_step(sr, si, pr, pi, keep, u)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), si, mask=mask)
 
@@ -173,7 +186,7 @@ def _pass_fwd(rate_ptr, theta_ptr, state_ptr, init_ptr, final_ptr, pos_ptr, T, C
         if seg == n_seg - 1:  # the last segment may be short
             wr, wi = _power(rate, theta, rows * 1.0)
         f = _carried(pos_ptr, b, seg * SEG + rows - 1, rows, T, HAS_POS)
-        sr, si = f * (wr * sr - wi * si) + lr, f * (wr * si + wi * sr) + li
+        sr, si = _decay_add(sr, si, wr, wi, f, lr, li)
     if HAS_FINAL:
         tl.store(final_ptr + pairs, sr, mask=ok)
         tl.store(final_ptr + pairs + 1, si, mask=ok)
@@ -196,7 +209,7 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
         t = seg * SEG + i
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
+        sr, si = _scan_step(sr, si, pr, pi, keep, u)
         y = tl.sum(rr * sr - ri * si, axis=1)
         if HAS_Q:
             y *= _row(q_ptr, b, t, c, sqb, sqt, c_ok)
@@ -226,7 +239,7 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
         u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
         dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
-        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
+        sr, si = _scan_step(sr, si, pr, pi, keep, u)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 1, 4, lanes, C, N), si, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 2, 4, lanes, C, N), dr, mask=mask)
@@ -237,8 +250,7 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     for i in range(rows):
         t = seg * SEG + rows - 1 - i
         g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
-        ar, ai = (rr * g + keep_next * (pr * ar - pi * ai),
-                  ri * g + keep_next * (pr * ai + pi * ar))
+        ar, ai = _decay_add(ar, ai, pr, pi, keep_next, rr * g, ri * g)
         keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N), ar, mask=mask)
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 1, 2, lanes, C, N), ai, mask=mask)
@@ -275,7 +287,7 @@ def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, pos_ptr, T, C, N, CPG
         f = _carried(pos_ptr, b, seg * SEG + SEG - 1, SEG, T, HAS_POS)
         dr, di = (f * (wr * dr - wi * di + vr * sr - vi * si) + ldr,
                   f * (wr * di + wi * dr + vr * si + vi * sr) + ldi)
-        sr, si = f * (wr * sr - wi * si) + lsr, f * (wr * si + wi * sr) + lsi
+        sr, si = _decay_add(sr, si, wr, wi, f, lsr, lsi)
     ar = tl.zeros((BLOCK,), tl.float32)
     ai = tl.zeros((BLOCK,), tl.float32)
     for back in range(n_seg):
@@ -288,7 +300,7 @@ def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, pos_ptr, T, C, N, CPG
         # a at the next segment's first token reaches back through SEG tokens (only the
         # last segment can be short, and nothing enters it from the right).
         f = _carried(pos_ptr, b, (seg + 1) * SEG, SEG, T, HAS_POS)
-        ar, ai = f * (wr * ar - wi * ai) + lar, f * (wr * ai + wi * ar) + lai
+        ar, ai = _decay_add(ar, ai, wr, wi, f, lar, lai)
 
 
 @triton.jit
@@ -320,7 +332,7 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
         g = (dout * _row(q_ptr, b, t, c, sqb, sqt, c_ok))[:, None]
         keep = _keep(pos_ptr, b, t, T, HAS_POS)
         dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
-        sr, si = keep * (pr * sr - pi * si) + u[:, None], keep * (pr * si + pi * sr)
+        sr, si = _scan_step(sr, si, pr, pi, keep, u)
         _store_row(dq_ptr, b, t, c, T, C, dout * tl.sum(rr * sr - ri * si, axis=1), c_ok)
         gsr += g * sr
         gsi += g * si
@@ -339,8 +351,7 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     for i in range(rows):
         t = seg * SEG + rows - 1 - i
         g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
-        ar, ai = (rr * g + keep_next * (pr * ar - pi * ai),
-                  ri * g + keep_next * (pr * ai + pi * ar))
+        ar, ai = _decay_add(ar, ai, pr, pi, keep_next, rr * g, ri * g)
         keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
         du = tl.sum(ar, axis=1)
         _store_row(dk_ptr, b, t, c, T, C, du * _row(v_ptr, b, t, c, svb, svt, c_ok), c_ok)
