@@ -367,13 +367,17 @@ class HyenaLI(Hyena):
         cannot, so documents run there as separate rows."""
         return use_triton(self.log_rate) and self.log_rate.dtype == torch.float32
 
+    def _modal_params(self) -> tuple[torch.Tensor, ...]:
+        """(rate, theta, residue_re, residue_im) [G, N] as stripes.kernels.modal_conv takes
+        them: rate = exp(log_rate) clamped, all in at least float32."""
+        dtype = compute_dtype(self.log_rate, self.theta)
+        return (positive_rate(self.log_rate), self.theta.to(dtype), self.residue_re.to(dtype),
+                self.residue_im.to(dtype))
+
     def gated_long_conv(self, q, k, v, positions):
         """As the recurrence the filter is (stripes.kernels.modal_conv: no filter, no FFT, on
         CUDA); elsewhere the filter built for this length, convolved by FFT."""
-        dtype = compute_dtype(self.log_rate, self.theta)
-        return modal_gated_conv(q, k, v, positive_rate(self.log_rate), self.theta.to(dtype),
-                                self.residue_re.to(dtype), self.residue_im.to(dtype),
-                                positions)
+        return modal_gated_conv(q, k, v, *self._modal_params(), positions)
 
     def _allocate_long(self, batch_size, device, dtype) -> torch.Tensor:
         complex_dtype = torch.promote_types(dtype, torch.float32).to_complex()
@@ -381,10 +385,7 @@ class HyenaLI(Hyena):
                            dtype=complex_dtype)  # [B, D, N]
 
     def _long_prefill(self, u: torch.Tensor, state: HyenaState) -> torch.Tensor:
-        dtype = compute_dtype(self.log_rate, self.theta)
-        y, modes = modal_conv_continue(u, positive_rate(self.log_rate), self.theta.to(dtype),
-                                       self.residue_re.to(dtype), self.residue_im.to(dtype),
-                                       state.long)
+        y, modes = modal_conv_continue(u, *self._modal_params(), state.long)
         state.long.copy_(modes)
         return y
 
