@@ -310,12 +310,10 @@ def modal_filter_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         impls = [impl("torch: complex reference", "torch", reference.modal_filter),
                  impl("stripes modal_filter", "stripes", modal_filter),
                  impl("torch.compile(real form)", "anchor", compiled_fn, note)]
-        # float64 by slices of filters (each is independent): the whole 32k reference would
-        # hold [G, N, T] complex128 tensors of 17 GB under autograd.
-        slices = [float64_reference(lambda *p, T=T: reference.modal_filter(*p, T),
-                                    [t[g:g + 256] for t in inputs], [grads[0][g:g + 256]])
-                  for g in range(0, G, 256)]
-        expected = [torch.cat(parts) for parts in zip(*slices, strict=True)]
+        # By slices of filters: the whole 32k reference would hold [G, N, T] complex128
+        # tensors of 17 GB under autograd.
+        expected = float64_by_slices(lambda *p, T=T: reference.modal_filter(*p, T), inputs,
+                                     grads, [0] * 4, 0, 256)
         yield Case("modal_filter", f"G{G} N{N} T{T} fp32", ["h", "drate", "dtheta", "dre",
                                                             "dim"],
                    expected, impls, fwd_bytes=4 * G * T, fb_bytes=8 * G * T, graph=True)
@@ -348,21 +346,27 @@ def modal_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
                       reference.modal_gated_conv),
                  impl("stripes modal_gated_conv", "stripes", modal_gated_conv),
                  impl("torch.compile(the same)", "anchor", compiled_fn, note)]
-        # float64 by slices of channels (each is independent of the others): the whole
-        # reference would hold [C, N, T] complex128 powers of 17 GB at 32k.
-        step = max(1, C // 8)
-        slices = [float64_reference(reference.modal_gated_conv,
-                                    [t[..., c:c + step] for t in inputs[:3]]
-                                    + [t[c:c + step] for t in inputs[3:]],
-                                    [grads[0][..., c:c + step]])
-                  for c in range(0, C, step)]
-        expected = [torch.cat(parts, dim=-1 if i < 4 else 0)
-                    for i, parts in enumerate(zip(*slices, strict=True))]
+        # By slices of channels: the whole reference would hold [C, N, T] complex128 powers
+        # of 17 GB at 32k.
+        expected = float64_by_slices(reference.modal_gated_conv, inputs, grads,
+                                     [-1] * 3 + [0] * 4, -1, max(1, C // 8))
         one = q.numel() * 2  # bytes of one bf16 activation
         yield Case("modal_conv", f"B{B} T{T} C{C} N{N} bf16", ["out", "dq", "dk", "dv",
                                                                "drate", "dtheta", "dre",
                                                                "dim"],
                    expected, impls, fwd_bytes=4 * one, fb_bytes=11 * one)
+
+
+def float64_by_slices(fn, inputs, grads, dims: list[int], out_dim: int, size: int):
+    """float64_reference of fn, computed on slices of `size` independent channels or filters
+    and joined: dims[j] is the dimension input j is sliced along, out_dim the outputs'."""
+    n = inputs[0].shape[dims[0]]
+    cut = lambda t, d, i: t.narrow(d, i, min(size, n - i))
+    parts = [float64_reference(fn, [cut(t, d, i) for t, d in zip(inputs, dims, strict=True)],
+                               [cut(g, out_dim, i) for g in grads])
+             for i in range(0, n, size)]
+    joined = [out_dim] * len(grads) + dims  # outputs, then each input's gradient
+    return [torch.cat(p, dim=d) for p, d in zip(zip(*parts, strict=True), joined, strict=True)]
 
 
 def real_modal_filter(rate, theta, re, im, length: int) -> torch.Tensor:
