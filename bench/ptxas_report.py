@@ -6,11 +6,11 @@ architecture, with its registers, spills, barriers and shared memory.
     e.g. python3 bench/ptxas_report.py -- tests/test_kernel_modal_conv.py -k packed
 
 Phase 1 runs pytest under TRITON_INTERPRET=1 with this module as a plugin, which records each
-launch: kernel, argument types, constexpr values, num_warps. Phase 2, in this process without
-the interpreter, compiles each for sm_ARCH (`triton.compile` with a GPUTarget needs no
-driver) and runs the wheel's own `ptxas -v` on the PTX. The tests' shapes are tiny, but
-the code depends on types and constexprs (block sizes), which they share with real
-launches; a launcher that derives block sizes from shapes is reported at the tests' sizes.
+launch: kernel, argument types, constexpr values, num_warps and num_stages. Phase 2, in this
+process without the interpreter, compiles each for sm_ARCH (`triton.compile` with a
+GPUTarget needs no driver) and runs the wheel's own `ptxas -v` on the PTX. The tests' shapes
+are tiny, but the code depends on types and constexprs (block sizes), which they share with
+real launches; a launcher that derives block sizes from shapes is reported at the tests' sizes.
 Arguments are specialized as Triton specializes the tests' own: pointers 16-byte aligned
 and integers divisible by 16 are marked so (real shapes are more often divisible).
 Compile errors that the interpreter forgives show up here as an error row.
@@ -139,7 +139,7 @@ def compile_launch(entry: dict, arch: int) -> dict:
                  if name in entry["divisible"]}
         compiled = triton.compile(ASTSource(fn, signature, entry["constexprs"], attrs),
                                   target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": row["num_warps"]})
+                                  options={"num_warps": 4} | entry["options"])
         row.update(_ptxas_info(compiled.asm["ptx"], arch), shared_bytes=compiled.metadata.shared,
                    status="ok")
     except Exception as err:  # one kernel that does not compile must not hide the others
