@@ -5,8 +5,10 @@ y[t] = Re(sum_n R_n s_n[t]) (formula in reference.py).
 Done by its definition, the filter is built at the sequence's length ([C, T], from [C, N, T]
 complex powers or stripes.kernels.modal_filter) and the convolution runs by FFT at n = 2T:
 at hybrid-1b's width and 32k tokens that was about 29 of the layer's 37 ms forward and
-backward on an H100 (BENCHMARKS.md). The recurrence needs neither: each token costs N
-complex multiply-adds a channel, and q, k, v are read and out written once. The Triton
+backward on an H100 (the hyena_li row less the hyena_se row, whose only difference is the
+long filter; BENCHMARKS.md); with this kernel the layer took 17.4 ms. The recurrence needs
+neither: each token costs N complex multiply-adds a channel, and q, k, v are read and out
+written once. The Triton
 kernels walk it by segments of time in parallel, passing states between segments
 (kernel.py); backward is the adjoint recurrence, so nothing but the inputs is kept.
 """
