@@ -8,9 +8,9 @@ at hybrid-1b's width and 32k tokens that was about 29 of the layer's 37 ms forwa
 backward on an H100 (the hyena_li row less the hyena_se row, whose only difference is the
 long filter; BENCHMARKS.md); with this kernel the layer took 17.4 ms. The recurrence needs
 neither: each token costs N complex multiply-adds a channel, and q, k, v are read and out
-written once. The Triton
-kernels walk it by segments of time in parallel, passing states between segments
-(kernel.py); backward is the adjoint recurrence, so nothing but the inputs is kept.
+written once. The Triton kernels walk it by segments of time in parallel, passing states
+between segments (kernel.py); backward is the adjoint recurrence, so nothing but the inputs
+is kept.
 """
 
 from __future__ import annotations
