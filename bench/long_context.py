@@ -1,5 +1,6 @@
 """Long context on one GPU (issue 9): the longest sequence each model trains a step at, and
-its tokens/s at 8k, 32k and 64k beside the Transformer's.
+its tokens/s at 8k, 32k, 64k and 128k beside the Transformer's (the issue asks 2x at
+32k or more).
 
 Per model (configs/arch/<name>.yaml; hybrid-1b and transformer-1b by default): the
 trainer's model code (StripedLM) with block activation checkpointing
@@ -12,7 +13,7 @@ tokens as one document. One step is forward, backward and the optimizer.
   device's bf16 peak; the ratio to the first model of --models (the anchor), same run.
 
     python3 bench/long_context.py --out DIR [--models hybrid-1b,transformer-1b]
-                                  [--lengths 8192,32768,65536] [--max-len 131072] [--quick]
+                                  [--lengths 8192,32768,65536,131072] [--max-len 131072] [--quick]
 
 --quick: configs/arch/tiny.yaml twice (as if two models) on CPU at 64-256 tokens (CI).
 Writes DIR/long_context.json and DIR/long_context.md after each model.
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", default="transformer-1b,hybrid-1b",
                         help="configs/arch names; the first is the anchor of the ratios")
-    parser.add_argument("--lengths", default="8192,32768,65536")
+    parser.add_argument("--lengths", default="8192,32768,65536,131072")
     parser.add_argument("--max-len", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
