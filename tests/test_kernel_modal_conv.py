@@ -12,6 +12,7 @@ import torch
 from stripes.arch.hyena_filters import modal_recurrence
 from stripes.kernels.modal_conv import modal_gated_conv
 from stripes.kernels.modal_conv.function import (
+    PROGRAMS_PER_SM,
     modal_conv_continue_triton,
     modal_gated_conv_triton,
     segment_length,
@@ -118,9 +119,9 @@ def test_bfloat16_activations():
 
 def test_segments_fill_the_device_and_stay_long():
     T = 32768
-    cpu = torch.device("cpu")  # one "SM" off CUDA: one segment per 8 programs' worth
+    cpu = torch.device("cpu")  # one "SM" off CUDA: PROGRAMS_PER_SM programs in all
     assert segment_length(1, T, 2048, cpu) == T
-    assert segment_length(1, T, 8, cpu) == T // 8
+    assert segment_length(1, T, 8, cpu) == T // PROGRAMS_PER_SM
     assert segment_length(1, 100, 8, cpu) == 100  # never below MIN_SEGMENT tokens
     assert segment_length(1, 10, 8, cpu) == 10
 

@@ -10,6 +10,8 @@ import triton
 from stripes.kernels.modal_conv.kernel import (
     BC,
     PASS_BLOCK,
+    TB,
+    WARPS,
     _grads_bwd,
     _local_bwd,
     _local_fwd,
@@ -20,7 +22,7 @@ from stripes.kernels.modal_conv.kernel import (
 from stripes.kernels.modal_conv.reference import check_continue_inputs, check_inputs
 
 MIN_SEGMENT = 64  # tokens
-PROGRAMS_PER_SM = 8  # segments are cut so that about this many programs per SM run
+PROGRAMS_PER_SM = 16  # segments are cut so that about this many programs per SM run
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
@@ -29,6 +31,11 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
 
 def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 else t.contiguous()
+
+
+def _tiles(N: int) -> dict:
+    """The walking kernels' tile sizes and launch width."""
+    return {"BC": BC, "BN": triton.next_power_of_2(N), "TB": TB, "num_warps": WARPS}
 
 
 def segment_length(batch: int, T: int, C: int, device: torch.device) -> int:
@@ -54,12 +61,12 @@ def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
     out = torch.empty(B, T, C, dtype=k.dtype, device=k.device)
     if out.numel():
         state = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=k.device)
-        grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
+        grid, tiles = (n_seg, triton.cdiv(C, BC), B), _tiles(N)
         k_v = [k, k if v is None else v]
         pos = k if positions is None else positions
         flags = {"HAS_POS": positions is not None}
         _local_fwd[grid](*k_v, pos, params[0], params[1], state, T, C, N, cpg, segment, n_seg,
-                         *_strides(*k_v), HAS_V=v is not None, BC=BC, BN=BN, **flags)
+                         *_strides(*k_v), HAS_V=v is not None, **tiles, **flags)
         _pass_fwd[(triton.cdiv(C * N, PASS_BLOCK), B)](
             params[0], params[1], state, state if initial is None else initial,
             state if final is None else final, pos, T, C, N, cpg, segment, n_seg,
@@ -68,7 +75,7 @@ def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
         q_k_v = [k if q is None else q, *k_v]
         _output_fwd[grid](*q_k_v, pos, *params, state, out, T, C, N, cpg, segment, n_seg,
                           *_strides(*q_k_v), HAS_Q=q is not None, HAS_V=v is not None,
-                          BC=BC, BN=BN, **flags)
+                          **tiles, **flags)
     elif final is not None and initial is not None:
         final.copy_(initial)
     return out
@@ -97,18 +104,17 @@ class ModalConvFunction(torch.autograd.Function):
         if dq.numel():
             fstate = torch.empty(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
             rstate = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=q.device)
-            grid, BN = (n_seg, triton.cdiv(C, BC), B), triton.next_power_of_2(N)
+            grid, tiles = (n_seg, triton.cdiv(C, BC), B), _tiles(N)
             strides = _strides(q, k, v, dout)
             pos = q if positions is None else positions
             flags = {"HAS_POS": positions is not None}
             _local_bwd[grid](q, k, v, dout, pos, rate, theta, re, im, fstate, rstate, T, C, N,
-                             cpg, segment, n_seg, *strides, BC=BC, BN=BN, **flags)
+                             cpg, segment, n_seg, *strides, **tiles, **flags)
             _pass_bwd[(triton.cdiv(C * N, PASS_BLOCK), B)](rate, theta, fstate, rstate, pos, T,
                                                           C, N, cpg, segment, n_seg,
                                                           BLOCK=PASS_BLOCK, **flags)
             _grads_bwd[grid](q, k, v, dout, pos, rate, theta, re, im, fstate, rstate, dq, dk,
-                             dv, part, T, C, N, cpg, segment, n_seg, *strides, BC=BC, BN=BN,
-                             **flags)
+                             dv, part, T, C, N, cpg, segment, n_seg, *strides, **tiles, **flags)
         # Per channel, then per filter: every sum is linear in the channels' W and s sums.
         sums = part.sum((0, 1)).view(4, G, cpg, N).sum(2)
         gsr, gsi, gdr, gdi = sums.unbind(0)  # [G, N] each

@@ -2,8 +2,13 @@
 recurrence s[t] = p s[t-1] + k[t] v[t], y[t] = Re(sum_n R_n s_n[t]), out = q y, walked by
 segments of time.
 
-Work split: a program owns BC channels (all N modes of each, BC x N complex states in
-registers) over one segment of SEG tokens of one batch row, and walks it token by token.
+Work split: a program (one warp) owns BC channels (all N modes of each, BC x N complex
+states in registers, two lanes a channel) over one segment of SEG tokens of one batch row.
+It loads TB tokens at once ([BC, TB] tiles, a channel's tokens in its own lanes' registers)
+and walks them from registers, so a program waits out one memory latency per TB tokens,
+not per token, and the per-token sums over modes take one shuffle and no barrier (with
+4-warp programs, each lane a few modes of a channel, they took four shuffles and a barrier:
+H100 runs at 4ed7849 were latency-bound, at 5% of copy bandwidth).
 Segments run in parallel; what crosses a segment boundary is the state, passed in three
 launches, as the chunked scans of SSD and retention do:
     1. each segment's end state from a zero start                        (local)
@@ -40,7 +45,9 @@ import triton.language as tl
 
 from stripes.kernels.modal_filter.kernel import _power
 
-BC = 32  # channels per program
+BC = 16  # channels per program: two lanes each, each lane holding half of the modes
+TB = 8  # tokens per load: the tile walked from registers
+WARPS = 1  # a program is one warp (see the docstring)
 PASS_BLOCK = 256  # (channel, mode) lanes per program of the passing scans
 
 
@@ -73,17 +80,42 @@ def _scan_step(sr, si, pr, pi, keep, u):
 
 
 @triton.jit
-def _row(ptr, b, t, c, sb, st, mask):
-    """[BC] float32: one token's channels c of a [B, T, C] tensor with strides (sb, st, 1)."""
-    at = ptr + b.to(tl.int64) * sb + t.to(tl.int64) * st + c
-    return tl.load(at, mask=mask, other=0.0).to(tl.float32)
+def _block(seg, i0, SEG, rows, c_ok, TB: tl.constexpr):
+    """Tokens i0 .. i0 + TB - 1 of segment seg: their positions in the row t [TB], their
+    columns j [TB] = 0 .. TB - 1 of a tile, and the tile's mask [BC, TB] (channel and token
+    in range)."""
+    j = tl.arange(0, TB)
+    return seg * SEG + i0 + j, j, c_ok[:, None] & ((i0 + j >= 0) & (i0 + j < rows))[None, :]
 
 
 @triton.jit
-def _store_row(ptr, b, t, c, T, C, value, mask):
-    """One token's channels of a contiguous [B, T, C] output."""
-    at = ptr + (b.to(tl.int64) * T + t) * C + c
-    tl.store(at, value.to(ptr.dtype.element_ty), mask=mask)
+def _tokens(ptr, b, t, c, sb, st, ok):
+    """[BC, TB] float32: channels c of tokens t of a [B, T, C] tensor with strides
+    (sb, st, 1). One load for TB tokens keeps TB rows in flight: walked one load per token,
+    a program waited out a memory latency per token."""
+    at = ptr + b.to(tl.int64) * sb + t[None, :].to(tl.int64) * st + c[:, None]
+    return tl.load(at, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tokens(ptr, b, t, c, T, C, value, ok):
+    """A [BC, TB] tile into a contiguous [B, T, C] output."""
+    at = ptr + (b.to(tl.int64) * T + t[None, :]) * C + c[:, None]
+    tl.store(at, value.to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _col(tile, j, jj):
+    """[BC]: column jj of a [BC, TB] tile. A channel's tokens lie in its own thread's
+    registers (the layout the tile's loads get: channels across lanes), so this compiles to
+    register selects."""
+    return tl.sum(tl.where(j[None, :] == jj, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _put(tile, j, jj, value):
+    """The tile with column jj set to value [BC]."""
+    return tl.where(j[None, :] == jj, value[:, None], tile)
 
 
 @triton.jit
@@ -126,31 +158,52 @@ def _carried(pos_ptr, b, t, L, T, HAS_POS: tl.constexpr):
     return 1.0
 
 
+@triton.jit
+def _plain(pos_ptr, b, t, n, T, HAS_POS: tl.constexpr):
+    """True when no document starts among the n tokens t .. t + n - 1 (nor at t): their
+    keep factors are all 1, and _keep_in need not load them."""
+    return _carried(pos_ptr, b, t + n - 1, n, T, HAS_POS) > 0
+
+
+@triton.jit
+def _keep_in(pos_ptr, b, t, T, plain, HAS_POS: tl.constexpr):
+    """_keep of token t inside a tile, loaded only where the tile is not plain (documents
+    are long against a tile, so most tiles are)."""
+    keep = tl.full((), 1.0, tl.float32)
+    if not plain:  # never without positions: plain is then the constant True
+        keep = _keep(pos_ptr, b, t, T, HAS_POS)
+    return keep
+
+
 # -- forward ----------------------------------------------------------------------------------
 @triton.jit
-def _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V: tl.constexpr):
-    """u = k v at token t ([BC]), or k alone."""
-    u = _row(k_ptr, b, t, c, skb, skt, ok)
+def _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V: tl.constexpr):
+    """u = k v at tokens t ([BC, TB]), or k alone."""
+    u = _tokens(k_ptr, b, t, c, skb, skt, ok)
     if HAS_V:
-        u *= _row(v_ptr, b, t, c, svb, svt, ok)
+        u *= _tokens(v_ptr, b, t, c, svb, svt, ok)
     return u
 
 
 @triton.jit
 def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, CPG, SEG,
                n_seg, skb, skt, svb, svt, HAS_V: tl.constexpr, HAS_POS: tl.constexpr,
-               BC: tl.constexpr, BN: tl.constexpr):
+               BC: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr):
     """Each segment's end state from a zero start -> state[b, seg, 0:2]."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
     sr = tl.zeros((BC, BN), tl.float32)
     si = tl.zeros((BC, BN), tl.float32)
-    for i in range(tl.minimum(SEG, T - seg * SEG)):  # the last segment may be short
-        t = seg * SEG + i
-        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
-        keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        sr, si = _scan_step(sr, si, pr, pi, keep, u)
+    rows = tl.minimum(SEG, T - seg * SEG)  # the last segment may be short
+    for i0 in range(0, rows, TB):
+        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V)
+        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
+        for jj in tl.static_range(TB):
+            if i0 + jj < rows:
+                keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
+                sr, si = _scan_step(sr, si, pr, pi, keep, _col(u, j, jj))
     tl.store(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), si, mask=mask)
 
@@ -196,7 +249,7 @@ def _pass_fwd(rate_ptr, theta_ptr, state_ptr, init_ptr, final_ptr, pos_ptr, T, C
 def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr, state_ptr,
                 out_ptr, T, C, N, CPG, SEG, n_seg, sqb, sqt, skb, skt, svb, svt,
                 HAS_Q: tl.constexpr, HAS_V: tl.constexpr, HAS_POS: tl.constexpr,
-                BC: tl.constexpr, BN: tl.constexpr):
+                BC: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr):
     """out = q y (or y) over each segment, from its entering state."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
@@ -205,53 +258,82 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     ri = tl.load(im_ptr + plane, mask=mask, other=0.0)
     sr = tl.load(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), mask=mask, other=0.0)
     si = tl.load(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), mask=mask, other=0.0)
-    for i in range(tl.minimum(SEG, T - seg * SEG)):
-        t = seg * SEG + i
-        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, HAS_V)
-        keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        sr, si = _scan_step(sr, si, pr, pi, keep, u)
-        y = tl.sum(rr * sr - ri * si, axis=1)
+    rows = tl.minimum(SEG, T - seg * SEG)
+    for i0 in range(0, rows, TB):
+        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V)
+        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
+        y = tl.zeros((BC, TB), tl.float32)
+        for jj in tl.static_range(TB):
+            if i0 + jj < rows:
+                keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
+                sr, si = _scan_step(sr, si, pr, pi, keep, _col(u, j, jj))
+                y = _put(y, j, jj, tl.sum(rr * sr - ri * si, axis=1))
         if HAS_Q:
-            y *= _row(q_ptr, b, t, c, sqb, sqt, c_ok)
-        _store_row(out_ptr, b, t, c, T, C, y, c_ok)
+            y *= _tokens(q_ptr, b, t, c, sqb, sqt, ok)
+        _store_tokens(out_ptr, b, t, c, T, C, y, ok)
 
 
 # -- backward ---------------------------------------------------------------------------------
 @triton.jit
+def _adjoint_step(ar, ai, pr, pi, rr, ri, keep_next, g):
+    """One token walked backwards: a = R g + keep[t + 1] p a, g [BC] (an adjoint does not
+    reach back across a document start)."""
+    g = g[:, None]
+    return _decay_add(ar, ai, pr, pi, keep_next, rr * g, ri * g)
+
+
+@triton.jit
+def _jordan_step(sr, si, dr, di, pr, pi, keep, u):
+    """One token of the pair (s, s' = ds/dp): s' = keep (p s' + s), then s as _scan_step."""
+    dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
+    sr, si = _scan_step(sr, si, pr, pi, keep, u)
+    return sr, si, dr, di
+
+
+@triton.jit
 def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr,
                fstate_ptr, rstate_ptr, T, C, N, CPG, SEG, n_seg,
                sqb, sqt, skb, skt, svb, svt, sdb, sdt, HAS_POS: tl.constexpr,
-               BC: tl.constexpr, BN: tl.constexpr):
+               BC: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr):
     """From zero starts: each segment's end (s, s') -> fstate[b, seg, 0:4], and its adjoint
     at the segment's first token, walking back from its end -> rstate[b, seg, 0:2]."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
-    rr = tl.load(re_ptr + plane, mask=mask, other=0.0)
-    ri = tl.load(im_ptr + plane, mask=mask, other=0.0)
     sr = tl.zeros((BC, BN), tl.float32)
     si = tl.zeros((BC, BN), tl.float32)
     dr = tl.zeros((BC, BN), tl.float32)  # s' = ds/dp
     di = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
-    for i in range(rows):
-        t = seg * SEG + i
-        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
-        keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
-        sr, si = _scan_step(sr, si, pr, pi, keep, u)
+    for i0 in range(0, rows, TB):
+        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, True)
+        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
+        for jj in tl.static_range(TB):
+            if i0 + jj < rows:
+                keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
+                sr, si, dr, di = _jordan_step(sr, si, dr, di, pr, pi, keep, _col(u, j, jj))
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N), sr, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 1, 4, lanes, C, N), si, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 2, 4, lanes, C, N), dr, mask=mask)
     tl.store(_states_at(fstate_ptr, b, seg, n_seg, 3, 4, lanes, C, N), di, mask=mask)
+    rr = tl.load(re_ptr + plane, mask=mask, other=0.0)
+    ri = tl.load(im_ptr + plane, mask=mask, other=0.0)
     ar = tl.zeros((BC, BN), tl.float32)
     ai = tl.zeros((BC, BN), tl.float32)
-    keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)  # (a starts at zero here)
-    for i in range(rows):
-        t = seg * SEG + rows - 1 - i
-        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
-        ar, ai = _decay_add(ar, ai, pr, pi, keep_next, rr * g, ri * g)
-        keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
+    keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
+    for r0 in range(0, rows, TB):  # blocks from the segment's end: tokens i0 .. i0 + TB - 1
+        i0 = rows - r0 - TB
+        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        g = _inputs(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, ok, True)
+        first = tl.maximum(i0, 0)
+        plain = _plain(pos_ptr, b, seg * SEG + first, i0 + TB - first, T, HAS_POS)
+        for jj in tl.static_range(TB):
+            col = TB - 1 - jj
+            if i0 + col >= 0:
+                ar, ai = _adjoint_step(ar, ai, pr, pi, rr, ri, keep_next, _col(g, j, col))
+                keep_next = _keep_in(pos_ptr, b, seg * SEG + i0 + col, T, plain, HAS_POS)
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N), ar, mask=mask)
     tl.store(_states_at(rstate_ptr, b, seg, n_seg, 1, 2, lanes, C, N), ai, mask=mask)
 
@@ -307,7 +389,7 @@ def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, pos_ptr, T, C, N, CPG
 def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr,
                fstate_ptr, rstate_ptr, dq_ptr, dk_ptr, dv_ptr, part_ptr, T, C, N, CPG, SEG,
                n_seg, sqb, sqt, skb, skt, svb, svt, sdb, sdt, HAS_POS: tl.constexpr,
-               BC: tl.constexpr, BN: tl.constexpr):
+               BC: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr):
     """Per segment from its entering states: forward for dq and the parameter sums
     (sum g s, sum g s' -> part[b, seg, 0:4]), then backward for du, dk and dv."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -325,19 +407,24 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     gdr = tl.zeros((BC, BN), tl.float32)  # sum_t g s'
     gdi = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
-    for i in range(rows):
-        t = seg * SEG + i
-        u = _input(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, c_ok, True)
-        dout = _row(dout_ptr, b, t, c, sdb, sdt, c_ok)
-        g = (dout * _row(q_ptr, b, t, c, sqb, sqt, c_ok))[:, None]
-        keep = _keep(pos_ptr, b, t, T, HAS_POS)
-        dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
-        sr, si = _scan_step(sr, si, pr, pi, keep, u)
-        _store_row(dq_ptr, b, t, c, T, C, dout * tl.sum(rr * sr - ri * si, axis=1), c_ok)
-        gsr += g * sr
-        gsi += g * si
-        gdr += g * dr
-        gdi += g * di
+    for i0 in range(0, rows, TB):
+        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, True)
+        dout = _tokens(dout_ptr, b, t, c, sdb, sdt, ok)
+        g = dout * _tokens(q_ptr, b, t, c, sqb, sqt, ok)
+        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
+        y = tl.zeros((BC, TB), tl.float32)
+        for jj in tl.static_range(TB):
+            if i0 + jj < rows:
+                keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
+                sr, si, dr, di = _jordan_step(sr, si, dr, di, pr, pi, keep, _col(u, j, jj))
+                y = _put(y, j, jj, tl.sum(rr * sr - ri * si, axis=1))
+                gj = _col(g, j, jj)[:, None]
+                gsr += gj * sr
+                gsi += gj * si
+                gdr += gj * dr
+                gdi += gj * di
+        _store_tokens(dq_ptr, b, t, c, T, C, dout * y, ok)
     out = _states_at(part_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
     tl.store(out, gsr, mask=mask)
     tl.store(out + C * N, gsi, mask=mask)
@@ -348,11 +435,18 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     ar = tl.load(at, mask=mask, other=0.0)
     ai = tl.load(at + C * N, mask=mask, other=0.0)
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
-    for i in range(rows):
-        t = seg * SEG + rows - 1 - i
-        g = _input(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, c_ok, True)[:, None]
-        ar, ai = _decay_add(ar, ai, pr, pi, keep_next, rr * g, ri * g)
-        keep_next = _keep(pos_ptr, b, t, T, HAS_POS)
-        du = tl.sum(ar, axis=1)
-        _store_row(dk_ptr, b, t, c, T, C, du * _row(v_ptr, b, t, c, svb, svt, c_ok), c_ok)
-        _store_row(dv_ptr, b, t, c, T, C, du * _row(k_ptr, b, t, c, skb, skt, c_ok), c_ok)
+    for r0 in range(0, rows, TB):
+        i0 = rows - r0 - TB
+        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        g = _inputs(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, ok, True)
+        first = tl.maximum(i0, 0)
+        plain = _plain(pos_ptr, b, seg * SEG + first, i0 + TB - first, T, HAS_POS)
+        du = tl.zeros((BC, TB), tl.float32)
+        for jj in tl.static_range(TB):
+            col = TB - 1 - jj
+            if i0 + col >= 0:
+                ar, ai = _adjoint_step(ar, ai, pr, pi, rr, ri, keep_next, _col(g, j, col))
+                keep_next = _keep_in(pos_ptr, b, seg * SEG + i0 + col, T, plain, HAS_POS)
+                du = _put(du, j, col, tl.sum(ar, axis=1))
+        _store_tokens(dk_ptr, b, t, c, T, C, du * _tokens(v_ptr, b, t, c, svb, svt, ok), ok)
+        _store_tokens(dv_ptr, b, t, c, T, C, du * _tokens(k_ptr, b, t, c, skb, skt, ok), ok)
