@@ -1,5 +1,5 @@
 """Sweep of the modal_conv kernels' tiles (kernels/modal_conv), CUDA only: channels a program
-(BC, one warp: 16 is two lanes a channel, 32 one lane), tokens a load (TB) and programs per
+(BC, one warp: 32 is one lane a channel, 16 two lanes), tokens a load (TB) and programs per
 SM (how finely segments cut the time axis), at bench/kernels.py's modal_conv shapes.
 
 Each setting's forward+backward of modal_gated_conv (bf16 q, k, v; float32 filter
@@ -23,8 +23,8 @@ from stripes.kernels.modal_conv import function
 SHAPES = {"b64-1k": (64, 1024, 768, 16), "b64-4k": (64, 4096, 768, 16),
           "b1-32k": (1, 32768, 2048, 16)}
 # (BC, TB, programs per SM); the first is the default of kernel.py / function.py
-SETTINGS = [(16, 8, 16), (16, 4, 16), (16, 16, 16), (32, 4, 16), (32, 8, 16), (16, 8, 8),
-            (16, 8, 32)]
+SETTINGS = [(32, 4, 16), (32, 2, 16), (32, 8, 16), (16, 4, 16), (16, 8, 16), (16, 16, 16),
+            (32, 4, 8), (32, 4, 32)]
 
 
 def inputs(B: int, T: int, C: int, N: int) -> list[torch.Tensor]:
