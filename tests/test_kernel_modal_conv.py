@@ -13,6 +13,7 @@ from stripes.arch.hyena_filters import modal_recurrence
 from stripes.kernels.modal_conv import modal_gated_conv
 from stripes.kernels.modal_conv.function import (
     PROGRAMS_PER_SM,
+    channels_per_program,
     modal_conv_continue_triton,
     modal_gated_conv_triton,
     segment_length,
@@ -65,6 +66,7 @@ def test_references_agree():
     (2, 23, 33, 3, 5, 23),     # one segment
     (1, 9, 8, 2, 4, 1),        # a token a segment
     (1, 70, 32, 32, 16, None),  # the launcher's choice
+    (1, 30, 40, 10, 20, 9),    # 20 modes: 16 channels a program, 3 programs, one partial
 ])
 def test_float32_kernels_match_float64_reference(B, T, C, G, N, segment):
     tensors = inputs(B, T, C, G, N, seed=T + C)
@@ -120,10 +122,19 @@ def test_bfloat16_activations():
 def test_segments_fill_the_device_and_stay_long():
     T = 32768
     cpu = torch.device("cpu")  # one "SM" off CUDA: PROGRAMS_PER_SM programs in all
-    assert segment_length(1, T, 2048, cpu) == T
-    assert segment_length(1, T, 8, cpu) == T // PROGRAMS_PER_SM
-    assert segment_length(1, 100, 8, cpu) == 100  # never below MIN_SEGMENT tokens
-    assert segment_length(1, 10, 8, cpu) == 10
+    assert segment_length(1, T, 2048, 16, cpu) == T
+    assert segment_length(1, T, 8, 16, cpu) == T // PROGRAMS_PER_SM
+    assert segment_length(1, 100, 8, 16, cpu) == 100  # never below MIN_SEGMENT tokens
+    assert segment_length(1, 10, 8, 16, cpu) == 10
+    # 64 modes take 4 lanes a channel, so a program 8 channels: 256 programs at C = 2048
+    assert segment_length(1, T, 2048, 64, cpu) == T
+
+
+@pytest.mark.parametrize("N, channels", [(5, 32), (16, 32), (17, 16), (64, 8), (1024, 1)])
+def test_a_lane_holds_at_most_sixteen_modes(N, channels):
+    """Past 16 modes a channel spreads over more lanes and a program takes fewer channels
+    (one lane holding 64 modes' states would spill them: 38 KB a thread in grads_bwd)."""
+    assert channels_per_program(N) == channels
 
 
 def test_cpu_runs_the_filter_and_fft_and_names_bad_shapes():

@@ -9,6 +9,7 @@ import triton
 
 from stripes.kernels.modal_conv.kernel import (
     BC,
+    MODES_PER_LANE,
     PASS_BLOCK,
     TB,
     WARPS,
@@ -33,17 +34,25 @@ def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(2) == 1 else t.contiguous()
 
 
+def channels_per_program(N: int) -> int:
+    """BC channels, a lane each, while a lane holds at most MODES_PER_LANE modes; with more
+    modes a channel spreads over more lanes and a program takes fewer channels (a lane
+    holding 64 modes would spill most of its states)."""
+    return max(1, min(BC, BC * MODES_PER_LANE // triton.next_power_of_2(N)))
+
+
 def _tiles(N: int) -> dict:
     """The walking kernels' tile sizes and launch width."""
-    return {"BC": BC, "BN": triton.next_power_of_2(N), "TB": TB, "num_warps": WARPS}
+    return {"BC": channels_per_program(N), "BN": triton.next_power_of_2(N), "TB": TB,
+            "num_warps": WARPS}
 
 
-def segment_length(batch: int, T: int, C: int, device: torch.device) -> int:
+def segment_length(batch: int, T: int, C: int, N: int, device: torch.device) -> int:
     """Tokens a program walks: segments enough for PROGRAMS_PER_SM programs per SM (more
     segments cost more state passing, fewer leave SMs idle), none under MIN_SEGMENT."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 1
-    blocks = batch * triton.cdiv(C, BC)
+    blocks = batch * triton.cdiv(C, channels_per_program(N))
     segments = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, blocks), T // MIN_SEGMENT))
     return triton.cdiv(T, segments)
 
@@ -61,7 +70,8 @@ def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
     out = torch.empty(B, T, C, dtype=k.dtype, device=k.device)
     if out.numel():
         state = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=k.device)
-        grid, tiles = (n_seg, triton.cdiv(C, BC), B), _tiles(N)
+        tiles = _tiles(N)
+        grid = (n_seg, triton.cdiv(C, tiles["BC"]), B)
         k_v = [k, k if v is None else v]
         pos = k if positions is None else positions
         flags = {"HAS_POS": positions is not None}
@@ -104,7 +114,8 @@ class ModalConvFunction(torch.autograd.Function):
         if dq.numel():
             fstate = torch.empty(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
             rstate = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=q.device)
-            grid, tiles = (n_seg, triton.cdiv(C, BC), B), _tiles(N)
+            tiles = _tiles(N)
+            grid = (n_seg, triton.cdiv(C, tiles["BC"]), B)
             strides = _strides(q, k, v, dout)
             pos = q if positions is None else positions
             flags = {"HAS_POS": positions is not None}
@@ -132,7 +143,7 @@ def modal_gated_conv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_inputs(q, k, v, rate, theta, residue_re, residue_im, positions)
     B, T, C = q.shape
     if segment is None:
-        segment = segment_length(B, T, C, q.device)
+        segment = segment_length(B, T, C, rate.shape[1], q.device)
     if positions is not None:
         positions = positions.to(torch.int32).contiguous()
     return ModalConvFunction.apply(q, k, v, rate, theta, residue_re, residue_im, positions,
@@ -147,7 +158,7 @@ def modal_conv_continue_triton(u: torch.Tensor, rate: torch.Tensor, theta: torch
     check_continue_inputs(u, rate, theta, residue_re, residue_im, state)
     B, T, C = u.shape
     if segment is None:
-        segment = segment_length(B, T, C, u.device) if T else 1
+        segment = segment_length(B, T, C, rate.shape[1], u.device) if T else 1
     params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
     initial = torch.view_as_real(state.to(torch.complex64).contiguous())
     final = torch.empty_like(initial)

@@ -3,12 +3,13 @@ recurrence s[t] = p s[t-1] + k[t] v[t], y[t] = Re(sum_n R_n s_n[t]), out = q y, 
 segments of time.
 
 Work split: a program (one warp) owns BC channels (all N modes of each, BC x N complex
-states in registers, a lane a channel) over one segment of SEG tokens of one batch row. It
-loads TB tokens at once ([BC, TB] tiles, a channel's tokens in its own lane's registers)
-and walks them from registers, so a program waits out one memory latency per TB tokens,
-not per token, and the per-token sums over modes stay inside a lane: no shuffle, no
-barrier. (With 4-warp programs, each lane a few modes of a channel, every token took a
-load's latency, four rounds of shuffles and a barrier: about 2.2x slower on an H100.)
+states in registers, a lane a channel; more lanes a channel and fewer channels where
+N > 16) over one segment of SEG tokens of one batch row. It loads TB tokens at once
+([BC, TB] tiles, a channel's tokens in its own lane's registers) and walks them from
+registers, so a program waits out one memory latency per TB tokens, not per token, and the
+per-token sums over modes stay inside a lane: no shuffle, no barrier. (With 4-warp
+programs, each lane a few modes of a channel, every token took a load's latency, four
+rounds of shuffles and a barrier: about 2.2x slower on an H100.)
 Segments run in parallel; what crosses a segment boundary is the state, passed in three
 launches, as the chunked scans of SSD and retention do:
     1. each segment's end state from a zero start                        (local)
@@ -45,7 +46,8 @@ import triton.language as tl
 
 from stripes.kernels.modal_filter.kernel import _power
 
-BC = 32  # channels per program: a lane each, holding all of the channel's modes
+BC = 32  # channels per program: a lane each, holding all of the channel's modes ...
+MODES_PER_LANE = 16  # ... up to this many; more modes spread a channel over more lanes
 TB = 4  # tokens per load: the tile walked from registers (bench/modal_conv_sweep.py)
 WARPS = 1  # a program is one warp (see the docstring)
 PASS_BLOCK = 256  # (channel, mode) lanes per program of the passing scans
