@@ -108,9 +108,9 @@ def _store_tokens(ptr, b, t, c, T, C, value, ok):
 
 @triton.jit
 def _col(tile, j, jj):
-    """[BC]: column jj of a [BC, TB] tile. A channel's tokens lie in its own thread's
+    """[BC]: column jj of a [BC, TB] tile. A channel's tokens lie in its own lanes'
     registers (the layout the tile's loads get: channels across lanes), so this compiles to
-    register selects."""
+    register selects, plus a shuffle where a channel spans lanes (N > 16)."""
     return tl.sum(tl.where(j[None, :] == jj, tile, 0.0), axis=1)
 
 
