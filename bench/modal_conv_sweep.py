@@ -4,8 +4,9 @@ SM (how finely segments cut the time axis), at bench/kernels.py's modal_conv sha
 
 Each setting's forward+backward of modal_gated_conv (bf16 q, k, v; float32 filter
 parameters) is timed with triton.testing.do_bench (median ms, L2 flushed by do_bench), its
-output checked against the default setting's (the same function: only the order of float32
-sums may change). Prints one table per shape, fastest first.
+output and gradients checked against the default setting's (the same function: only the
+order of float32 sums may change; the largest relative difference is printed). Prints one
+table per shape, fastest first.
 
     python3 bench/modal_conv_sweep.py [--shapes b64-1k,b64-4k,b1-32k]
 """
@@ -56,14 +57,15 @@ def main() -> None:
         rows, reference = [], None
         for setting in SETTINGS:
             function.BC, function.TB, function.PROGRAMS_PER_SM = setting
-            with torch.no_grad():
-                out = function.modal_gated_conv_triton(*tensors).float()
-            reference = out if reference is None else reference
-            err = ((out - reference).norm() / reference.norm()).item()
+            out = function.modal_gated_conv_triton(*tensors)
+            results = [t.float() for t in (out, *torch.autograd.grad(out, tensors, grad))]
+            reference = results if reference is None else reference
+            err = max(((a - b).norm() / b.norm()).item()
+                      for a, b in zip(results, reference, strict=True))
             rows.append((do_bench(step, rep=200), setting, err))
         function.BC, function.TB, function.PROGRAMS_PER_SM = default
         print(f"\n{name} {SHAPES[name]} (B, T, C, N), forward+backward")
-        print("| BC | TB | programs/SM | ms | vs default | rel. diff of out |")
+        print("| BC | TB | programs/SM | ms | vs default | rel. diff, out and grads |")
         print("|---:|---:|---:|---:|---:|---:|")
         base = rows[0][0]
         for ms, (bc, tb, pps), err in sorted(rows):

@@ -131,9 +131,10 @@ def test_segments_fill_the_device_and_stay_long():
 
 
 @pytest.mark.parametrize("N, channels", [(5, 32), (16, 32), (17, 16), (64, 8), (1024, 1)])
-def test_a_lane_holds_at_most_sixteen_modes(N, channels):
-    """Past 16 modes a channel spreads over more lanes and a program takes fewer channels
-    (one lane holding 64 modes' states would spill them: 38 KB a thread in grads_bwd)."""
+def test_more_modes_spread_a_channel_over_more_lanes(N, channels):
+    """Past 16 modes a channel spreads over more lanes and a program (one warp) takes fewer
+    channels, down to one (one lane holding 64 modes' states would spill them: 38 KB a
+    thread in grads_bwd)."""
     assert channels_per_program(N) == channels
 
 

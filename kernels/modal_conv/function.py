@@ -36,8 +36,8 @@ def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def channels_per_program(N: int) -> int:
     """BC channels, a lane each, while a lane holds at most MODES_PER_LANE modes; with more
-    modes a channel spreads over more lanes and a program takes fewer channels (a lane
-    holding 64 modes would spill most of its states)."""
+    modes a channel spreads over more lanes (up to the warp's 32) and a program takes fewer
+    channels (a lane holding 64 modes would spill most of its states)."""
     return max(1, min(BC, BC * MODES_PER_LANE // triton.next_power_of_2(N)))
 
 

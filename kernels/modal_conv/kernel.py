@@ -163,7 +163,8 @@ def _carried(pos_ptr, b, t, L, T, HAS_POS: tl.constexpr):
 @triton.jit
 def _plain(pos_ptr, b, t, n, T, HAS_POS: tl.constexpr):
     """True when no document starts among the n tokens t .. t + n - 1 (nor at t): their
-    keep factors are all 1, and _keep_in need not load them."""
+    keep factors are all 1, and _keep_in need not load them. Read off the last token's
+    position, which counts the steps since its document's start (as _carried does)."""
     return _carried(pos_ptr, b, t + n - 1, n, T, HAS_POS) > 0
 
 
