@@ -87,12 +87,13 @@ def positions_of(doc_ids: torch.Tensor) -> torch.Tensor:
     return steps - torch.where(starts, steps, 0).cummax(dim=1).values
 
 
-@pytest.mark.parametrize("T, segment", [(40, 7), (40, 40), (23, 5)])
-def test_packed_documents_restart_the_state(T, segment):
+@pytest.mark.parametrize("T, segment, N", [(40, 7, 5), (40, 40, 5), (23, 5, 5), (40, 9, 20)])
+def test_packed_documents_restart_the_state(T, segment, N):
     """With positions, the kernels (float32) match the recurrence that restarts at each
     document (float64), which matches each document convolved alone; segment edges fall
-    inside documents, on their starts and on their last tokens."""
-    B, C, G, N = 2, 12, 4, 5
+    inside documents, on their starts and on their last tokens (N = 20: two lanes a
+    channel on a GPU)."""
+    B, C, G = 2, 12, 4
     tensors = inputs(B, T, C, G, N, seed=T + segment)
     doc_ids = torch.tensor([[0] * 7 + [1] * 14 + [2] * (T - 21), [0] * (T - 6) + [1] * 6])
     positions = positions_of(doc_ids)
