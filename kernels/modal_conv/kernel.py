@@ -82,12 +82,16 @@ def _scan_step(sr, si, pr, pi, keep, u):
 
 
 @triton.jit
-def _block(seg, i0, SEG, rows, c_ok, TB: tl.constexpr):
-    """Tokens i0 .. i0 + TB - 1 of segment seg: their positions in the row t [TB], their
-    columns j [TB] = 0 .. TB - 1 of a tile, and the tile's mask [BC, TB] (channel and token
-    in range)."""
+def _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB: tl.constexpr, HAS_POS: tl.constexpr):
+    """Tokens i0 .. i0 + TB - 1 of segment seg (i0 < 0 in a reverse walk's last block):
+    their positions in the row t [TB], their columns j [TB] = 0 .. TB - 1 of a tile, the
+    tile's mask [BC, TB] (channel and token in range), and whether no document starts among
+    the tokens in range (_plain)."""
     j = tl.arange(0, TB)
-    return seg * SEG + i0 + j, j, c_ok[:, None] & ((i0 + j >= 0) & (i0 + j < rows))[None, :]
+    first, end = tl.maximum(i0, 0), tl.minimum(i0 + TB, rows)
+    ok = c_ok[:, None] & ((i0 + j >= 0) & (i0 + j < rows))[None, :]
+    return (seg * SEG + i0 + j, j, ok,
+            _plain(pos_ptr, b, seg * SEG + first, end - first, T, HAS_POS))
 
 
 @triton.jit
@@ -200,9 +204,8 @@ def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, C
     si = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)  # the last segment may be short
     for i0 in range(0, rows, TB):
-        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V)
-        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
                 keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
@@ -263,9 +266,8 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     si = tl.load(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), mask=mask, other=0.0)
     rows = tl.minimum(SEG, T - seg * SEG)
     for i0 in range(0, rows, TB):
-        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V)
-        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
         y = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
@@ -310,9 +312,8 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     di = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
     for i0 in range(0, rows, TB):
-        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, True)
-        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
                 keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
@@ -328,10 +329,8 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
     for r0 in range(0, rows, TB):  # blocks from the segment's end: tokens i0 .. i0 + TB - 1
         i0 = rows - r0 - TB
-        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         g = _inputs(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, ok, True)
-        first = tl.maximum(i0, 0)
-        plain = _plain(pos_ptr, b, seg * SEG + first, i0 + TB - first, T, HAS_POS)
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
             if i0 + col >= 0:
@@ -411,11 +410,10 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     gdi = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
     for i0 in range(0, rows, TB):
-        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, True)
         dout = _tokens(dout_ptr, b, t, c, sdb, sdt, ok)
         g = dout * _tokens(q_ptr, b, t, c, sqb, sqt, ok)
-        plain = _plain(pos_ptr, b, seg * SEG + i0, tl.minimum(TB, rows - i0), T, HAS_POS)
         y = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
@@ -440,10 +438,8 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
     for r0 in range(0, rows, TB):
         i0 = rows - r0 - TB
-        t, j, ok = _block(seg, i0, SEG, rows, c_ok, TB)
+        t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         g = _inputs(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, ok, True)
-        first = tl.maximum(i0, 0)
-        plain = _plain(pos_ptr, b, seg * SEG + first, i0 + TB - first, T, HAS_POS)
         du = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
