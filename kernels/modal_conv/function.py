@@ -60,14 +60,17 @@ def segment_length(batch: int, T: int, C: int, N: int, device: torch.device) -> 
 def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
              params: list[torch.Tensor], segment: int, positions: torch.Tensor | None = None,
              initial: torch.Tensor | None = None, final: torch.Tensor | None = None
-             ) -> torch.Tensor:
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """out = q y with u = k v (q, v None: y, u = k), resetting at document starts
     (positions: int32 [B, T]), from `initial` and into `final` (float32 [B, C, N, 2] views
-    of complex states) when given. params: float32 [G, N], contiguous."""
+    of complex states) when given. params: float32 [G, N], contiguous. Also returns the
+    state entering each segment (float32 [B, segments, 2, C, N]; None when out is empty),
+    which backward walks from."""
     B, T, C = k.shape
     G, N = params[0].shape
     n_seg, cpg = triton.cdiv(T, segment), C // G
     out = torch.empty(B, T, C, dtype=k.dtype, device=k.device)
+    state = None
     if out.numel():
         state = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=k.device)
         tiles = _tiles(N)
@@ -88,7 +91,7 @@ def _forward(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
                           **tiles, **flags)
     elif final is not None and initial is not None:
         final.copy_(initial)
-    return out
+    return out, state
 
 
 class ModalConvFunction(torch.autograd.Function):
@@ -96,15 +99,15 @@ class ModalConvFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, rate, theta, residue_re, residue_im, positions, segment):
         q, k, v = (_channels_contiguous(t) for t in (q, k, v))
         params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
-        out = _forward(q, k, v, params, segment, positions)
-        ctx.save_for_backward(q, k, v, *params, positions)
+        out, state = _forward(q, k, v, params, segment, positions)
+        ctx.save_for_backward(q, k, v, *params, positions, state)
         ctx.segment = segment
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, rate, theta, re, im, positions = ctx.saved_tensors
+        q, k, v, rate, theta, re, im, positions, fstate = ctx.saved_tensors
         dout = _channels_contiguous(dout)
         B, T, C = q.shape
         (G, N), segment = rate.shape, ctx.segment
@@ -112,17 +115,16 @@ class ModalConvFunction(torch.autograd.Function):
         dq, dk, dv = (torch.empty(B, T, C, dtype=t.dtype, device=t.device) for t in (q, k, v))
         part = torch.zeros(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
         if dq.numel():
-            fstate = torch.empty(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
-            rstate = torch.empty(B, n_seg, 2, C, N, dtype=torch.float32, device=q.device)
+            rstate = torch.empty(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
             tiles = _tiles(N)
             grid = (n_seg, triton.cdiv(C, tiles["BC"]), B)
             strides = _strides(q, k, v, dout)
             pos = q if positions is None else positions
             flags = {"HAS_POS": positions is not None}
-            _local_bwd[grid](q, k, v, dout, pos, rate, theta, re, im, fstate, rstate, T, C, N,
-                             cpg, segment, n_seg, *strides, **tiles, **flags)
-            _pass_bwd[(triton.cdiv(C * N, PASS_BLOCK), B)](rate, theta, fstate, rstate, pos, T,
-                                                          C, N, cpg, segment, n_seg,
+            _local_bwd[grid](q, dout, pos, rate, theta, rstate, T, C, N, cpg, segment, n_seg,
+                             *_strides(q, dout), **tiles, **flags)
+            _pass_bwd[(triton.cdiv(C * N, PASS_BLOCK), B)](rate, theta, rstate, pos, T, C, N,
+                                                          cpg, segment, n_seg,
                                                           BLOCK=PASS_BLOCK, **flags)
             _grads_bwd[grid](q, k, v, dout, pos, rate, theta, re, im, fstate, rstate, dq, dk,
                              dv, part, T, C, N, cpg, segment, n_seg, *strides, **tiles, **flags)
@@ -162,6 +164,6 @@ def modal_conv_continue_triton(u: torch.Tensor, rate: torch.Tensor, theta: torch
     params = [p.float().contiguous() for p in (rate, theta, residue_re, residue_im)]
     initial = torch.view_as_real(state.to(torch.complex64).contiguous())
     final = torch.empty_like(initial)
-    y = _forward(None, _channels_contiguous(u), None, params, max(1, segment), None, initial,
-                 final)
+    y, _ = _forward(None, _channels_contiguous(u), None, params, max(1, segment), None,
+                    initial, final)
     return y, torch.view_as_complex(final).to(state.dtype)

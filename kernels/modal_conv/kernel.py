@@ -18,18 +18,21 @@ launches, as the chunked scans of SSD and retention do:
 Memory traffic is q, k, v read and out written once, plus B x segments x C x N states:
 no filter [C, T], no FFT, no float32 copy of the activations.
 
-Backward, with g = dout q (the gradient of y) and the adjoint a[t] = R g[t] + p a[t+1]
-(a reverse scan, since y[t] depends on u[j <= t] through p^(t-j)):
-    dq = dout y,  du[t] = Re sum_n a_n[t],  dk = du v,  dv = du k
+Backward, with g = dout q (the gradient of y) and the adjoint b[t] = g[t] + p b[t+1] (a
+reverse scan, since y[t] depends on u[j <= t] through p^(t-j)):
+    dq = dout y,  du[t] = Re sum_n R_n b_n[t],  dk = du v,  dv = du k
     dL/dR_re = sum_t g s_re,   dL/dR_im = -sum_t g s_im
-    dL/drate = Re(-p R W),     dL/dtheta = Re(i p R W),   W = sum_t g[t] s'[t]
-where s' = ds/dp obeys s'[t] = p s'[t-1] + s[t-1] (s is holomorphic in p; dp/drate = -p,
-dp/dtheta = i p). The pair (s, s') is again a linear recurrence, with the Jordan block
-[[p, 0], [1, p]], whose power over a segment is [[p^L, 0], [L p^(L-1), p^L]]; so backward
-runs the same three steps: local (s, s') end states and the local adjoint at each segment's
-start, both passed across segments (forward and in reverse), then one pass per segment
-that walks forward for dq and the parameter sums and backward for du. The parameter sums
-are written per (row, segment) and added by torch (deterministic: no atomics).
+    dL/drate = Re(-p R W),     dL/dtheta = Re(i p R W),   W = sum_t u[t] b'[t]
+where b' = db/dp obeys b'[t] = b[t+1] + p b'[t+1] (b is holomorphic in p; dp/drate = -p,
+dp/dtheta = i p; W is also sum_t g ds/dp, as both are d/dp of sum_t g s = sum_t u b). The
+pair (b, b') is again a linear recurrence, with the Jordan block [[p, 0], [1, p]], whose
+power over a segment is [[p^L, 0], [L p^(L-1), p^L]]. So backward keeps the forward's
+segment-entering states (B x segments x C x N complex, a few MB) and runs: the local
+(b, b') at each segment's first token from a zero start at its end, passed across segments
+in reverse, then one pass per segment that walks forward from the saved state for dq and
+sum g s, and back from the passed adjoints for du and W. Each walk carries at most two
+complex states a mode besides its sums. The parameter sums are written per (row, segment)
+and added by torch (deterministic: no atomics).
 
 Packed documents (positions, the steps since each token's document start): where a document
 starts the state carried in is dropped (s[t] = u[t], s'[t] = 0), and an adjoint does not
@@ -281,51 +284,29 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
 
 # -- backward ---------------------------------------------------------------------------------
 @triton.jit
-def _adjoint_step(ar, ai, pr, pi, rr, ri, keep_next, g):
-    """One token walked backwards: a = R g + keep[t + 1] p a, g [BC] (an adjoint does not
-    reach back across a document start)."""
-    g = g[:, None]
-    return _decay_add(ar, ai, pr, pi, keep_next, rr * g, ri * g)
-
-
-@triton.jit
 def _jordan_step(sr, si, dr, di, pr, pi, keep, u):
-    """One token of the pair (s, s' = ds/dp): s' = keep (p s' + s), then s as _scan_step."""
+    """One step of the pair (s, s' = ds/dp): s' = keep (p s' + s), then s as _scan_step.
+    Backward walks it in reverse as (b, b') with u = g and keep = keep[t + 1] (an adjoint
+    does not reach back across a document start)."""
     dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
     sr, si = _scan_step(sr, si, pr, pi, keep, u)
     return sr, si, dr, di
 
 
 @triton.jit
-def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_ptr,
-               fstate_ptr, rstate_ptr, T, C, N, CPG, SEG, n_seg,
-               sqb, sqt, skb, skt, svb, svt, sdb, sdt, HAS_POS: tl.constexpr,
-               BC: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr):
-    """From zero starts: each segment's end (s, s') -> fstate[b, seg, 0:4], and its adjoint
-    at the segment's first token, walking back from its end -> rstate[b, seg, 0:2]."""
+def _local_bwd(q_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, rstate_ptr, T, C, N, CPG, SEG,
+               n_seg, sqb, sqt, sdb, sdt, HAS_POS: tl.constexpr, BC: tl.constexpr,
+               BN: tl.constexpr, TB: tl.constexpr):
+    """(b, b') at each segment's first token, walking back from a zero start at its end ->
+    rstate[b, seg, 0:4]."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
-    sr = tl.zeros((BC, BN), tl.float32)
-    si = tl.zeros((BC, BN), tl.float32)
-    dr = tl.zeros((BC, BN), tl.float32)  # s' = ds/dp
+    br = tl.zeros((BC, BN), tl.float32)
+    bi = tl.zeros((BC, BN), tl.float32)
+    dr = tl.zeros((BC, BN), tl.float32)  # b' = db/dp
     di = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
-    for i0 in range(0, rows, TB):
-        t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
-        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, True)
-        for jj in tl.static_range(TB):
-            if i0 + jj < rows:
-                keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
-                sr, si, dr, di = _jordan_step(sr, si, dr, di, pr, pi, keep, _col(u, j, jj))
-    tl.store(_states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N), sr, mask=mask)
-    tl.store(_states_at(fstate_ptr, b, seg, n_seg, 1, 4, lanes, C, N), si, mask=mask)
-    tl.store(_states_at(fstate_ptr, b, seg, n_seg, 2, 4, lanes, C, N), dr, mask=mask)
-    tl.store(_states_at(fstate_ptr, b, seg, n_seg, 3, 4, lanes, C, N), di, mask=mask)
-    rr = tl.load(re_ptr + plane, mask=mask, other=0.0)
-    ri = tl.load(im_ptr + plane, mask=mask, other=0.0)
-    ar = tl.zeros((BC, BN), tl.float32)
-    ai = tl.zeros((BC, BN), tl.float32)
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
     for r0 in range(0, rows, TB):  # blocks from the segment's end: tokens i0 .. i0 + TB - 1
         i0 = rows - r0 - TB
@@ -334,17 +315,21 @@ def _local_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
             if i0 + col >= 0:
-                ar, ai = _adjoint_step(ar, ai, pr, pi, rr, ri, keep_next, _col(g, j, col))
+                br, bi, dr, di = _jordan_step(br, bi, dr, di, pr, pi, keep_next,
+                                              _col(g, j, col))
                 keep_next = _keep_in(pos_ptr, b, seg * SEG + i0 + col, T, plain, HAS_POS)
-    tl.store(_states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N), ar, mask=mask)
-    tl.store(_states_at(rstate_ptr, b, seg, n_seg, 1, 2, lanes, C, N), ai, mask=mask)
+    at = _states_at(rstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
+    tl.store(at, br, mask=mask)
+    tl.store(at + C * N, bi, mask=mask)
+    tl.store(at + 2 * C * N, dr, mask=mask)
+    tl.store(at + 3 * C * N, di, mask=mask)
 
 
 @triton.jit
-def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, pos_ptr, T, C, N, CPG, SEG, n_seg,
+def _pass_bwd(rate_ptr, theta_ptr, rstate_ptr, pos_ptr, T, C, N, CPG, SEG, n_seg,
               HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
-    """In place: fstate's local (s, s') end states become each segment's entering (s, s');
-    rstate's local adjoints become the adjoint entering each segment from its right."""
+    """In place over rstate[b]: each segment's local (b, b') becomes the pair entering it
+    from its right (at the next segment's first token; zero for the last segment)."""
     pid, b = tl.program_id(0), tl.program_id(1)
     lanes = pid * BLOCK + tl.arange(0, BLOCK)
     ok = lanes < C * N
@@ -352,39 +337,28 @@ def _pass_bwd(rate_ptr, theta_ptr, fstate_ptr, rstate_ptr, pos_ptr, T, C, N, CPG
     theta = tl.load(theta_ptr + _param_lanes(lanes, N, CPG), mask=ok, other=0.0)
     wr, wi = _power(rate, theta, SEG * 1.0)  # p^SEG
     vr, vi = _power(rate, theta, SEG - 1.0)
-    vr, vi = SEG * vr, SEG * vi  # SEG p^(SEG-1): how s reaches s' over a segment
-    sr = tl.zeros((BLOCK,), tl.float32)
-    si = tl.zeros((BLOCK,), tl.float32)
+    vr, vi = SEG * vr, SEG * vi  # SEG p^(SEG-1): how b reaches b' over a segment
+    br = tl.zeros((BLOCK,), tl.float32)
+    bi = tl.zeros((BLOCK,), tl.float32)
     dr = tl.zeros((BLOCK,), tl.float32)
     di = tl.zeros((BLOCK,), tl.float32)
-    for seg in range(n_seg):
-        at = _states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
-        lsr = tl.load(at, mask=ok, other=0.0)
-        lsi = tl.load(at + C * N, mask=ok, other=0.0)
-        ldr = tl.load(at + 2 * C * N, mask=ok, other=0.0)
-        ldi = tl.load(at + 3 * C * N, mask=ok, other=0.0)
-        tl.store(at, sr, mask=ok)
-        tl.store(at + C * N, si, mask=ok)
-        tl.store(at + 2 * C * N, dr, mask=ok)
-        tl.store(at + 3 * C * N, di, mask=ok)
-        # The last segment's exit state is never used, so p^SEG serves it too.
-        f = _carried(pos_ptr, b, seg * SEG + SEG - 1, SEG, T, HAS_POS)
-        dr, di = (f * (wr * dr - wi * di + vr * sr - vi * si) + ldr,
-                  f * (wr * di + wi * dr + vr * si + vi * sr) + ldi)
-        sr, si = _decay_add(sr, si, wr, wi, f, lsr, lsi)
-    ar = tl.zeros((BLOCK,), tl.float32)
-    ai = tl.zeros((BLOCK,), tl.float32)
     for back in range(n_seg):
         seg = n_seg - 1 - back
-        at = _states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N)
-        lar = tl.load(at, mask=ok, other=0.0)
-        lai = tl.load(at + C * N, mask=ok, other=0.0)
-        tl.store(at, ar, mask=ok)
-        tl.store(at + C * N, ai, mask=ok)
-        # a at the next segment's first token reaches back through SEG tokens (only the
-        # last segment can be short, and nothing enters it from the right).
+        at = _states_at(rstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
+        lbr = tl.load(at, mask=ok, other=0.0)
+        lbi = tl.load(at + C * N, mask=ok, other=0.0)
+        ldr = tl.load(at + 2 * C * N, mask=ok, other=0.0)
+        ldi = tl.load(at + 3 * C * N, mask=ok, other=0.0)
+        tl.store(at, br, mask=ok)
+        tl.store(at + C * N, bi, mask=ok)
+        tl.store(at + 2 * C * N, dr, mask=ok)
+        tl.store(at + 3 * C * N, di, mask=ok)
+        # The pair at the next segment's first token reaches back through SEG tokens (only
+        # the last segment can be short, and nothing enters it from the right).
         f = _carried(pos_ptr, b, (seg + 1) * SEG, SEG, T, HAS_POS)
-        ar, ai = _decay_add(ar, ai, wr, wi, f, lar, lai)
+        dr, di = (f * (wr * dr - wi * di + vr * br - vi * bi) + ldr,
+                  f * (wr * di + wi * dr + vr * bi + vi * br) + ldi)
+        br, bi = _decay_add(br, bi, wr, wi, f, lbr, lbi)
 
 
 @triton.jit
@@ -392,22 +366,19 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
                fstate_ptr, rstate_ptr, dq_ptr, dk_ptr, dv_ptr, part_ptr, T, C, N, CPG, SEG,
                n_seg, sqb, sqt, skb, skt, svb, svt, sdb, sdt, HAS_POS: tl.constexpr,
                BC: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr):
-    """Per segment from its entering states: forward for dq and the parameter sums
-    (sum g s, sum g s' -> part[b, seg, 0:4]), then backward for du, dk and dv."""
+    """Per segment: forward from the forward's entering state for dq and sum g s
+    (-> part[b, seg, 0:2]), then back from the entering (b, b') for du, dk, dv and
+    W = sum u b' (-> part[b, seg, 2:4])."""
     seg, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, c_ok, lanes, plane, mask = _tile(pid_c, N, C, CPG, BC, BN)
     pr, pi = _poles(rate_ptr, theta_ptr, plane, mask)
     rr = tl.load(re_ptr + plane, mask=mask, other=0.0)
     ri = tl.load(im_ptr + plane, mask=mask, other=0.0)
-    at = _states_at(fstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
+    at = _states_at(fstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N)
     sr = tl.load(at, mask=mask, other=0.0)
     si = tl.load(at + C * N, mask=mask, other=0.0)
-    dr = tl.load(at + 2 * C * N, mask=mask, other=0.0)
-    di = tl.load(at + 3 * C * N, mask=mask, other=0.0)
-    gsr = tl.zeros((BC, BN), tl.float32)  # sum_t g s
-    gsi = tl.zeros((BC, BN), tl.float32)
-    gdr = tl.zeros((BC, BN), tl.float32)  # sum_t g s'
-    gdi = tl.zeros((BC, BN), tl.float32)
+    wr = tl.zeros((BC, BN), tl.float32)  # sum_t g s, then sum_t u b'
+    wi = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
     for i0 in range(0, rows, TB):
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
@@ -418,34 +389,42 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
                 keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
-                sr, si, dr, di = _jordan_step(sr, si, dr, di, pr, pi, keep, _col(u, j, jj))
+                sr, si = _scan_step(sr, si, pr, pi, keep, _col(u, j, jj))
                 y = _put(y, j, jj, tl.sum(rr * sr - ri * si, axis=1))
                 gj = _col(g, j, jj)[:, None]
-                gsr += gj * sr
-                gsi += gj * si
-                gdr += gj * dr
-                gdi += gj * di
+                wr += gj * sr
+                wi += gj * si
         _store_tokens(dq_ptr, b, t, c, T, C, dout * y, ok)
     out = _states_at(part_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
-    tl.store(out, gsr, mask=mask)
-    tl.store(out + C * N, gsi, mask=mask)
-    tl.store(out + 2 * C * N, gdr, mask=mask)
-    tl.store(out + 3 * C * N, gdi, mask=mask)
+    tl.store(out, wr, mask=mask)
+    tl.store(out + C * N, wi, mask=mask)
 
-    at = _states_at(rstate_ptr, b, seg, n_seg, 0, 2, lanes, C, N)
-    ar = tl.load(at, mask=mask, other=0.0)
-    ai = tl.load(at + C * N, mask=mask, other=0.0)
+    at = _states_at(rstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
+    br = tl.load(at, mask=mask, other=0.0)
+    bi = tl.load(at + C * N, mask=mask, other=0.0)
+    dr = tl.load(at + 2 * C * N, mask=mask, other=0.0)
+    di = tl.load(at + 3 * C * N, mask=mask, other=0.0)
+    wr = tl.zeros((BC, BN), tl.float32)
+    wi = tl.zeros((BC, BN), tl.float32)
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
     for r0 in range(0, rows, TB):
         i0 = rows - r0 - TB
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
+        k = _tokens(k_ptr, b, t, c, skb, skt, ok)
+        v = _tokens(v_ptr, b, t, c, svb, svt, ok)
         g = _inputs(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, ok, True)
         du = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
             if i0 + col >= 0:
-                ar, ai = _adjoint_step(ar, ai, pr, pi, rr, ri, keep_next, _col(g, j, col))
+                br, bi, dr, di = _jordan_step(br, bi, dr, di, pr, pi, keep_next,
+                                              _col(g, j, col))
                 keep_next = _keep_in(pos_ptr, b, seg * SEG + i0 + col, T, plain, HAS_POS)
-                du = _put(du, j, col, tl.sum(ar, axis=1))
-        _store_tokens(dk_ptr, b, t, c, T, C, du * _tokens(v_ptr, b, t, c, svb, svt, ok), ok)
-        _store_tokens(dv_ptr, b, t, c, T, C, du * _tokens(k_ptr, b, t, c, skb, skt, ok), ok)
+                du = _put(du, j, col, tl.sum(rr * br - ri * bi, axis=1))
+                uj = _col(k * v, j, col)[:, None]
+                wr += uj * dr
+                wi += uj * di
+        _store_tokens(dk_ptr, b, t, c, T, C, du * v, ok)
+        _store_tokens(dv_ptr, b, t, c, T, C, du * k, ok)
+    tl.store(out + 2 * C * N, wr, mask=mask)
+    tl.store(out + 3 * C * N, wi, mask=mask)
