@@ -51,7 +51,7 @@ causal_conv: q, k, v, out forward; dout, q, k, v, dq, dk, dv backward.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.machinery
 import math
 import sys
 import types
@@ -72,8 +72,10 @@ def mamba_chunk_scan(device: torch.device) -> tuple[object | None, str]:
 def mamba_ssm_op(module: str, attr: str, device: torch.device) -> tuple[object | None, str]:
     """mamba_ssm.ops.triton.MODULE.ATTR, or None and why not. The pure-Python build's
     package __init__ imports its CUDA selective scan and fails, so the package is entered
-    through a stand-in module and only the Triton submodule is imported."""
-    spec = importlib.util.find_spec("mamba_ssm")
+    through a stand-in module and only the Triton submodule is imported. The package is
+    found on sys.path, not through sys.modules, where an earlier call's stand-in (no
+    __spec__) would make importlib.util.find_spec raise."""
+    spec = importlib.machinery.PathFinder.find_spec("mamba_ssm")
     if spec is None or spec.submodule_search_locations is None:
         return None, "not installed"
     if device.type != "cuda":
