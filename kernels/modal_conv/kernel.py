@@ -98,12 +98,22 @@ def _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB: tl.constexpr, HAS_POS: t
 
 
 @triton.jit
-def _tokens(ptr, b, t, c, sb, st, ok):
-    """[BC, TB] float32: channels c of tokens t of a [B, T, C] tensor with strides
-    (sb, st, 1). One load for TB tokens keeps TB rows in flight: walked one load per token,
-    a program waited out a memory latency per token."""
+def _fetch(ptr, b, seg, i0, SEG, rows, c, c_ok, sb, st, TB: tl.constexpr):
+    """[BC, TB] in ptr's dtype: channels c of the tokens i0 .. i0 + TB - 1 of segment seg
+    (zero outside it) of a [B, T, C] tensor with strides (sb, st, 1). One load for TB tokens
+    keeps TB rows in flight (walked one load per token, a program waited out a memory
+    latency per token), and the walks fetch the next tile before walking this one, so the
+    load's latency overlaps the walk: nothing converts or uses the tile until then."""
+    j = tl.arange(0, TB)
+    ok = c_ok[:, None] & ((i0 + j >= 0) & (i0 + j < rows))[None, :]
+    t = seg * SEG + i0 + j
     at = ptr + b.to(tl.int64) * sb + t[None, :].to(tl.int64) * st + c[:, None]
-    return tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    return tl.load(at, mask=ok, other=0.0)
+
+
+@triton.jit
+def _f32(tile):
+    return tile.to(tl.float32)
 
 
 @triton.jit
@@ -187,15 +197,6 @@ def _keep_in(pos_ptr, b, t, T, plain, HAS_POS: tl.constexpr):
 
 # -- forward ----------------------------------------------------------------------------------
 @triton.jit
-def _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V: tl.constexpr):
-    """u = k v at tokens t ([BC, TB]), or k alone."""
-    u = _tokens(k_ptr, b, t, c, skb, skt, ok)
-    if HAS_V:
-        u *= _tokens(v_ptr, b, t, c, svb, svt, ok)
-    return u
-
-
-@triton.jit
 def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, CPG, SEG,
                n_seg, skb, skt, svb, svt, HAS_V: tl.constexpr, HAS_POS: tl.constexpr,
                BC: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr):
@@ -206,9 +207,13 @@ def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, C
     sr = tl.zeros((BC, BN), tl.float32)
     si = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)  # the last segment may be short
+    k_next = _fetch(k_ptr, b, seg, 0, SEG, rows, c, c_ok, skb, skt, TB)
+    v_next = _fetch(v_ptr, b, seg, 0, SEG, rows, c, c_ok & HAS_V, svb, svt, TB)
     for i0 in range(0, rows, TB):
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
-        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V)
+        u = _f32(k_next) * _f32(v_next) if HAS_V else _f32(k_next)
+        k_next = _fetch(k_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, skb, skt, TB)
+        v_next = _fetch(v_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok & HAS_V, svb, svt, TB)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
                 keep = _keep_in(pos_ptr, b, seg * SEG + i0 + jj, T, plain, HAS_POS)
@@ -268,9 +273,16 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
     sr = tl.load(_states_at(state_ptr, b, seg, n_seg, 0, 2, lanes, C, N), mask=mask, other=0.0)
     si = tl.load(_states_at(state_ptr, b, seg, n_seg, 1, 2, lanes, C, N), mask=mask, other=0.0)
     rows = tl.minimum(SEG, T - seg * SEG)
+    q_next = _fetch(q_ptr, b, seg, 0, SEG, rows, c, c_ok & HAS_Q, sqb, sqt, TB)
+    k_next = _fetch(k_ptr, b, seg, 0, SEG, rows, c, c_ok, skb, skt, TB)
+    v_next = _fetch(v_ptr, b, seg, 0, SEG, rows, c, c_ok & HAS_V, svb, svt, TB)
     for i0 in range(0, rows, TB):
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
-        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, HAS_V)
+        u = _f32(k_next) * _f32(v_next) if HAS_V else _f32(k_next)
+        q = q_next
+        q_next = _fetch(q_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok & HAS_Q, sqb, sqt, TB)
+        k_next = _fetch(k_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, skb, skt, TB)
+        v_next = _fetch(v_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok & HAS_V, svb, svt, TB)
         y = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
@@ -278,7 +290,7 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
                 sr, si = _scan_step(sr, si, pr, pi, keep, _col(u, j, jj))
                 y = _put(y, j, jj, tl.sum(rr * sr - ri * si, axis=1))
         if HAS_Q:
-            y *= _tokens(q_ptr, b, t, c, sqb, sqt, ok)
+            y *= _f32(q)
         _store_tokens(out_ptr, b, t, c, T, C, y, ok)
 
 
@@ -308,10 +320,14 @@ def _local_bwd(q_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, rstate_ptr, T, C, 
     di = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
+    d_next = _fetch(dout_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, sdb, sdt, TB)
+    q_next = _fetch(q_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, sqb, sqt, TB)
     for r0 in range(0, rows, TB):  # blocks from the segment's end: tokens i0 .. i0 + TB - 1
         i0 = rows - r0 - TB
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
-        g = _inputs(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, ok, True)
+        g = _f32(d_next) * _f32(q_next)
+        d_next = _fetch(dout_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, sdb, sdt, TB)
+        q_next = _fetch(q_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, sqb, sqt, TB)
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
             if i0 + col >= 0:
@@ -380,11 +396,19 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     wr = tl.zeros((BC, BN), tl.float32)  # sum_t g s, then sum_t u b'
     wi = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
+    q_next = _fetch(q_ptr, b, seg, 0, SEG, rows, c, c_ok, sqb, sqt, TB)
+    k_next = _fetch(k_ptr, b, seg, 0, SEG, rows, c, c_ok, skb, skt, TB)
+    v_next = _fetch(v_ptr, b, seg, 0, SEG, rows, c, c_ok, svb, svt, TB)
+    d_next = _fetch(dout_ptr, b, seg, 0, SEG, rows, c, c_ok, sdb, sdt, TB)
     for i0 in range(0, rows, TB):
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
-        u = _inputs(k_ptr, v_ptr, b, t, c, skb, skt, svb, svt, ok, True)
-        dout = _tokens(dout_ptr, b, t, c, sdb, sdt, ok)
-        g = dout * _tokens(q_ptr, b, t, c, sqb, sqt, ok)
+        u = _f32(k_next) * _f32(v_next)
+        dout = _f32(d_next)
+        g = dout * _f32(q_next)
+        q_next = _fetch(q_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, sqb, sqt, TB)
+        k_next = _fetch(k_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, skb, skt, TB)
+        v_next = _fetch(v_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, svb, svt, TB)
+        d_next = _fetch(dout_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, sdb, sdt, TB)
         y = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
@@ -407,12 +431,20 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     wr = tl.zeros((BC, BN), tl.float32)
     wi = tl.zeros((BC, BN), tl.float32)
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
+    q_next = _fetch(q_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, sqb, sqt, TB)
+    k_next = _fetch(k_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, skb, skt, TB)
+    v_next = _fetch(v_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, svb, svt, TB)
+    d_next = _fetch(dout_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, sdb, sdt, TB)
     for r0 in range(0, rows, TB):
         i0 = rows - r0 - TB
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
-        k = _tokens(k_ptr, b, t, c, skb, skt, ok)
-        v = _tokens(v_ptr, b, t, c, svb, svt, ok)
-        g = _inputs(dout_ptr, q_ptr, b, t, c, sdb, sdt, sqb, sqt, ok, True)
+        k = _f32(k_next)
+        v = _f32(v_next)
+        g = _f32(d_next) * _f32(q_next)
+        q_next = _fetch(q_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, sqb, sqt, TB)
+        k_next = _fetch(k_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, skb, skt, TB)
+        v_next = _fetch(v_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, svb, svt, TB)
+        d_next = _fetch(dout_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, sdb, sdt, TB)
         du = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
