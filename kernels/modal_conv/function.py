@@ -130,9 +130,9 @@ class ModalConvFunction(torch.autograd.Function):
                              dv, part, T, C, N, cpg, segment, n_seg, *strides, **tiles, **flags)
         # Per channel, then per filter: every sum is linear in the channels' W and s sums.
         sums = part.sum((0, 1)).view(4, G, cpg, N).sum(2)
-        gsr, gsi, gdr, gdi = sums.unbind(0)  # [G, N] each
+        gsr, gsi, wr, wi = sums.unbind(0)  # [G, N] each: sum g s, W = sum u b'
         p = torch.exp(torch.complex(-rate, theta))
-        prw = p * torch.complex(re, im) * torch.complex(gdr, gdi)  # p R W
+        prw = p * torch.complex(re, im) * torch.complex(wr, wi)  # p R W
         return dq, dk, dv, -prw.real, -prw.imag, gsr, -gsi, None, None
 
 

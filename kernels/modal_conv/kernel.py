@@ -6,8 +6,9 @@ Work split: a program (one warp) owns BC channels (all N modes of each, BC x N c
 states in registers, a lane a channel; more lanes a channel and fewer channels where
 N > 16) over one segment of SEG tokens of one batch row. It loads TB tokens at once
 ([BC, TB] tiles, a channel's tokens in its own lane's registers) and walks them from
-registers, so a program waits out one memory latency per TB tokens, not per token, and the
-per-token sums over modes stay inside a lane: no shuffle, no barrier. (With 4-warp
+registers, fetching the next tile before walking this one (_fetch), so a load's latency
+overlaps the walk, and the per-token sums over modes stay inside a lane: no shuffle, no
+barrier. (With 4-warp
 programs, each lane a few modes of a channel, every token took a load's latency, four
 rounds of shuffles and a barrier: about 2.2x slower on an H100.)
 Segments run in parallel; what crosses a segment boundary is the state, passed in three
@@ -35,11 +36,11 @@ complex states a mode besides its sums. The parameter sums are written per (row,
 and added by torch (deterministic: no atomics).
 
 Packed documents (positions, the steps since each token's document start): where a document
-starts the state carried in is dropped (s[t] = u[t], s'[t] = 0), and an adjoint does not
-reach back across it; a segment passes its entering state on only if no document starts
-inside it. Prefill passes a carried state in (the passing scan starts from it) and takes the
-state after the last token out. All arithmetic is float32; modes past N get p = 0 and R = 0,
-so they add nothing.
+starts the state carried in is dropped (s[t] = u[t]), and the adjoint pair does not reach
+back across it (b[t-1] = g[t-1], b'[t-1] = 0); a segment passes its entering state on only
+if no document starts inside it. Prefill passes a carried state in (the passing scan starts
+from it) and takes the state after the last token out. All arithmetic is float32; modes
+past N get p = 0 and R = 0, so they add nothing.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def _poles(rate_ptr, theta_ptr, lanes, mask):
 
 @triton.jit
 def _decay_add(xr, xi, wr, wi, keep, ar, ai):
-    """keep (w x) + a for complex x, w, a as (real, imag) and a 0/1 factor `keep`: the
-    adjoint's step R g + keep p a, and a state passed across a segment, f p^SEG S + local."""
+    """keep (w x) + a for complex x, w, a as (real, imag) and a 0/1 factor `keep`: a state
+    passed across a segment, f p^SEG S + local."""
     return keep * (wr * xr - wi * xi) + ar, keep * (wr * xi + wi * xr) + ai
 
 
@@ -208,6 +209,7 @@ def _local_fwd(k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, state_ptr, T, C, N, C
     si = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)  # the last segment may be short
     k_next = _fetch(k_ptr, b, seg, 0, SEG, rows, c, c_ok, skb, skt, TB)
+    # Without v (prefill) its loads are masked off whole: no memory is read.
     v_next = _fetch(v_ptr, b, seg, 0, SEG, rows, c, c_ok & HAS_V, svb, svt, TB)
     for i0 in range(0, rows, TB):
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
@@ -296,13 +298,13 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
 
 # -- backward ---------------------------------------------------------------------------------
 @triton.jit
-def _jordan_step(sr, si, dr, di, pr, pi, keep, u):
-    """One step of the pair (s, s' = ds/dp): s' = keep (p s' + s), then s as _scan_step.
-    Backward walks it in reverse as (b, b') with u = g and keep = keep[t + 1] (an adjoint
-    does not reach back across a document start)."""
-    dr, di = keep * (pr * dr - pi * di + sr), keep * (pr * di + pi * dr + si)
-    sr, si = _scan_step(sr, si, pr, pi, keep, u)
-    return sr, si, dr, di
+def _adjoint_step(br, bi, dr, di, pr, pi, keep_next, g):
+    """Token t walked backwards, from the pair (b, b' = db/dp) at t + 1:
+    b' = keep[t + 1] (p b' + b), then b = keep[t + 1] p b + g[t] (an adjoint does not reach
+    back across a document start), g [BC]."""
+    dr, di = keep_next * (pr * dr - pi * di + br), keep_next * (pr * di + pi * dr + bi)
+    br, bi = _scan_step(br, bi, pr, pi, keep_next, g)
+    return br, bi, dr, di
 
 
 @triton.jit
@@ -331,8 +333,8 @@ def _local_bwd(q_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, rstate_ptr, T, C, 
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
             if i0 + col >= 0:
-                br, bi, dr, di = _jordan_step(br, bi, dr, di, pr, pi, keep_next,
-                                              _col(g, j, col))
+                br, bi, dr, di = _adjoint_step(br, bi, dr, di, pr, pi, keep_next,
+                                               _col(g, j, col))
                 keep_next = _keep_in(pos_ptr, b, seg * SEG + i0 + col, T, plain, HAS_POS)
     at = _states_at(rstate_ptr, b, seg, n_seg, 0, 4, lanes, C, N)
     tl.store(at, br, mask=mask)
@@ -440,6 +442,7 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         k = _f32(k_next)
         v = _f32(v_next)
+        u = k * v
         g = _f32(d_next) * _f32(q_next)
         q_next = _fetch(q_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, sqb, sqt, TB)
         k_next = _fetch(k_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, skb, skt, TB)
@@ -449,11 +452,11 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
             if i0 + col >= 0:
-                br, bi, dr, di = _jordan_step(br, bi, dr, di, pr, pi, keep_next,
-                                              _col(g, j, col))
+                br, bi, dr, di = _adjoint_step(br, bi, dr, di, pr, pi, keep_next,
+                                               _col(g, j, col))
                 keep_next = _keep_in(pos_ptr, b, seg * SEG + i0 + col, T, plain, HAS_POS)
                 du = _put(du, j, col, tl.sum(rr * br - ri * bi, axis=1))
-                uj = _col(k * v, j, col)[:, None]
+                uj = _col(u, j, col)[:, None]
                 wr += uj * dr
                 wi += uj * di
         _store_tokens(dk_ptr, b, t, c, T, C, du * v, ok)
