@@ -240,10 +240,6 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
     dtype = q_ptr.dtype.element_ty
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk = tl.zeros((C, BK), dtype=tl.float32)
-    # Every v-head here reads the same q and k, so sum_h dS_h K = (sum_h dS_h) K: the heads'
-    # decayed scores are summed in float32 and meet q and k in two matmuls after the loop,
-    # not two per head.
-    d_scores_sum = tl.zeros((C, C), dtype=tl.float32)
     for j in range(HEADS):  # this program's share of the v-heads of this q/k head
         h = hk * (H // HK) + part * HEADS + j
         b, b_last = _chunk_decays(g_ptr, token, valid, h, H)
@@ -275,12 +271,9 @@ def _dq_dk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_
             dg = _decay_grad(d_scores * _mm(q, tl.trans(k), IEEE), xi, zeta, b_last, q, k,
                              dq_state, dk_state, state_dot, C)
             tl.store(db_ptr + (pid_k * n_tok + token) * H + h, dg, mask=valid)
-        d_scores_sum += d_scores
-        dq += dq_state * xi[:, None]
-        dk += dk_state * zeta[:, None]
-    d_scores_sum = d_scores_sum.to(dtype)
-    dq += _mm(d_scores_sum, k, IEEE)
-    dk += _mm(tl.trans(d_scores_sum), q, IEEE)
+        d_scores = d_scores.to(dtype)
+        dq += dq_state * xi[:, None] + _mm(d_scores, k, IEEE)
+        dk += dk_state * zeta[:, None] + _mm(tl.trans(d_scores), q, IEEE)
     out_at = part.to(tl.int64) * n_tok * HK * DK + qk_at
     tl.store(dq_ptr + out_at, dq.to(dq_ptr.dtype.element_ty), mask=k_mask)
     tl.store(dk_ptr + out_at, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
