@@ -173,3 +173,18 @@ def test_continue_kernel_carries_the_state(T, segment):
     if T:
         assert rel_error(got_y, y) < 2e-5
     assert rel_error(torch.view_as_real(got_state), torch.view_as_real(new_state)) < 2e-5
+
+
+def test_backward_keeps_the_inputs_and_segment_states_only():
+    """What the kernels' autograd node keeps grows with T only through q, k, v themselves:
+    besides them and the filter parameters, the state entering each segment (float32
+    [B, segments, 2, C, N]), never a [B, T, C] activation such as y."""
+    B, T, C, G, N, segment = 2, 40, 12, 4, 5, 16
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in inputs(B, T, C, G, N)]
+    out = modal_gated_conv_triton(*leaves, segment=segment)
+    kept = [t for t in out.grad_fn.saved_tensors if t is not None]
+    activations = [t for t in kept if t.shape == (B, T, C)]
+    states = [t for t in kept if t.dim() == 5]
+    assert len(activations) == 3  # q, k, v
+    assert [tuple(t.shape) for t in states] == [(B, 3, 2, C, N)]
+    assert sum(t.numel() for t in kept) == 3 * B * T * C + 4 * G * N + B * 3 * 2 * C * N
