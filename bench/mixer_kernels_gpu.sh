@@ -6,6 +6,9 @@
 #   sweep    bench/scalar_decay_sweep.py: launch settings of the retention/SSD kernels  (400 s)
 #   convs    bench/kernels.py for causal_conv, fft_conv, modal_filter and modal_conv,
 #            beside plain PyTorch and torch.compile                                (300 s)
+#   profile  bench/kernel_profile.py: per-launch CUDA time of the first case of retention,
+#            ssd and modal_conv, stripes beside its anchor (after kernels, whose
+#            autotuning it reuses; alone it pays fla's and mamba_ssm's again)     (120 s)
 #   decode   bench/decode_step.py at 4k / 32k / 128k                              (120 s)
 #   model    bench/decode_model.py: transformer-1b vs hybrid-1b, batch 1 and 64     (240 s)
 #   smoke    the trainer on the demo hybrid, one process / FSDP2 / compile        (240 s;
@@ -16,10 +19,10 @@
 # mamba_chunk_scan_combined on an H200 (2026-12-02). The compiled kernels and the tuning are
 # cached in one folder for the whole call, so a shape seen before costs nothing.
 #
-#   STRIPES_COMMIT=<sha> bash bench/mixer_kernels_gpu.sh OUT [tests,anchors,kernels,sweep,convs,decode,model,smoke]
+#   STRIPES_COMMIT=<sha> bash bench/mixer_kernels_gpu.sh OUT [tests,anchors,kernels,sweep,convs,profile,decode,model,smoke]
 set -uo pipefail
-OUT=${1:?usage: bash bench/mixer_kernels_gpu.sh OUT_DIR [tests,anchors,kernels,sweep,convs,decode,model,smoke]}
-PARTS=",${2:-tests,anchors,kernels,sweep,convs,decode,model,smoke},"
+OUT=${1:?usage: bash bench/mixer_kernels_gpu.sh OUT_DIR [tests,anchors,kernels,sweep,convs,profile,decode,model,smoke]}
+PARTS=",${2:-tests,anchors,kernels,sweep,convs,profile,decode,model,smoke},"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/stripes-triton-cache}
@@ -52,6 +55,14 @@ if [[ $PARTS == *,convs,* ]]; then
     --only causal_conv,fft_conv,modal_filter,modal_conv --out "$OUT/convs" > "$OUT/convs.log" 2>&1
   echo "bench/kernels.py causal_conv,fft_conv,modal_filter,modal_conv: exit $?"
   cat "$OUT/convs/kernels.md" 2>/dev/null
+fi
+if [[ $PARTS == *,profile,* ]]; then
+  for kernel in retention ssd modal_conv; do
+    timeout -k 10 40 python3 -W ignore bench/kernel_profile.py --only $kernel --case 0 \
+      --out "$OUT/profile_$kernel" > "$OUT/profile_$kernel.log" 2>&1
+    echo "bench/kernel_profile.py --only $kernel: exit $?"
+    cat "$OUT/profile_$kernel/kernel_profile.md" 2>/dev/null
+  done
 fi
 if [[ $PARTS == *,decode,* ]]; then
   timeout -k 10 120 python3 -W ignore bench/decode_step.py --out "$OUT" > "$OUT/decode.log" 2>&1
