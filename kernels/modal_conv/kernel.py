@@ -86,16 +86,22 @@ def _scan_step(sr, si, pr, pi, keep, u):
 
 
 @triton.jit
-def _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB: tl.constexpr, HAS_POS: tl.constexpr):
+def _span(seg, i0, SEG, rows, c_ok, TB: tl.constexpr):
     """Tokens i0 .. i0 + TB - 1 of segment seg (i0 < 0 in a reverse walk's last block):
-    their positions in the row t [TB], their columns j [TB] = 0 .. TB - 1 of a tile, the
-    tile's mask [BC, TB] (channel and token in range), and whether no document starts among
-    the tokens in range (_plain)."""
+    their positions in the row t [TB], their columns j [TB] = 0 .. TB - 1 of a tile, and the
+    tile's mask [BC, TB] (channel and token in range)."""
     j = tl.arange(0, TB)
-    first, end = tl.maximum(i0, 0), tl.minimum(i0 + TB, rows)
     ok = c_ok[:, None] & ((i0 + j >= 0) & (i0 + j < rows))[None, :]
-    return (seg * SEG + i0 + j, j, ok,
-            _plain(pos_ptr, b, seg * SEG + first, end - first, T, HAS_POS))
+    return seg * SEG + i0 + j, j, ok
+
+
+@triton.jit
+def _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB: tl.constexpr, HAS_POS: tl.constexpr):
+    """_span's t, j and mask, and whether no document starts among the tokens in range
+    (_plain)."""
+    t, j, ok = _span(seg, i0, SEG, rows, c_ok, TB)
+    first, end = tl.maximum(i0, 0), tl.minimum(i0 + TB, rows)
+    return t, j, ok, _plain(pos_ptr, b, seg * SEG + first, end - first, T, HAS_POS)
 
 
 @triton.jit
@@ -105,9 +111,7 @@ def _fetch(ptr, b, seg, i0, SEG, rows, c, c_ok, sb, st, TB: tl.constexpr):
     keeps TB rows in flight (walked one load per token, a program waited out a memory
     latency per token), and the walks fetch the next tile before walking this one, so the
     load's latency overlaps the walk: nothing converts or uses the tile until then."""
-    j = tl.arange(0, TB)
-    ok = c_ok[:, None] & ((i0 + j >= 0) & (i0 + j < rows))[None, :]
-    t = seg * SEG + i0 + j
+    t, _, ok = _span(seg, i0, SEG, rows, c_ok, TB)
     at = ptr + b.to(tl.int64) * sb + t[None, :].to(tl.int64) * st + c[:, None]
     return tl.load(at, mask=ok, other=0.0)
 
@@ -298,6 +302,16 @@ def _output_fwd(q_ptr, k_ptr, v_ptr, pos_ptr, rate_ptr, theta_ptr, re_ptr, im_pt
 
 # -- backward ---------------------------------------------------------------------------------
 @triton.jit
+def _fetch_all(q_ptr, k_ptr, v_ptr, dout_ptr, b, seg, i0, SEG, rows, c, c_ok, sqb, sqt, skb,
+               skt, svb, svt, sdb, sdt, TB: tl.constexpr):
+    """_fetch of q, k, v and dout at the same tokens: what each walk of _grads_bwd reads."""
+    return (_fetch(q_ptr, b, seg, i0, SEG, rows, c, c_ok, sqb, sqt, TB),
+            _fetch(k_ptr, b, seg, i0, SEG, rows, c, c_ok, skb, skt, TB),
+            _fetch(v_ptr, b, seg, i0, SEG, rows, c, c_ok, svb, svt, TB),
+            _fetch(dout_ptr, b, seg, i0, SEG, rows, c, c_ok, sdb, sdt, TB))
+
+
+@triton.jit
 def _adjoint_step(br, bi, dr, di, pr, pi, keep_next, g):
     """Token t walked backwards, from the pair (b, b' = db/dp) at t + 1:
     b' = keep[t + 1] (p b' + b), then b = keep[t + 1] p b + g[t] (an adjoint does not reach
@@ -398,19 +412,17 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     wr = tl.zeros((BC, BN), tl.float32)  # sum_t g s, then sum_t u b'
     wi = tl.zeros((BC, BN), tl.float32)
     rows = tl.minimum(SEG, T - seg * SEG)
-    q_next = _fetch(q_ptr, b, seg, 0, SEG, rows, c, c_ok, sqb, sqt, TB)
-    k_next = _fetch(k_ptr, b, seg, 0, SEG, rows, c, c_ok, skb, skt, TB)
-    v_next = _fetch(v_ptr, b, seg, 0, SEG, rows, c, c_ok, svb, svt, TB)
-    d_next = _fetch(dout_ptr, b, seg, 0, SEG, rows, c, c_ok, sdb, sdt, TB)
+    q_next, k_next, v_next, d_next = _fetch_all(q_ptr, k_ptr, v_ptr, dout_ptr, b, seg, 0,
+                                                SEG, rows, c, c_ok, sqb, sqt, skb, skt, svb,
+                                                svt, sdb, sdt, TB)
     for i0 in range(0, rows, TB):
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
         u = _f32(k_next) * _f32(v_next)
         dout = _f32(d_next)
         g = dout * _f32(q_next)
-        q_next = _fetch(q_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, sqb, sqt, TB)
-        k_next = _fetch(k_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, skb, skt, TB)
-        v_next = _fetch(v_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, svb, svt, TB)
-        d_next = _fetch(dout_ptr, b, seg, i0 + TB, SEG, rows, c, c_ok, sdb, sdt, TB)
+        q_next, k_next, v_next, d_next = _fetch_all(q_ptr, k_ptr, v_ptr, dout_ptr, b, seg,
+                                                    i0 + TB, SEG, rows, c, c_ok, sqb, sqt, skb,
+                                                    skt, svb, svt, sdb, sdt, TB)
         y = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             if i0 + jj < rows:
@@ -433,10 +445,9 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
     wr = tl.zeros((BC, BN), tl.float32)
     wi = tl.zeros((BC, BN), tl.float32)
     keep_next = _keep(pos_ptr, b, seg * SEG + rows, T, HAS_POS)
-    q_next = _fetch(q_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, sqb, sqt, TB)
-    k_next = _fetch(k_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, skb, skt, TB)
-    v_next = _fetch(v_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, svb, svt, TB)
-    d_next = _fetch(dout_ptr, b, seg, rows - TB, SEG, rows, c, c_ok, sdb, sdt, TB)
+    q_next, k_next, v_next, d_next = _fetch_all(q_ptr, k_ptr, v_ptr, dout_ptr, b, seg,
+                                                rows - TB, SEG, rows, c, c_ok, sqb, sqt, skb,
+                                                skt, svb, svt, sdb, sdt, TB)
     for r0 in range(0, rows, TB):
         i0 = rows - r0 - TB
         t, j, ok, plain = _block(pos_ptr, b, seg, i0, SEG, rows, T, c_ok, TB, HAS_POS)
@@ -444,10 +455,9 @@ def _grads_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, pos_ptr, rate_ptr, theta_ptr, re_p
         v = _f32(v_next)
         u = k * v
         g = _f32(d_next) * _f32(q_next)
-        q_next = _fetch(q_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, sqb, sqt, TB)
-        k_next = _fetch(k_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, skb, skt, TB)
-        v_next = _fetch(v_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, svb, svt, TB)
-        d_next = _fetch(dout_ptr, b, seg, i0 - TB, SEG, rows, c, c_ok, sdb, sdt, TB)
+        q_next, k_next, v_next, d_next = _fetch_all(q_ptr, k_ptr, v_ptr, dout_ptr, b, seg,
+                                                    i0 - TB, SEG, rows, c, c_ok, sqb, sqt, skb,
+                                                    skt, svb, svt, sdb, sdt, TB)
         du = tl.zeros((BC, TB), tl.float32)
         for jj in tl.static_range(TB):
             col = TB - 1 - jj
