@@ -13,6 +13,7 @@ Per kernel, bf16, forward and forward+backward (all input gradients):
 - ssd       B*L = 65,536, L in {2k, 8k}, H = 32, P = 64, N = 128, one group, and
 - causal_conv  Hyena-SE's gated 7-tap filter over 65,536 x 2048, and
 - fft_conv  Hyena's gated FFT long convolution, B = 64, C = 768, T in {1k, 4k}, and
+- toeplitz_conv  the gated conv with filters grouped by 16 channels, 7 / 128 / 512 taps, and
 - modal_filter  Hyena-LI's taps from its poles, G = 2048, N = 16, T in {8k, 32k}, and
 - modal_conv  Hyena-LI's gated long convolution by its recurrence, at fft_conv's shapes and
             one 32k row of 2048 channels
@@ -38,8 +39,8 @@ gradients, against the reference in float64 on the same inputs. A stripes row ab
 a stripes/torch row that fails, makes the exit status 1.
 
     python3 bench/kernels.py --out DIR [--only rmsnorm,swiglu,rotary,linear_ce,retention,ssd,
-                             gated_norm,causal_conv,fft_conv,modal_filter,
-                             modal_conv]
+                             gated_norm,causal_conv,fft_conv,toeplitz_conv,
+                             modal_filter,modal_conv]
                              [--quick]
 
 liger entry points (0.8.5), each called with liger's defaults unless said: rmsnorm
@@ -95,12 +96,13 @@ from mixer_kernel_cases import (
     modal_filter_cases,
     retention_cases,
     ssd_cases,
+    toeplitz_conv_cases,
 )
 
 from stripes.arch.rope import RopeConfig, rope_angles
 
 KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "gated_norm",
-           "causal_conv", "fft_conv", "modal_filter", "modal_conv")
+           "causal_conv", "fft_conv", "toeplitz_conv", "modal_filter", "modal_conv")
 MATMUL_BOUND = {"linear_ce", "retention", "ssd"}  # their "% ceiling" is against a bf16 matmul
 EPS = 1e-6
 BF16, F32 = torch.bfloat16, torch.float32
@@ -288,7 +290,8 @@ def linear_ce_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 BUILDERS = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rotary": rotary_cases,
             "linear_ce": linear_ce_cases, "retention": retention_cases, "ssd": ssd_cases,
             "gated_norm": gated_norm_cases, "causal_conv": causal_conv_cases,
-            "fft_conv": fft_conv_cases, "modal_filter": modal_filter_cases,
+            "fft_conv": fft_conv_cases, "toeplitz_conv": toeplitz_conv_cases,
+            "modal_filter": modal_filter_cases,
             "modal_conv": modal_conv_cases}
 
 

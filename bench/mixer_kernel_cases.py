@@ -40,6 +40,13 @@ sum written in real arithmetic (e^(-rt) (R_re cos - R_im sin)), which inductor c
 one pass with no [G, N, T] tensor. GB/s count h written forward and dh read backward: the
 floor, since the four [G, N] parameters are nothing beside them.
 
+toeplitz_conv: Hyena-SE/MR's gated filter shared by groups of 16 channels (StripedHyena 2's
+grouping), at causal_conv's shape, 7, 128 and 512 taps. Rows: stripes `toeplitz_gated_conv`
+(block-Toeplitz matmuls), the composition in PyTorch eagerly (conv1d at 7 taps, FFT beyond:
+the faster of the two) and compiled (the anchor), and as extra rows stripes' per-channel
+kernels given the filters spread to one a channel (causal_conv; fft_gated_conv beyond 64
+taps). GB/s count as for causal_conv.
+
 modal_conv: Hyena-LI's gated long convolution q * (h * (k v)) with that filter, at the
 fft_conv case's shapes (B = 64, C = 768, T in {1k, 4k}) and at hybrid-1b's (one row of 32k,
 C = 2048), N = 16 modes, bf16 activations. Rows: stripes `modal_gated_conv` (the recurrence
@@ -221,9 +228,10 @@ def mamba_conv_case(device: torch.device, quick: bool) -> Case:
 
 
 def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, composed, fused,
-                    fused_name: str, composed_name: str) -> Case:
+                    fused_name: str, composed_name: str, extras=()) -> Case:
     """q * (h * (k v)) three ways: stripes' `fused`, PyTorch's `composed` eagerly (the torch
-    anchor, also the float64 reference) and torch.compile of it (the anchor)."""
+    anchor, also the float64 reference) and torch.compile of it (the anchor); `extras`
+    (name, fn) pairs run as extra rows."""
     q = inputs[0]
     grads = [torch.randn(q.shape, device=device, dtype=BF16)]
     compiled_fn, note = compiled(composed, device)
@@ -235,10 +243,37 @@ def gated_conv_case(kernel: str, label: str, device: torch.device, inputs, compo
     impls = [impl(composed_name, "torch", composed), impl(fused_name, "stripes", fused),
              impl(f"torch.compile({composed_name.split(': ')[-1]})", "anchor", compiled_fn,
                   note)]
+    impls += [impl(name, "extra", fn) for name, fn in extras]
     expected = float64_reference(composed, inputs, grads)
     one = q.numel() * 2  # bytes of one bf16 activation
     return Case(kernel, label, ["out", "dq", "dk", "dv", "dh"], expected, impls,
                 fwd_bytes=4 * one, fb_bytes=11 * one, graph=kernel == "causal_conv")
+
+
+def toeplitz_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    from stripes.arch.hyena_filters import direct_causal_conv, fft_causal_conv
+    from stripes.kernels.causal_conv import causal_conv
+    from stripes.kernels.fft_conv import fft_gated_conv
+    from stripes.kernels.toeplitz_conv import toeplitz_gated_conv
+
+    (B, T, D), group = ((2, 80, 32) if quick else (16, 4096, 2048)), 16
+    spread = lambda h: h.repeat_interleave(group, dim=0)  # [C, L]: a filter a channel
+    for L in (7, 70) if quick else (7, 128, 512):
+        q, k, v = (torch.randn(B, T, D, device=device).to(BF16).requires_grad_()
+                   for _ in range(3))
+        h = (torch.randn(D // group, L, device=device) / L ** 0.5).requires_grad_()
+        by_fft = L > 64  # the faster of plain PyTorch's two convs (causal_conv's rows)
+        conv = fft_causal_conv if by_fft else direct_causal_conv
+        extras = [("stripes causal_conv (a filter a channel)",
+                   lambda q, k, v, h: causal_conv(k, spread(h), x2=v, gate=q))]
+        if by_fft:
+            extras.append(("stripes fft_gated_conv",
+                           lambda q, k, v, h: fft_gated_conv(q, k, v, spread(h))))
+        yield gated_conv_case(
+            "toeplitz_conv", f"B{B} T{T} D{D} L{L} groups of {group} bf16", device,
+            [q, k, v, h], lambda q, k, v, h, conv=conv: q * conv(k * v, spread(h)),
+            toeplitz_gated_conv, "stripes toeplitz_gated_conv",
+            f"torch: q * {conv.__name__}(k * v)", extras)
 
 
 def gated_norm_cases(device: torch.device, quick: bool) -> Iterator[Case]:

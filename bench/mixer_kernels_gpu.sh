@@ -4,8 +4,8 @@
 #   anchors  the GPU tests against fla's and mamba_ssm's error                     (300 s)
 #   kernels  bench/kernels.py for retention, ssd, gated_norm, beside fla, mamba_ssm (400 s)
 #   sweep    bench/scalar_decay_sweep.py: launch settings of the retention/SSD kernels  (400 s)
-#   convs    bench/kernels.py for causal_conv, fft_conv, modal_filter and modal_conv,
-#            beside plain PyTorch and torch.compile                                (300 s)
+#   convs    bench/kernels.py for causal_conv, fft_conv, toeplitz_conv, modal_filter and
+#            modal_conv, beside plain PyTorch and torch.compile                    (400 s)
 #   profile  bench/kernel_profile.py: per-launch CUDA time of the first case of retention,
 #            ssd and modal_conv, stripes beside its anchor (after kernels, whose
 #            autotuning it reuses; alone it pays fla's and mamba_ssm's again)     (120 s)
@@ -29,7 +29,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/stripes-triton-cache}
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done; }
 if [[ $PARTS == *,tests,* ]]; then
   timeout -k 10 150 python3 -m pytest -v -m gpu tests/gpu -p no:warnings --tb=short \
-    -k "(retention or ssd or gated or causal_conv or fft_conv or modal or step or mixers or graph) and not as_close" \
+    -k "(retention or ssd or gated or causal_conv or fft_conv or toeplitz or modal or step or mixers or graph) and not as_close" \
     2>&1 | stamp > "$OUT/gpu_tests.log"
   echo "gpu tests: exit ${PIPESTATUS[0]}"; grep -E "FAILED|ERROR|passed|failed" \
     "$OUT/gpu_tests.log" | tail -20
@@ -51,9 +51,10 @@ if [[ $PARTS == *,sweep,* ]]; then
   echo "bench/scalar_decay_sweep.py: exit $?"; cat "$OUT/sweep/scalar_decay_sweep.md" 2>/dev/null
 fi
 if [[ $PARTS == *,convs,* ]]; then
-  timeout -k 10 300 python3 -W ignore bench/kernels.py \
-    --only causal_conv,fft_conv,modal_filter,modal_conv --out "$OUT/convs" > "$OUT/convs.log" 2>&1
-  echo "bench/kernels.py causal_conv,fft_conv,modal_filter,modal_conv: exit $?"
+  timeout -k 10 400 python3 -W ignore bench/kernels.py \
+    --only causal_conv,fft_conv,toeplitz_conv,modal_filter,modal_conv --out "$OUT/convs" \
+    > "$OUT/convs.log" 2>&1
+  echo "bench/kernels.py causal_conv,fft_conv,toeplitz_conv,modal_filter,modal_conv: exit $?"
   cat "$OUT/convs/kernels.md" 2>/dev/null
 fi
 if [[ $PARTS == *,profile,* ]]; then

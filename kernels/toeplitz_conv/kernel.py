@@ -1,0 +1,247 @@
+"""Triton kernels for the grouped gated causal conv as block-Toeplitz matmuls on tensor
+cores, their launchers and autograd Function (the formula is causal_conv's, with h shared
+by the channels of a group: reference.py).
+
+Time is cut into blocks of S steps. For block n of outputs and channels of one group g,
+
+    y[n] = sum_m  A_m @ u[n - m]          A_m[i, k] = h[g, m S + i - k]  (0 <= . < L)
+
+with u[n - m] the [S, BC] tile of u = k v at the block m blocks earlier, so each piece is an
+[S, S] @ [S, BC] matmul: the filter's taps stand on the diagonals of A_m, and the channels of
+the group (which share them) are the matmul's columns. NM = (L + S - 2) // S + 1 pieces
+cover taps 0..L-1. A packed document start at row t masks the pairs (t, s) with s < start(t)
+out of A_m, so no tap crosses it.
+
+Backward, with gy = dout q:
+    dq[n] = dout[n] * y[n]                        (y recomputed, NM matmuls)
+    du[n] = sum_m A_m^T @ gy[n + m]               (the transposed conv; dk = du v, dv = du k)
+    D_m   = sum_n gy[n] @ u[n - m]^T  [S, S]      dh[g, m S + i - k] += D_m[i, k]
+The D_m are summed over a span of SPAN blocks per program into float32 partials
+[programs, NM, S, S] that torch adds up and folds along the diagonals (deterministic,
+no atomics). The matmuls take float32 operands at tf32 for 16-bit activations (10 mantissa
+bits, finer than the activations' 8) and in full float32 for float32 ones; sums are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+S = 64  # steps per block: each Toeplitz piece is [S, S]
+SPAN = 16  # blocks whose filter-gradient pieces one program sums
+
+
+def pieces(taps: int) -> int:
+    """How many [S, S] Toeplitz pieces hold taps 0..taps-1."""
+    return (taps + S - 2) // S + 1
+
+
+def channel_block(group_size: int) -> int:
+    """The widest channel tile (a matmul's columns, at least 16) inside one group."""
+    for width in (64, 32, 16):
+        if group_size % width == 0:
+            return width
+    raise ValueError(f"toeplitz_conv: channels per filter group must be a multiple of 16, "
+                     f"got {group_size}")
+
+
+@triton.jit
+def _rows(ptr, b, rows, c, stride_b, stride_t, T):
+    """[S, BC] float32 tile of a [B, T, C] tensor at rows `rows` (zero outside 0..T-1)."""
+    ok = (rows >= 0) & (rows < T)
+    at = ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_t + c[None, :]
+    return tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _starts(pos_ptr, b, rows, T, HAS_POS: tl.constexpr):
+    """The first row of each row's document (rows themselves past the end: no effect)."""
+    if HAS_POS:
+        ok = (rows >= 0) & (rows < T)
+        return rows - tl.load(pos_ptr + b.to(tl.int64) * T + rows, mask=ok, other=0)
+    return tl.zeros_like(rows)
+
+
+@triton.jit
+def _piece(h_ptr, g, L, m, out_start, in_rows, TRANSPOSED: tl.constexpr, S: tl.constexpr):
+    """A_m [S, S] (or its transpose) of group g: tap m S + i - k between output row i and
+    input row k, zero where the tap is outside 0..L-1 or input row k precedes output row i's
+    document start (out_start [S])."""
+    if TRANSPOSED:  # [k, i]
+        i, k = tl.arange(0, S)[None, :], tl.arange(0, S)[:, None]
+        inside = in_rows[:, None] >= out_start[None, :]
+    else:
+        i, k = tl.arange(0, S)[:, None], tl.arange(0, S)[None, :]
+        inside = in_rows[None, :] >= out_start[:, None]
+    tap = m * S + i - k
+    ok = (tap >= 0) & (tap < L) & inside
+    return tl.load(h_ptr + g * L + tap, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n, c, T, L, NM, skb, skt, svb, svt,
+          HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
+    """y at block n: sum over the pieces m of A_m @ (k v)[n - m], [S, BC] float32."""
+    t = n * S + tl.arange(0, S)
+    start = _starts(pos_ptr, b, t, T, HAS_POS)
+    y = tl.zeros((S, BC), dtype=tl.float32)
+    for m in range(0, tl.minimum(NM, n + 1)):
+        rows = t - m * S
+        u = _rows(k_ptr, b, rows, c, skb, skt, T) * _rows(v_ptr, b, rows, c, svb, svt, T)
+        a = _piece(h_ptr, g, L, m, start, rows, False, S)
+        y += tl.dot(a, u, input_precision=PREC)
+    return y
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, pos_ptr, out_ptr, T, C, L, NM, GROUP,
+                sqb, sqt, skb, skt, svb, svt,
+                HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
+    n, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BC + tl.arange(0, BC)
+    g = (pid_c * BC) // GROUP
+    t = n * S + tl.arange(0, S)
+    y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n, c, T, L, NM, skb, skt, svb, svt,
+              HAS_POS, PREC, S, BC)
+    out = y * _rows(q_ptr, b, t, c, sqb, sqt, T)
+    at = out_ptr + (b.to(tl.int64) * T + t.to(tl.int64)[:, None]) * C + c[None, :]
+    tl.store(at, out.to(out_ptr.dtype.element_ty), mask=(t < T)[:, None])
+
+
+@triton.jit
+def _bwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, pos_ptr, dout_ptr, dq_ptr, dk_ptr, dv_ptr,
+                T, C, L, NM, GROUP, sqb, sqt, skb, skt, svb, svt, sdb, sdt,
+                HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
+    """dq, dk, dv at block n (contiguous [B, T, C] outputs)."""
+    n, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BC + tl.arange(0, BC)
+    g = (pid_c * BC) // GROUP
+    t = n * S + tl.arange(0, S)
+    y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n, c, T, L, NM, skb, skt, svb, svt,
+              HAS_POS, PREC, S, BC)
+    dout = _rows(dout_ptr, b, t, c, sdb, sdt, T)
+
+    du = tl.zeros((S, BC), dtype=tl.float32)
+    for m in range(0, tl.minimum(NM, tl.cdiv(T, S) - n)):  # outputs at block n + m
+        rows = t + m * S
+        gy = _rows(dout_ptr, b, rows, c, sdb, sdt, T) * _rows(q_ptr, b, rows, c, sqb, sqt, T)
+        a_t = _piece(h_ptr, g, L, m, _starts(pos_ptr, b, rows, T, HAS_POS), t, True, S)
+        du += tl.dot(a_t, gy, input_precision=PREC)
+
+    here = (t < T)[:, None]
+    at = (b.to(tl.int64) * T + t.to(tl.int64)[:, None]) * C + c[None, :]
+    tl.store(dq_ptr + at, (dout * y).to(dq_ptr.dtype.element_ty), mask=here)
+    v = _rows(v_ptr, b, t, c, svb, svt, T)
+    tl.store(dk_ptr + at, (du * v).to(dk_ptr.dtype.element_ty), mask=here)
+    k = _rows(k_ptr, b, t, c, skb, skt, T)
+    tl.store(dv_ptr + at, (du * k).to(dv_ptr.dtype.element_ty), mask=here)
+
+
+@triton.jit
+def _dh_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, dout_ptr, part_ptr, T, NM,
+               sqb, sqt, skb, skt, svb, svt, sdb, sdt,
+               HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr,
+               SPAN: tl.constexpr):
+    """part[program, m] = sum over the span's blocks n of gy[n] @ u[n - m]^T, [S, S] float32,
+    pairs across a document start left out. Programs: (span, channel block, batch row)."""
+    pid_s, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = pid_c * BC + tl.arange(0, BC)
+    program = (b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_s
+    first = pid_s * SPAN
+    last = tl.minimum(first + SPAN, tl.cdiv(T, S))
+    i, k = tl.arange(0, S)[:, None], tl.arange(0, S)[None, :]
+    for m in range(0, NM):
+        acc = tl.zeros((S, S), dtype=tl.float32)
+        for n in range(tl.maximum(first, m), last):
+            t = n * S + tl.arange(0, S)
+            rows = t - m * S
+            gy = _rows(dout_ptr, b, t, c, sdb, sdt, T) * _rows(q_ptr, b, t, c, sqb, sqt, T)
+            u = _rows(k_ptr, b, rows, c, skb, skt, T) * _rows(v_ptr, b, rows, c, svb, svt, T)
+            d = tl.dot(gy, tl.trans(u), input_precision=PREC)
+            if HAS_POS:
+                start = _starts(pos_ptr, b, t, T, HAS_POS)
+                d = tl.where(rows[None, :] >= start[:, None], d, 0.0)
+            acc += d
+        tl.store(part_ptr + ((program.to(tl.int64) * NM + m) * S + i) * S + k, acc)
+
+
+def _prec(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _fold_diagonals(part: torch.Tensor, groups: int, taps: int) -> torch.Tensor:
+    """part [channel blocks, NM, S, S] summed to dh [G, taps]: D_m[i, k] adds to tap
+    m S + i - k (a group's channel blocks are consecutive). Taps run from -(S - 1), pairs
+    with the input after the output, to NM S - 1; all are summed and the real ones kept
+    (no boolean indexing: no host sync)."""
+    nm = part.shape[1]
+    d = part.reshape(groups, -1, nm * S * S).sum(1)  # [G, NM S S]
+    m, i, k = torch.meshgrid(*(torch.arange(n, device=part.device) for n in (nm, S, S)),
+                             indexing="ij")
+    shifted = (m * S + i - k + S - 1).flatten()  # tap + S - 1 >= 0
+    dh = torch.zeros(groups, max(nm * S, taps) + S - 1, dtype=torch.float32, device=part.device)
+    return dh.index_add_(1, shifted, d)[:, S - 1:S - 1 + taps]
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for t in tensors for s in (t.stride(0), t.stride(1))]
+
+
+class ToeplitzConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, h, positions):
+        B, T, C = q.shape
+        G, L = h.shape
+        group = C // G
+        bc, nm = channel_block(group), pieces(min(L, T))
+        h_dtype, h = h.dtype, h.float().contiguous()
+        out = torch.empty(B, T, C, dtype=q.dtype, device=q.device)
+        if out.numel():
+            _fwd_kernel[(triton.cdiv(T, S), C // bc, B)](
+                q, k, v, h, q if positions is None else positions, out, T, C, L, nm, group,
+                *_strides(q, k, v), HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc)
+        ctx.save_for_backward(q, k, v, h, positions)
+        ctx.h_dtype = h_dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, h, positions = ctx.saved_tensors
+        B, T, C = q.shape
+        G, L = h.shape
+        group = C // G
+        bc, nm = channel_block(group), pieces(min(L, T))
+        if dout.stride(2) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = (torch.empty(B, T, C, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        n_blocks = triton.cdiv(T, S)
+        n_spans = triton.cdiv(n_blocks, SPAN)
+        part = torch.empty(B, C // bc, n_spans, nm, S, S, dtype=torch.float32,
+                           device=q.device)
+        pos = q if positions is None else positions
+        if dq.numel():
+            flags = dict(HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc)
+            _bwd_kernel[(n_blocks, C // bc, B)](
+                q, k, v, h, pos, dout, dq, dk, dv, T, C, L, nm, group,
+                *_strides(q, k, v, dout), **flags)
+            _dh_kernel[(n_spans, C // bc, B)](
+                q, k, v, pos, dout, part, T, nm, *_strides(q, k, v, dout), SPAN=SPAN, **flags)
+        dh = (_fold_diagonals(part.sum((0, 2)), G, L) if dq.numel()
+              else torch.zeros(G, L, device=q.device))
+        return dq, dk, dv, dh.to(ctx.h_dtype), None
+
+
+def toeplitz_conv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path of stripes.kernels.toeplitz_conv.toeplitz_gated_conv (same contract;
+    C/G a multiple of 16, channels contiguous)."""
+    from stripes.kernels.toeplitz_conv.reference import check_inputs
+
+    check_inputs(q, k, v, h, positions)
+    channel_block(q.shape[2] // h.shape[0])  # raises for groups the matmuls can't take
+    if positions is not None:
+        positions = positions.to(torch.int32).contiguous()
+    q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
+    return ToeplitzConvFunction.apply(q, k, v, h, positions)
