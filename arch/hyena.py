@@ -20,10 +20,13 @@ per-channel skip term D * u; there is no separate one.
 Channels may share filters: `filter_groups` G filters for the D channels, channel c uses
 filter c // (D / G). The featurizer runs in stripes.kernels.causal_conv (Triton on CUDA),
 which keeps packed documents apart by position. The gated long convolution q * (h * (k v))
-of SE and MR is chosen by filter length (DIRECT_MAX_TAPS, 64): direct, in the same kernel,
-up to it (7 taps cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048);
-by FFT beyond, in stripes.kernels.fft_conv (a backward that keeps only its inputs), with
-packed documents as separate rows (`per_document`). LI's filter is as long as the
+of SE and MR: with filters shared by groups of 16 channels or more (StripedHyena 2's
+grouping) and up to TOEPLITZ_MAX_TAPS taps, as block-Toeplitz matmuls on tensor cores
+(stripes.kernels.toeplitz_conv, documents kept apart by position); otherwise chosen by
+filter length (DIRECT_MAX_TAPS, 64): direct, in the featurizer's kernel, up to it (7 taps
+cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048); by FFT beyond, in
+stripes.kernels.fft_conv (a backward that keeps only its inputs), with packed documents as
+separate rows (`per_document`). LI's filter is as long as the
 sequence, but it is a sum of N decaying exponentials: on CUDA stripes.kernels.modal_conv
 walks its recurrence (N complex multiply-adds a token and channel, no filter, no FFT) and
 restarts it at document starts; elsewhere the filter is built and convolved by FFT, with
@@ -63,6 +66,8 @@ from stripes.kernels.dispatch import use_triton
 from stripes.kernels.fft_conv import fft_gated_conv
 from stripes.kernels.hyena_step import hyena_step_
 from stripes.kernels.modal_conv import modal_conv_continue, modal_gated_conv
+from stripes.kernels.toeplitz_conv import fits as toeplitz_fits
+from stripes.kernels.toeplitz_conv import toeplitz_gated_conv
 
 
 def _positive(key: str, value: int, why: str) -> None:
@@ -231,21 +236,33 @@ class Hyena(Mixer):
 # ms at 7 taps and 35.6 ms at 128, about 0.28 ms a tap, and plain PyTorch's FFT 17.8 ms at any
 # length: the two cross near 64 taps.
 DIRECT_MAX_TAPS = 64
+# Filters shared by 16+ channels run as block-Toeplitz matmuls up to this many taps: a
+# piece of 64 taps more costs each block two [64, 64] x [64, C/G] matmuls, so the time grows
+# with L, while the FFT's does not.
+TOEPLITZ_MAX_TAPS = 512
 
 
 class _ExplicitHyena(Hyena):
     """SE and MR: explicit taps `filter_taps` [G, L]; decoding keeps the last L-1 inputs.
 
-    The long convolution is chosen by length: up to DIRECT_MAX_TAPS taps the direct kernel
-    with both gates fused into it (stripes.kernels.causal_conv), which keeps packed documents
-    apart by position; beyond, the FFT (stripes.kernels.fft_conv: nothing but the inputs kept
-    for backward), with packed documents run one a row."""
+    The long convolution: with groups of 16+ channels and up to TOEPLITZ_MAX_TAPS taps, the
+    block-Toeplitz matmul kernel (stripes.kernels.toeplitz_conv); otherwise by length, up to
+    DIRECT_MAX_TAPS taps the direct kernel with both gates fused into it
+    (stripes.kernels.causal_conv); beyond, the FFT (stripes.kernels.fft_conv: nothing but the
+    inputs kept for backward), with packed documents run one a row. The first two keep packed
+    documents apart by position."""
 
     cfg: HyenaSEConfig
 
     @property
+    def by_matmul(self) -> bool:
+        return (toeplitz_fits(self.d_model, self.groups)
+                and self.cfg.filter_len <= TOEPLITZ_MAX_TAPS)
+
+    @property
     def direct(self) -> bool:
-        return self.cfg.filter_len <= DIRECT_MAX_TAPS
+        """In the time domain (by matmul or tap by tap), rather than by FFT."""
+        return self.by_matmul or self.cfg.filter_len <= DIRECT_MAX_TAPS
 
     @property
     def packs_documents(self) -> bool:
@@ -257,6 +274,8 @@ class _ExplicitHyena(Hyena):
         return direct_causal_conv if self.direct else fft_causal_conv
 
     def gated_long_conv(self, q, k, v, positions):
+        if self.by_matmul:
+            return toeplitz_gated_conv(q, k, v, self.filter(), positions)
         h = self._per_channel(self.filter())
         if self.direct:
             return causal_conv(k, h, x2=v, gate=q, positions=positions)

@@ -260,6 +260,30 @@ def test_explicit_filters_convolve_by_length(kind, monkeypatch):
         assert rel_error(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("kind", ["hyena_se", "hyena_mr"])
+def test_grouped_filters_convolve_by_matmul(kind, monkeypatch):
+    """Groups of 16 channels take the block-Toeplitz kernel up to TOEPLITZ_MAX_TAPS taps,
+    keeping packed documents apart; the FFT beyond computes the same function."""
+    import stripes.arch.hyena as hyena
+
+    mixer = make(kind, filter_len=9, filter_groups=D // 16)
+    calls = []
+    real = hyena.toeplitz_gated_conv
+    monkeypatch.setattr(hyena, "toeplitz_gated_conv",
+                        lambda *a: calls.append(a[3].shape) or real(*a))
+    x = torch.randn(2, 24, D, dtype=torch.float64)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    assert mixer.by_matmul and mixer.direct and mixer.packs_documents
+    by_matmul = mixer(x), mixer(x, doc_ids)
+    assert calls == [(D // 16, 9)] * 2  # the [G, L] filter, never spread to [D, L]
+    monkeypatch.setattr(hyena, "TOEPLITZ_MAX_TAPS", 8)
+    monkeypatch.setattr(hyena, "DIRECT_MAX_TAPS", 8)
+    assert not mixer.by_matmul and not mixer.packs_documents
+    for a, b in zip(by_matmul, (mixer(x), mixer(x, doc_ids)), strict=True):
+        assert rel_error(a, b) < 1e-10
+    assert len(calls) == 2
+
+
 # -- configuration ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, key, value", [
     ("hyena_se", "filter_len", 0),

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from stripes.kernels.causal_conv import causal_conv
 from stripes.kernels.dispatch import use_triton
 from stripes.kernels.toeplitz_conv.reference import check_inputs
-from stripes.kernels.toeplitz_conv.reference import toeplitz_gated_conv as reference
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_GROUP = 16  # channels a filter must cover: a tensor-core matmul's narrowest side
@@ -35,7 +35,9 @@ def toeplitz_gated_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: to
     gradients flow to q, k, v and h.
 
     CUDA activations of a Triton dtype, with C/G a multiple of 16 and channel stride 1, run
-    the Triton kernels; everything else runs the reference. Bad shapes raise ValueError."""
+    the Triton kernels; everything else runs stripes.kernels.causal_conv with the filters
+    spread to one a channel (its per-channel kernel on CUDA, its reference elsewhere). Bad
+    shapes raise ValueError."""
     check_inputs(q, k, v, h, positions)
     acts = (q, k, v)
     if (use_triton(*acts, h) and all(t.dtype == q.dtype for t in acts)
@@ -44,4 +46,5 @@ def toeplitz_gated_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: to
         from stripes.kernels.toeplitz_conv.kernel import toeplitz_conv_triton
 
         return toeplitz_conv_triton(q, k, v, h, positions)
-    return reference(q, k, v, h, positions)
+    spread = h.repeat_interleave(q.shape[2] // h.shape[0], dim=0)  # [C, L]
+    return causal_conv(k, spread, x2=v, gate=q, positions=positions)
