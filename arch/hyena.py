@@ -20,8 +20,8 @@ per-channel skip term D * u; there is no separate one.
 Channels may share filters: `filter_groups` G filters for the D channels, channel c uses
 filter c // (D / G). The featurizer runs in stripes.kernels.causal_conv (Triton on CUDA),
 which keeps packed documents apart by position. The gated long convolution q * (h * (k v))
-of SE and MR: with filters shared by groups of 16 channels or more (StripedHyena 2's
-grouping) and up to TOEPLITZ_MAX_TAPS taps, as block-Toeplitz matmuls on tensor cores
+of SE and MR: with filters shared by groups of 16 channels or more (StripedHyena 2
+shares them so) and up to TOEPLITZ_MAX_TAPS taps, as block-Toeplitz matmuls on tensor cores
 (stripes.kernels.toeplitz_conv, documents kept apart by position); otherwise chosen by
 filter length (DIRECT_MAX_TAPS, 64): direct, in the featurizer's kernel, up to it (7 taps
 cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048); by FFT beyond, in

@@ -40,12 +40,12 @@ sum written in real arithmetic (e^(-rt) (R_re cos - R_im sin)), which inductor c
 one pass with no [G, N, T] tensor. GB/s count h written forward and dh read backward: the
 floor, since the four [G, N] parameters are nothing beside them.
 
-toeplitz_conv: Hyena-SE/MR's gated filter shared by groups of 16 channels (StripedHyena 2's
-grouping), at causal_conv's shape, 7, 128 and 512 taps. Rows: stripes `toeplitz_gated_conv`
-(block-Toeplitz matmuls), the composition in PyTorch eagerly (conv1d at 7 taps, FFT beyond:
-the faster of the two) and compiled (the anchor), and as extra rows stripes' per-channel
-kernels given the filters spread to one a channel (causal_conv; fft_gated_conv beyond 64
-taps). GB/s count as for causal_conv.
+toeplitz_conv: Hyena-SE/MR's gated filter shared by groups of 16 channels (the narrowest
+group the matmuls take), at causal_conv's shape, 7, 128 and 512 taps. Rows: stripes
+`toeplitz_gated_conv` (block-Toeplitz matmuls), the composition in PyTorch eagerly (conv1d
+at 7 taps, FFT beyond: the faster of the two) and compiled (the anchor), and as extra rows
+stripes' per-channel kernels given the filters spread to one a channel (causal_conv;
+fft_gated_conv beyond 64 taps). GB/s count as for causal_conv.
 
 modal_conv: Hyena-LI's gated long convolution q * (h * (k v)) with that filter, at the
 fft_conv case's shapes (B = 64, C = 768, T in {1k, 4k}) and at hybrid-1b's (one row of 32k,

@@ -4,8 +4,9 @@ matmuls on tensor cores (formula in reference.py, method in kernel.py).
 With one filter a channel, a causal conv is elementwise work: stripes.kernels.causal_conv
 walks the taps on CUDA cores, about 0.28 ms a tap at B16 T4096 D2048 on an H200, so at
 Hyena-MR's 128 taps it lost to an FFT (BENCHMARKS.md). When groups of channels share a
-filter (StripedHyena 2 groups its MR filters by 16 channels), the conv of one block of steps
-is a matmul: a Toeplitz matrix of taps times the group's [steps, channels] tile. Tensor
+filter (StripedHyena 2 shares each SE and MR filter among a group of channels), the conv of
+one block of steps is a matmul: a Toeplitz matrix of taps times the group's [steps,
+channels] tile. Tensor
 cores make the taps nearly free, so the kernel costs about what reading q, k, v and writing
 out costs, whatever the filter length up to a few blocks.
 """

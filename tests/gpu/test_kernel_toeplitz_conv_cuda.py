@@ -1,5 +1,5 @@
-"""The block-Toeplitz gated conv on a CUDA device at StripedHyena 2's grouping (16 channels a
-filter), against the float64 reference, with and without packed documents, 7 to 512 taps."""
+"""The block-Toeplitz gated conv on a CUDA device with filters shared by 16 to 64 channels,
+against the float64 reference, with and without packed documents, 7 to 512 taps."""
 
 from __future__ import annotations
 
