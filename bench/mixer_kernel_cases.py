@@ -42,7 +42,8 @@ floor, since the four [G, N] parameters are nothing beside them.
 
 toeplitz_conv: Hyena-SE/MR's gated filter shared by groups of 16 channels (the narrowest
 group the matmuls take), at causal_conv's shape, 7, 128 and 512 taps. Rows: stripes
-`toeplitz_gated_conv` (block-Toeplitz matmuls), the composition in PyTorch eagerly (conv1d
+`toeplitz_gated_conv` (block-Toeplitz matmuls; again with document positions given, each a
+whole row, which costs the per-block masks), the composition in PyTorch eagerly (conv1d
 at 7 taps, FFT beyond: the faster of the two) and compiled (the anchor), and as extra rows
 stripes' per-channel kernels given the filters spread to one a channel (causal_conv;
 fft_gated_conv beyond 64 taps). GB/s count as for causal_conv.
@@ -264,7 +265,10 @@ def toeplitz_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
         h = (torch.randn(D // group, L, device=device) / L ** 0.5).requires_grad_()
         by_fft = L > 64  # the faster of plain PyTorch's two convs (causal_conv's rows)
         conv = fft_causal_conv if by_fft else direct_causal_conv
-        extras = [("stripes causal_conv (a filter a channel)",
+        one_doc = torch.arange(T, device=device).expand(B, T)  # positions of whole rows
+        extras = [("stripes toeplitz_gated_conv, positions given (per-block masks)",
+                   lambda q, k, v, h: toeplitz_gated_conv(q, k, v, h, one_doc)),
+                  ("stripes causal_conv (a filter a channel)",
                    lambda q, k, v, h: causal_conv(k, spread(h), x2=v, gate=q))]
         if by_fft:
             extras.append(("stripes fft_gated_conv",

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 S = 64  # steps per block: each Toeplitz piece is [S, S]
-SPAN = 16  # blocks whose filter-gradient pieces one program sums
+SPAN = 16  # blocks whose filter-gradient pieces one program sums (a multiple of 64 // 16)
 
 
 def pieces(taps: int) -> int:
@@ -47,11 +47,20 @@ def channel_block(group_size: int) -> int:
 
 
 @triton.jit
-def _rows(ptr, b, rows, c, stride_b, stride_t, T):
-    """[S, BC] float32 tile of a [B, T, C] tensor at rows `rows` (zero outside 0..T-1)."""
+def _grid(n0, S: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr):
+    """Rows [S, NB BC] of the program's NB blocks n0.. set side by side (block j // BC in
+    column j): each Toeplitz piece then multiplies all of them in one matmul."""
+    block = tl.arange(0, NB * BC) // BC
+    return (n0 + block)[None, :] * S + tl.arange(0, S)[:, None]
+
+
+@triton.jit
+def _tile(ptr, b, rows, ch, stride_b, stride_t, T):
+    """[S, W] float32 tile of a [B, T, C] tensor: ptr[b, rows[i, j], ch[j]], zero outside
+    0..T-1."""
     ok = (rows >= 0) & (rows < T)
-    at = ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_t + c[None, :]
-    return tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
+    at = ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64) * stride_t + ch[None, :]
+    return tl.load(at, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -64,77 +73,93 @@ def _starts(pos_ptr, b, rows, T, HAS_POS: tl.constexpr):
 
 
 @triton.jit
-def _piece(h_ptr, g, L, m, out_start, in_rows, TRANSPOSED: tl.constexpr, S: tl.constexpr):
+def _piece(h_ptr, g, L, m, out_start, in_rows, TRANSPOSED: tl.constexpr,
+           HAS_POS: tl.constexpr, S: tl.constexpr):
     """A_m [S, S] (or its transpose) of group g: tap m S + i - k between output row i and
-    input row k, zero where the tap is outside 0..L-1 or input row k precedes output row i's
-    document start (out_start [S])."""
+    input row k, zero where the tap is outside 0..L-1 or (with documents) input row k
+    [in_rows] precedes output row i's document start [out_start]."""
     if TRANSPOSED:  # [k, i]
         i, k = tl.arange(0, S)[None, :], tl.arange(0, S)[:, None]
-        inside = in_rows[:, None] >= out_start[None, :]
     else:
         i, k = tl.arange(0, S)[:, None], tl.arange(0, S)[None, :]
-        inside = in_rows[None, :] >= out_start[:, None]
     tap = m * S + i - k
-    ok = (tap >= 0) & (tap < L) & inside
+    ok = (tap >= 0) & (tap < L)
+    if HAS_POS:
+        if TRANSPOSED:
+            ok &= in_rows[:, None] >= out_start[None, :]
+        else:
+            ok &= in_rows[None, :] >= out_start[:, None]
     return tl.load(h_ptr + g * L + tap, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n, c, T, L, NM, skb, skt, svb, svt,
-          HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
-    """y at block n: sum over the pieces m of A_m @ (k v)[n - m], [S, BC] float32."""
-    t = n * S + tl.arange(0, S)
+def _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n0, rows, ch, T, L, NM, skb, skt, svb, svt,
+          HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+          NB: tl.constexpr):
+    """y at the program's rows [S, W]: sum over the pieces m of A_m @ (k v)[rows - m S]."""
+    t = n0 * S + tl.arange(0, S)  # block n0's rows: the documents' masks need NB = 1
     start = _starts(pos_ptr, b, t, T, HAS_POS)
-    y = tl.zeros((S, BC), dtype=tl.float32)
-    for m in range(0, tl.minimum(NM, n + 1)):
-        rows = t - m * S
-        u = _rows(k_ptr, b, rows, c, skb, skt, T) * _rows(v_ptr, b, rows, c, svb, svt, T)
-        a = _piece(h_ptr, g, L, m, start, rows, False, S)
+    y = tl.zeros((S, W), dtype=tl.float32)
+    for m in range(0, tl.minimum(NM, n0 + NB)):
+        earlier = rows - m * S
+        u = _tile(k_ptr, b, earlier, ch, skb, skt, T) * _tile(v_ptr, b, earlier, ch, svb, svt, T)
+        a = _piece(h_ptr, g, L, m, start, t - m * S, False, HAS_POS, S)
         y += tl.dot(a, u, input_precision=PREC)
     return y
 
 
 @triton.jit
+def _program(pid_c, BC: tl.constexpr, NB: tl.constexpr, GROUP):
+    """A program's channels per column [NB BC] and its filter group."""
+    c0 = pid_c * BC
+    return c0 + tl.arange(0, NB * BC) % BC, c0 // GROUP
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, pos_ptr, out_ptr, T, C, L, NM, GROUP,
                 sqb, sqt, skb, skt, svb, svt,
-                HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
-    n, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = pid_c * BC + tl.arange(0, BC)
-    g = (pid_c * BC) // GROUP
-    t = n * S + tl.arange(0, S)
-    y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n, c, T, L, NM, skb, skt, svb, svt,
-              HAS_POS, PREC, S, BC)
-    out = y * _rows(q_ptr, b, t, c, sqb, sqt, T)
-    at = out_ptr + (b.to(tl.int64) * T + t.to(tl.int64)[:, None]) * C + c[None, :]
-    tl.store(at, out.to(out_ptr.dtype.element_ty), mask=(t < T)[:, None])
+                HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr,
+                NB: tl.constexpr):
+    tl.static_assert(NB == 1 or not HAS_POS)
+    n0, b = tl.program_id(0) * NB, tl.program_id(2)
+    ch, g = _program(tl.program_id(1), BC, NB, GROUP)
+    rows = _grid(n0, S, BC, NB)
+    y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n0, rows, ch, T, L, NM, skb, skt, svb, svt,
+              HAS_POS, PREC, S, NB * BC, NB)
+    out = y * _tile(q_ptr, b, rows, ch, sqb, sqt, T)
+    at = out_ptr + (b.to(tl.int64) * T + rows.to(tl.int64)) * C + ch[None, :]
+    tl.store(at, out.to(out_ptr.dtype.element_ty), mask=rows < T)
 
 
 @triton.jit
 def _bwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, pos_ptr, dout_ptr, dq_ptr, dk_ptr, dv_ptr,
                 T, C, L, NM, GROUP, sqb, sqt, skb, skt, svb, svt, sdb, sdt,
-                HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
-    """dq, dk, dv at block n (contiguous [B, T, C] outputs)."""
-    n, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = pid_c * BC + tl.arange(0, BC)
-    g = (pid_c * BC) // GROUP
-    t = n * S + tl.arange(0, S)
-    y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n, c, T, L, NM, skb, skt, svb, svt,
-              HAS_POS, PREC, S, BC)
-    dout = _rows(dout_ptr, b, t, c, sdb, sdt, T)
+                HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr,
+                NB: tl.constexpr):
+    """dq, dk, dv at the program's blocks (contiguous [B, T, C] outputs)."""
+    tl.static_assert(NB == 1 or not HAS_POS)
+    n0, b = tl.program_id(0) * NB, tl.program_id(2)
+    ch, g = _program(tl.program_id(1), BC, NB, GROUP)
+    rows = _grid(n0, S, BC, NB)
+    y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n0, rows, ch, T, L, NM, skb, skt, svb, svt,
+              HAS_POS, PREC, S, NB * BC, NB)
+    dout = _tile(dout_ptr, b, rows, ch, sdb, sdt, T)
 
-    du = tl.zeros((S, BC), dtype=tl.float32)
-    for m in range(0, tl.minimum(NM, tl.cdiv(T, S) - n)):  # outputs at block n + m
-        rows = t + m * S
-        gy = _rows(dout_ptr, b, rows, c, sdb, sdt, T) * _rows(q_ptr, b, rows, c, sqb, sqt, T)
-        a_t = _piece(h_ptr, g, L, m, _starts(pos_ptr, b, rows, T, HAS_POS), t, True, S)
+    t = n0 * S + tl.arange(0, S)  # block n0's rows (for the documents' masks)
+    du = tl.zeros((S, NB * BC), dtype=tl.float32)
+    for m in range(0, tl.minimum(NM, tl.cdiv(T, S) - n0)):  # outputs m blocks later
+        later = rows + m * S
+        gy = _tile(dout_ptr, b, later, ch, sdb, sdt, T) * _tile(q_ptr, b, later, ch, sqb, sqt, T)
+        a_t = _piece(h_ptr, g, L, m, _starts(pos_ptr, b, t + m * S, T, HAS_POS), t, True,
+                     HAS_POS, S)
         du += tl.dot(a_t, gy, input_precision=PREC)
 
-    here = (t < T)[:, None]
-    at = (b.to(tl.int64) * T + t.to(tl.int64)[:, None]) * C + c[None, :]
+    here = rows < T
+    at = (b.to(tl.int64) * T + rows.to(tl.int64)) * C + ch[None, :]
     tl.store(dq_ptr + at, (dout * y).to(dq_ptr.dtype.element_ty), mask=here)
-    v = _rows(v_ptr, b, t, c, svb, svt, T)
+    v = _tile(v_ptr, b, rows, ch, svb, svt, T)
     tl.store(dk_ptr + at, (du * v).to(dk_ptr.dtype.element_ty), mask=here)
-    k = _rows(k_ptr, b, t, c, skb, skt, T)
+    k = _tile(k_ptr, b, rows, ch, skb, skt, T)
     tl.store(dv_ptr + at, (du * k).to(dv_ptr.dtype.element_ty), mask=here)
 
 
@@ -142,28 +167,40 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, pos_ptr, dout_ptr, dq_ptr, dk_ptr, d
 def _dh_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, dout_ptr, part_ptr, T, NM,
                sqb, sqt, skb, skt, svb, svt, sdb, sdt,
                HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr,
-               SPAN: tl.constexpr):
-    """part[program, m] = sum over the span's blocks n of gy[n] @ u[n - m]^T, [S, S] float32,
-    pairs across a document start left out. Programs: (span, channel block, batch row)."""
+               NB: tl.constexpr, SPAN: tl.constexpr):
+    """part[program, m] = sum over the span's blocks n of gy[n] @ u[n - m]^T, [S, S] float32
+    (NB blocks a matmul, their columns side by side), pairs across a document start left
+    out. Programs: (span, channel block, batch row)."""
+    tl.static_assert(SPAN % NB == 0 and (NB == 1 or not HAS_POS))
     pid_s, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c = pid_c * BC + tl.arange(0, BC)
+    ch, _ = _program(pid_c, BC, NB, 1)
     program = (b * tl.num_programs(1) + pid_c) * tl.num_programs(0) + pid_s
     first = pid_s * SPAN
     last = tl.minimum(first + SPAN, tl.cdiv(T, S))
     i, k = tl.arange(0, S)[:, None], tl.arange(0, S)[None, :]
     for m in range(0, NM):
         acc = tl.zeros((S, S), dtype=tl.float32)
-        for n in range(tl.maximum(first, m), last):
-            t = n * S + tl.arange(0, S)
-            rows = t - m * S
-            gy = _rows(dout_ptr, b, t, c, sdb, sdt, T) * _rows(q_ptr, b, t, c, sqb, sqt, T)
-            u = _rows(k_ptr, b, rows, c, skb, skt, T) * _rows(v_ptr, b, rows, c, svb, svt, T)
+        for n0 in range(first, last, NB):  # a span's last blocks past T load as zeros
+            rows = _grid(n0, S, BC, NB)
+            earlier = rows - m * S
+            gy = _tile(dout_ptr, b, rows, ch, sdb, sdt, T) * _tile(q_ptr, b, rows, ch, sqb,
+                                                                    sqt, T)
+            u = _tile(k_ptr, b, earlier, ch, skb, skt, T) * _tile(v_ptr, b, earlier, ch, svb,
+                                                                   svt, T)
             d = tl.dot(gy, tl.trans(u), input_precision=PREC)
             if HAS_POS:
+                t = n0 * S + tl.arange(0, S)
                 start = _starts(pos_ptr, b, t, T, HAS_POS)
-                d = tl.where(rows[None, :] >= start[:, None], d, 0.0)
+                d = tl.where((t - m * S)[None, :] >= start[:, None], d, 0.0)
             acc += d
         tl.store(part_ptr + ((program.to(tl.int64) * NM + m) * S + i) * S + k, acc)
+
+
+def side_by_side(bc: int, positions: torch.Tensor | None) -> int:
+    """Blocks a program multiplies at once: enough for 64 columns, so each Toeplitz piece
+    loaded serves as many outputs as with a 64-channel group; one block with documents,
+    whose masks differ from block to block."""
+    return 1 if positions is not None else 64 // bc
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -197,10 +234,12 @@ class ToeplitzConvFunction(torch.autograd.Function):
         bc, nm = channel_block(group), pieces(min(L, T))
         h_dtype, h = h.dtype, h.float().contiguous()
         out = torch.empty(B, T, C, dtype=q.dtype, device=q.device)
+        nb = side_by_side(bc, positions)
         if out.numel():
-            _fwd_kernel[(triton.cdiv(T, S), C // bc, B)](
+            _fwd_kernel[(triton.cdiv(triton.cdiv(T, S), nb), C // bc, B)](
                 q, k, v, h, q if positions is None else positions, out, T, C, L, nm, group,
-                *_strides(q, k, v), HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc)
+                *_strides(q, k, v), HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc,
+                NB=nb)
         ctx.save_for_backward(q, k, v, h, positions)
         ctx.h_dtype = h_dtype
         return out
@@ -222,8 +261,9 @@ class ToeplitzConvFunction(torch.autograd.Function):
                            device=q.device)
         pos = q if positions is None else positions
         if dq.numel():
-            flags = dict(HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc)
-            _bwd_kernel[(n_blocks, C // bc, B)](
+            flags = dict(HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc,
+                         NB=side_by_side(bc, positions))
+            _bwd_kernel[(triton.cdiv(n_blocks, flags["NB"]), C // bc, B)](
                 q, k, v, h, pos, dout, dq, dk, dv, T, C, L, nm, group,
                 *_strides(q, k, v, dout), **flags)
             _dh_kernel[(n_spans, C // bc, B)](
