@@ -259,13 +259,13 @@ def toeplitz_conv_cases(device: torch.device, quick: bool) -> Iterator[Case]:
 
     (B, T, D), group = ((2, 80, 32) if quick else (16, 4096, 2048)), 16
     spread = lambda h: h.repeat_interleave(group, dim=0)  # [C, L]: a filter a channel
+    one_doc = torch.arange(T, device=device).expand(B, T)  # positions of whole rows
     for L in (7, 70) if quick else (7, 128, 512):
         q, k, v = (torch.randn(B, T, D, device=device).to(BF16).requires_grad_()
                    for _ in range(3))
         h = (torch.randn(D // group, L, device=device) / L ** 0.5).requires_grad_()
         by_fft = L > 64  # the faster of plain PyTorch's two convs (causal_conv's rows)
         conv = fft_causal_conv if by_fft else direct_causal_conv
-        one_doc = torch.arange(T, device=device).expand(B, T)  # positions of whole rows
         extras = [("stripes toeplitz_gated_conv, positions given (per-block masks)",
                    lambda q, k, v, h: toeplitz_gated_conv(q, k, v, h, one_doc)),
                   ("stripes causal_conv (a filter a channel)",
