@@ -237,8 +237,8 @@ class Hyena(Mixer):
 # length: the two cross near 64 taps.
 DIRECT_MAX_TAPS = 64
 # Filters shared by 16+ channels run as block-Toeplitz matmuls up to this many taps: a
-# piece of 64 taps more costs each block two [64, 64] x [64, C/G] matmuls, so the time grows
-# with L, while the FFT's does not.
+# piece of 64 taps more costs each block four [64, 64] x [64, 64] matmuls (forward and
+# backward), so the time grows with L, while the FFT's does not.
 TOEPLITZ_MAX_TAPS = 512
 
 
@@ -270,7 +270,8 @@ class _ExplicitHyena(Hyena):
 
     @property
     def train_conv(self):
-        """The plain convolution of the chosen kind (prefill uses it: training's rounding)."""
+        """The plain convolution of the chosen kind (prefill uses it: training's rounding, but
+        for the matmul kernel's tf32 operands)."""
         return direct_causal_conv if self.direct else fft_causal_conv
 
     def gated_long_conv(self, q, k, v, positions):

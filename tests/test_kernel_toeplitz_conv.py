@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stripes.arch.packing import document_positions
-from stripes.kernels.toeplitz_conv import fits, toeplitz_gated_conv
+from stripes.kernels.toeplitz_conv import fits, kernel, toeplitz_gated_conv
 from stripes.kernels.toeplitz_conv.kernel import S, channel_block, pieces, toeplitz_conv_triton
 from stripes.kernels.toeplitz_conv.reference import toeplitz_gated_conv as reference
 
@@ -34,6 +34,9 @@ def forward_backward(fn, tensors, positions, grad):
     (1, 200, 64, 1, 70, True),    # two pieces, a 64-channel tile, packed documents
     (2, 40, 96, 3, 5, False),     # one piece, 32-channel tiles, one block
     (1, 40, 16, 1, 130, True),    # more taps than steps
+    (1, 70, 32, 1, 200, False),   # more taps than steps, two blocks side by side
+    (1, 100, 128, 1, 70, False),  # two 64-channel tiles in one group
+    (2, 90, 96, 2, 20, True),     # three 16-channel tiles in each 48-channel group
 ])
 def test_float32_matches_float64_reference(B, T, C, G, L, docs):
     g = torch.Generator().manual_seed(T + C + L)
@@ -49,6 +52,26 @@ def test_float32_matches_float64_reference(B, T, C, G, L, docs):
     for actual, expected in zip(got, want, strict=True):
         assert actual.dtype == torch.float32 and torch.isfinite(actual).all()
         assert rel_error(actual, expected) < 1e-5
+
+
+def test_filter_gradient_sums_spans_and_documents_starting_at_a_block_edge(monkeypatch):
+    """Four blocks a span (the spans' partials and their layout), documents starting at
+    steps 64 and 65, and the same bits from a second backward."""
+    monkeypatch.setattr(kernel, "SPAN", 4)
+    g = torch.Generator().manual_seed(6)
+    B, T, C, G, L = 2, 600, 32, 2, 90  # 10 blocks: spans of 4, 4 and 2
+    tensors = [torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in range(3)]
+    tensors.append(torch.randn(G, L, generator=g, dtype=torch.float64))
+    doc_ids = torch.zeros(B, T, dtype=torch.long)
+    doc_ids[0, 64:], doc_ids[1, 65:], doc_ids[1, 400:] = 1, 1, 2
+    grad = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    for positions in (None, document_positions(doc_ids)):
+        want = forward_backward(reference, tensors, positions, grad)
+        args = [t.to(DEVICE, torch.float32) for t in tensors], positions, grad.float()
+        got = forward_backward(toeplitz_conv_triton, *args)
+        for actual, expected in zip(got, want, strict=True):
+            assert rel_error(actual, expected) < 1e-5
+        assert torch.equal(forward_backward(toeplitz_conv_triton, *args)[4], got[4])
 
 
 def test_reads_chunked_views_in_place():

@@ -7,8 +7,9 @@ Hyena-MR's 128 taps it lost to an FFT (BENCHMARKS.md). When groups of channels s
 filter (StripedHyena 2 shares each SE and MR filter among a group of channels), the conv of
 one block of steps is a matmul: a Toeplitz matrix of taps times the group's [steps,
 channels] tile. Tensor
-cores make the taps nearly free, so the kernel costs about what reading q, k, v and writing
-out costs, whatever the filter length up to a few blocks.
+cores make the taps cheap: each 64 taps more add one [64, 64] piece, four matmuls per block
+forward and backward, to a kernel that otherwise costs about what reading q, k, v and
+writing out costs.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ def forward_backward(fn, tensors, positions, grad):
     (1024, 64, 128, True, torch.bfloat16, 1e-2),    # Hyena-MR's, packed documents
     (2048, 32, 512, False, torch.bfloat16, 1e-2),   # four pieces a block, 64 channels a group
     (512, 16, 128, True, torch.float32, 1e-5),      # float32: full-precision matmuls
+    (1024, 8, 128, False, torch.bfloat16, 1e-2),    # two 64-channel tiles a group
 ])
 def test_matches_float64_reference(C, G, L, packed, dtype, tol):
     torch.manual_seed(C + L)
@@ -42,3 +43,14 @@ def test_matches_float64_reference(C, G, L, packed, dtype, tol):
     for actual, expected in zip(got, want, strict=True):
         assert torch.isfinite(actual).all()
         assert rel_error(actual, expected) < tol
+
+
+def test_filter_gradient_is_deterministic():
+    torch.manual_seed(0)
+    B, T, C, G, L = 2, 4096, 1024, 64, 128
+    q, k, v = (torch.randn(B, T, C, device="cuda").to(torch.bfloat16) for _ in range(3))
+    h, grad = torch.randn(G, L, device="cuda") / L ** 0.5, torch.randn(B, T, C, device="cuda")
+    first, second = (forward_backward(toeplitz_gated_conv, (q, k, v, h), None, grad)
+                     for _ in range(2))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
