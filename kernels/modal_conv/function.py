@@ -113,7 +113,10 @@ class ModalConvFunction(torch.autograd.Function):
         (G, N), segment = rate.shape, ctx.segment
         n_seg, cpg = triton.cdiv(T, segment), C // G
         dq, dk, dv = (torch.empty(B, T, C, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        part = torch.zeros(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
+        # _grads_bwd writes every element; only an empty input leaves the sums at zero.
+        part = (torch.empty if dq.numel() else torch.zeros)(B, n_seg, 4, C, N,
+                                                            dtype=torch.float32,
+                                                            device=q.device)
         if dq.numel():
             rstate = torch.empty(B, n_seg, 4, C, N, dtype=torch.float32, device=q.device)
             tiles = _tiles(N)
