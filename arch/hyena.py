@@ -21,8 +21,8 @@ Channels may share filters: `filter_groups` G filters for the D channels, channe
 filter c // (D / G). The featurizer runs in stripes.kernels.causal_conv (Triton on CUDA),
 which keeps packed documents apart by position. The gated long convolution q * (h * (k v))
 of SE and MR: with filters shared by groups of 16 channels or more (StripedHyena 2
-shares them so) and up to TOEPLITZ_MAX_TAPS taps, as block-Toeplitz matmuls on tensor cores
-(stripes.kernels.toeplitz_conv, documents kept apart by position); otherwise chosen by
+shares them so) and 17 to 512 taps (TOEPLITZ_*_TAPS), as block-Toeplitz matmuls on tensor
+cores (stripes.kernels.toeplitz_conv, documents kept apart by position); otherwise chosen by
 filter length (DIRECT_MAX_TAPS, 64): direct, in the featurizer's kernel, up to it (7 taps
 cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048); by FFT beyond, in
 stripes.kernels.fft_conv (a backward that keeps only its inputs), with packed documents as
@@ -236,28 +236,31 @@ class Hyena(Mixer):
 # ms at 7 taps and 35.6 ms at 128, about 0.28 ms a tap, and plain PyTorch's FFT 17.8 ms at any
 # length: the two cross near 64 taps.
 DIRECT_MAX_TAPS = 64
-# Filters shared by 16+ channels run as block-Toeplitz matmuls up to this many taps: a
-# piece of 64 taps more costs each block four [64, 64] x [64, 64] matmuls (forward and
-# backward), so the time grows with L, while the FFT's does not.
+# Filters shared by 16+ channels run as block-Toeplitz matmuls from TOEPLITZ_MIN_TAPS to
+# TOEPLITZ_MAX_TAPS taps. On an H100 (BENCHMARKS.md, 2026-12-06; B16 T4096 D2048, 16-channel
+# groups, forward+backward) they took 4.84 / 6.44 / 16.0 ms at 7 / 128 / 512 taps, against
+# 2.15 + 0.28 ms a tap past 7 for the direct kernel (equal near 17 taps) and 22.6 ms for
+# plain PyTorch's FFT at any length (each 64 taps more add a [64, 64] piece).
+TOEPLITZ_MIN_TAPS = 17
 TOEPLITZ_MAX_TAPS = 512
 
 
 class _ExplicitHyena(Hyena):
     """SE and MR: explicit taps `filter_taps` [G, L]; decoding keeps the last L-1 inputs.
 
-    The long convolution: with groups of 16+ channels and up to TOEPLITZ_MAX_TAPS taps, the
-    block-Toeplitz matmul kernel (stripes.kernels.toeplitz_conv); otherwise by length, up to
-    DIRECT_MAX_TAPS taps the direct kernel with both gates fused into it
-    (stripes.kernels.causal_conv); beyond, the FFT (stripes.kernels.fft_conv: nothing but the
-    inputs kept for backward), with packed documents run one a row. The first two keep packed
-    documents apart by position."""
+    The long convolution: with groups of 16+ channels and TOEPLITZ_MIN_TAPS to
+    TOEPLITZ_MAX_TAPS taps, the block-Toeplitz matmul kernel (stripes.kernels.toeplitz_conv);
+    otherwise by length, up to DIRECT_MAX_TAPS taps the direct kernel with both gates fused
+    into it (stripes.kernels.causal_conv); beyond, the FFT (stripes.kernels.fft_conv: nothing
+    but the inputs kept for backward), with packed documents run one a row. The first two keep
+    packed documents apart by position."""
 
     cfg: HyenaSEConfig
 
     @property
     def by_matmul(self) -> bool:
         return (toeplitz_fits(self.d_model, self.groups)
-                and self.cfg.filter_len <= TOEPLITZ_MAX_TAPS)
+                and TOEPLITZ_MIN_TAPS <= self.cfg.filter_len <= TOEPLITZ_MAX_TAPS)
 
     @property
     def direct(self) -> bool:

@@ -262,11 +262,13 @@ def test_explicit_filters_convolve_by_length(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["hyena_se", "hyena_mr"])
 def test_grouped_filters_convolve_by_matmul(kind, monkeypatch):
-    """Groups of 16 channels take the block-Toeplitz kernel up to TOEPLITZ_MAX_TAPS taps,
-    keeping packed documents apart; the FFT beyond computes the same function."""
+    """Groups of 16 channels take the block-Toeplitz kernel from TOEPLITZ_MIN_TAPS to
+    TOEPLITZ_MAX_TAPS taps, keeping packed documents apart; the FFT beyond computes the same
+    function."""
     import stripes.arch.hyena as hyena
 
-    mixer = make(kind, filter_len=9, filter_groups=D // 16)
+    assert not make(kind, filter_len=hyena.TOEPLITZ_MIN_TAPS - 1, filter_groups=2).by_matmul
+    mixer = make(kind, filter_len=20, filter_groups=D // 16)
     calls = []
     real = hyena.toeplitz_gated_conv
     monkeypatch.setattr(hyena, "toeplitz_gated_conv",
@@ -275,9 +277,9 @@ def test_grouped_filters_convolve_by_matmul(kind, monkeypatch):
     doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
     assert mixer.by_matmul and mixer.direct and mixer.packs_documents
     by_matmul = mixer(x), mixer(x, doc_ids)
-    assert calls == [(D // 16, 9)] * 2  # the [G, L] filter, never spread to [D, L]
-    monkeypatch.setattr(hyena, "TOEPLITZ_MAX_TAPS", 8)
-    monkeypatch.setattr(hyena, "DIRECT_MAX_TAPS", 8)
+    assert calls == [(D // 16, 20)] * 2  # the [G, L] filter, never spread to [D, L]
+    monkeypatch.setattr(hyena, "TOEPLITZ_MAX_TAPS", 19)
+    monkeypatch.setattr(hyena, "DIRECT_MAX_TAPS", 19)
     assert not mixer.by_matmul and not mixer.packs_documents
     for a, b in zip(by_matmul, (mixer(x), mixer(x, doc_ids)), strict=True):
         assert rel_error(a, b) < 1e-10
