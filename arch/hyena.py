@@ -20,13 +20,13 @@ per-channel skip term D * u; there is no separate one.
 Channels may share filters: `filter_groups` G filters for the D channels, channel c uses
 filter c // (D / G). The featurizer runs in stripes.kernels.causal_conv (Triton on CUDA),
 which keeps packed documents apart by position. The gated long convolution q * (h * (k v))
-of SE and MR: with filters shared by groups of 16 channels or more (StripedHyena 2
-shares them so) and 17 to 512 taps (TOEPLITZ_*_TAPS), as block-Toeplitz matmuls on tensor
-cores (stripes.kernels.toeplitz_conv, documents kept apart by position); otherwise chosen by
-filter length (DIRECT_MAX_TAPS, 64): direct, in the featurizer's kernel, up to it (7 taps
-cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048); by FFT beyond, in
-stripes.kernels.fft_conv (a backward that keeps only its inputs), with packed documents as
-separate rows (`per_document`). LI's filter is as long as the
+of SE and MR: on CUDA, with filters shared by groups of a multiple of 16 channels
+(StripedHyena 2 shares them) and 17 to 512 taps (TOEPLITZ_*_TAPS), as block-Toeplitz
+matmuls on tensor cores (stripes.kernels.toeplitz_conv, documents kept apart by position);
+otherwise chosen by filter length (DIRECT_MAX_TAPS, 64): direct, in the featurizer's kernel,
+up to it (7 taps cost 14 FLOPs per channel and token against ~186 by FFT at T = 2048); by
+FFT beyond, in stripes.kernels.fft_conv (a backward that keeps only its inputs), with packed
+documents as separate rows (`per_document`). LI's filter is as long as the
 sequence, but it is a sum of N decaying exponentials: on CUDA stripes.kernels.modal_conv
 walks its recurrence (N complex multiply-adds a token and channel, no filter, no FFT) and
 restarts it at document starts; elsewhere the filter is built and convolved by FFT, with
@@ -231,16 +231,18 @@ class Hyena(Mixer):
     def _init_filter(self) -> None: ...
 
 
-# Explicit filters up to this many taps convolve directly, longer ones by FFT. On an H200
+# Explicit filters of one a channel up to this many taps convolve directly, longer ones by
+# FFT (grouped filters: TOEPLITZ_*_TAPS below). On an H200
 # (BENCHMARKS.md, 2026-12-02; B16 T4096 D2048, forward+backward) the direct kernel took 2.08
 # ms at 7 taps and 35.6 ms at 128, about 0.28 ms a tap, and plain PyTorch's FFT 17.8 ms at any
 # length: the two cross near 64 taps.
 DIRECT_MAX_TAPS = 64
-# Filters shared by 16+ channels run as block-Toeplitz matmuls from TOEPLITZ_MIN_TAPS to
-# TOEPLITZ_MAX_TAPS taps. On an H100 (BENCHMARKS.md, 2026-12-06; B16 T4096 D2048, 16-channel
-# groups, forward+backward) they took 4.84 / 6.44 / 16.0 ms at 7 / 128 / 512 taps, against
-# 2.15 + 0.28 ms a tap past 7 for the direct kernel (equal near 17 taps) and 22.6 ms for
-# plain PyTorch's FFT at any length (each 64 taps more add a [64, 64] piece).
+# Filters shared by a multiple of 16 channels run, on CUDA, as block-Toeplitz matmuls from
+# TOEPLITZ_MIN_TAPS to TOEPLITZ_MAX_TAPS taps. On an H100 (BENCHMARKS.md, 2026-12-06;
+# B16 T4096 D2048, 16-channel groups, forward+backward) they took 4.84 / 6.44 / 16.0 ms at
+# 7 / 128 / 512 taps, against 2.15 + 0.28 ms a tap past 7 for the direct kernel (equal near
+# 17 taps) and 22.6 ms for plain PyTorch's FFT at any length (each 64 taps more add a
+# [64, 64] piece).
 TOEPLITZ_MIN_TAPS = 17
 TOEPLITZ_MAX_TAPS = 512
 
@@ -248,8 +250,9 @@ TOEPLITZ_MAX_TAPS = 512
 class _ExplicitHyena(Hyena):
     """SE and MR: explicit taps `filter_taps` [G, L]; decoding keeps the last L-1 inputs.
 
-    The long convolution: with groups of 16+ channels and TOEPLITZ_MIN_TAPS to
-    TOEPLITZ_MAX_TAPS taps, the block-Toeplitz matmul kernel (stripes.kernels.toeplitz_conv);
+    The long convolution: on CUDA, with groups of a multiple of 16 channels and
+    TOEPLITZ_MIN_TAPS to TOEPLITZ_MAX_TAPS taps, the block-Toeplitz matmul kernel
+    (stripes.kernels.toeplitz_conv, Triton only: elsewhere such filters take the paths below);
     otherwise by length, up to DIRECT_MAX_TAPS taps the direct kernel with both gates fused
     into it (stripes.kernels.causal_conv); beyond, the FFT (stripes.kernels.fft_conv: nothing
     but the inputs kept for backward), with packed documents run one a row. The first two keep
@@ -259,7 +262,7 @@ class _ExplicitHyena(Hyena):
 
     @property
     def by_matmul(self) -> bool:
-        return (toeplitz_fits(self.d_model, self.groups)
+        return (use_triton(self.filter_taps) and toeplitz_fits(self.d_model, self.groups)
                 and TOEPLITZ_MIN_TAPS <= self.cfg.filter_len <= TOEPLITZ_MAX_TAPS)
 
     @property

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "kernels.py"
 KERNELS = ("rmsnorm", "swiglu", "rotary", "linear_ce", "retention", "ssd", "gated_norm",
-           "causal_conv", "fft_conv", "modal_filter", "modal_conv")
+           "causal_conv", "fft_conv", "toeplitz_conv", "modal_filter", "modal_conv")
 
 
 def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess:

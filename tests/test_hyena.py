@@ -267,6 +267,8 @@ def test_grouped_filters_convolve_by_matmul(kind, monkeypatch):
     function."""
     import stripes.arch.hyena as hyena
 
+    monkeypatch.setattr(hyena, "use_triton", lambda *t: True)  # as on CUDA: the kernel's
+    # public function still runs its CPU fallback on these float64 tensors
     assert not make(kind, filter_len=hyena.TOEPLITZ_MIN_TAPS - 1, filter_groups=2).by_matmul
     mixer = make(kind, filter_len=20, filter_groups=D // 16)
     calls = []
@@ -284,6 +286,9 @@ def test_grouped_filters_convolve_by_matmul(kind, monkeypatch):
     for a, b in zip(by_matmul, (mixer(x), mixer(x, doc_ids)), strict=True):
         assert rel_error(a, b) < 1e-10
     assert len(calls) == 2
+    monkeypatch.setattr(hyena, "use_triton", lambda *t: False)  # off CUDA: the old paths
+    monkeypatch.setattr(hyena, "TOEPLITZ_MAX_TAPS", 512)
+    assert not mixer.by_matmul
 
 
 # -- configuration ----------------------------------------------------------------------------

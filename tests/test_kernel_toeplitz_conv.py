@@ -1,5 +1,5 @@
 """Block-Toeplitz gated conv (Triton's interpreter on CPU) against the float64 reference:
-output and every gradient, for one to three Toeplitz pieces a block, channel tiles of 16 to
+output and every gradient, for one to four Toeplitz pieces a block, channel tiles of 16 to
 64, packed documents, filters longer than the sequence and strided views."""
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ def forward_backward(fn, tensors, positions, grad):
 
 
 @pytest.mark.parametrize("B, T, C, G, L, docs", [
-    (2, 150, 32, 2, 130, False),  # three pieces, a last block cut short, two groups
-    (1, 200, 64, 1, 70, True),    # two pieces, a 64-channel tile, packed documents
-    (2, 40, 96, 3, 5, False),     # one piece, 32-channel tiles, one block
+    (2, 150, 32, 2, 130, False),  # four pieces, a last block cut short, two groups
+    (1, 200, 64, 1, 70, True),    # three pieces, a 64-channel tile, packed documents
+    (2, 40, 96, 3, 5, False),     # one block (piece 1 reads only before step 0), 32 channels
+    (1, 70, 16, 1, 1, False),     # one piece: tap 0 alone
     (1, 40, 16, 1, 130, True),    # more taps than steps
     (1, 70, 32, 1, 200, False),   # more taps than steps, two blocks side by side
     (1, 100, 128, 1, 70, False),  # two 64-channel tiles in one group

@@ -25,7 +25,7 @@ def forward_backward(fn, tensors, positions, grad):
 @pytest.mark.parametrize("C, G, L, packed, dtype, tol", [
     (1024, 64, 7, False, torch.bfloat16, 1e-2),     # Hyena-SE's length
     (1024, 64, 128, True, torch.bfloat16, 1e-2),    # Hyena-MR's, packed documents
-    (2048, 32, 512, False, torch.bfloat16, 1e-2),   # four pieces a block, 64 channels a group
+    (2048, 32, 512, False, torch.bfloat16, 1e-2),   # nine pieces a block, 64 channels a group
     (512, 16, 128, True, torch.float32, 1e-5),      # float32: full-precision matmuls
     (1024, 8, 128, False, torch.bfloat16, 1e-2),    # two 64-channel tiles a group
 ])
