@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stripes.kernels.toeplitz_conv.reference import check_inputs
+
 S = 64  # steps per block: each Toeplitz piece is [S, S]
 # Blocks whose filter-gradient pieces one program sums (a multiple of the most blocks set
 # side by side, 4): the float32 partials take NM S S 4 bytes per program, NM / 4 bytes per
@@ -120,14 +122,21 @@ def _program(pid_c, BC: tl.constexpr, NB: tl.constexpr, GROUP):
 
 
 @triton.jit
+def _blocks_program(GROUP, S: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr):
+    """What a program of the (blocks, channel tile, batch row) grid covers: its first block
+    n0, batch row b, channels per column, filter group g and rows [S, NB BC]."""
+    n0, b = tl.program_id(0) * NB, tl.program_id(2)
+    ch, g = _program(tl.program_id(1), BC, NB, GROUP)
+    return n0, b, ch, g, _grid(n0, S, BC, NB)
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, pos_ptr, out_ptr, T, C, L, NM, GROUP,
                 sqb, sqt, skb, skt, svb, svt,
                 HAS_POS: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, BC: tl.constexpr,
                 NB: tl.constexpr):
     tl.static_assert(NB == 1 or not HAS_POS)
-    n0, b = tl.program_id(0) * NB, tl.program_id(2)
-    ch, g = _program(tl.program_id(1), BC, NB, GROUP)
-    rows = _grid(n0, S, BC, NB)
+    n0, b, ch, g, rows = _blocks_program(GROUP, S, BC, NB)
     y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n0, rows, ch, T, L, NM, skb, skt, svb, svt,
               HAS_POS, PREC, S, NB * BC, NB)
     out = y * _tile(q_ptr, b, rows, ch, sqb, sqt, T)
@@ -142,9 +151,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, pos_ptr, dout_ptr, dq_ptr, dk_ptr, d
                 NB: tl.constexpr):
     """dq, dk, dv at the program's blocks (contiguous [B, T, C] outputs)."""
     tl.static_assert(NB == 1 or not HAS_POS)
-    n0, b = tl.program_id(0) * NB, tl.program_id(2)
-    ch, g = _program(tl.program_id(1), BC, NB, GROUP)
-    rows = _grid(n0, S, BC, NB)
+    n0, b, ch, g, rows = _blocks_program(GROUP, S, BC, NB)
     y = _conv(k_ptr, v_ptr, h_ptr, pos_ptr, b, g, n0, rows, ch, T, L, NM, skb, skt, svb, svt,
               HAS_POS, PREC, S, NB * BC, NB)
     dout = _tile(dout_ptr, b, rows, ch, sdb, sdt, T)
@@ -230,6 +237,16 @@ def _fold_diagonals(part: torch.Tensor, groups: int, taps: int) -> torch.Tensor:
     return dh[:, S - 1:S - 1 + taps]
 
 
+def _plan(q: torch.Tensor, h: torch.Tensor, positions: torch.Tensor | None) -> dict:
+    """The launch shape both passes share: channels a group, tile width, pieces, blocks
+    side by side."""
+    T, C = q.shape[1:]
+    G, L = h.shape
+    bc = channel_block(C // G)
+    return {"group": C // G, "bc": bc, "nm": pieces(min(L, T)),
+            "nb": side_by_side(bc, positions)}
+
+
 def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in (t.stride(0), t.stride(1))]
 
@@ -237,18 +254,15 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
 class ToeplitzConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, h, positions):
-        B, T, C = q.shape
-        G, L = h.shape
-        group = C // G
-        bc, nm = channel_block(group), pieces(min(L, T))
+        (B, T, C), L = q.shape, h.shape[1]
+        p = _plan(q, h, positions)
         h_dtype, h = h.dtype, h.float().contiguous()
         out = torch.empty(B, T, C, dtype=q.dtype, device=q.device)
-        nb = side_by_side(bc, positions)
         if out.numel():
-            _fwd_kernel[(triton.cdiv(triton.cdiv(T, S), nb), C // bc, B)](
-                q, k, v, h, q if positions is None else positions, out, T, C, L, nm, group,
-                *_strides(q, k, v), HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc,
-                NB=nb)
+            _fwd_kernel[(triton.cdiv(triton.cdiv(T, S), p["nb"]), C // p["bc"], B)](
+                q, k, v, h, q if positions is None else positions, out, T, C, L, p["nm"],
+                p["group"], *_strides(q, k, v), HAS_POS=positions is not None, PREC=_prec(q),
+                S=S, BC=p["bc"], NB=p["nb"])
         ctx.save_for_backward(q, k, v, h, positions)
         ctx.h_dtype = h_dtype
         return out
@@ -257,10 +271,9 @@ class ToeplitzConvFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, h, positions = ctx.saved_tensors
-        B, T, C = q.shape
-        G, L = h.shape
-        group = C // G
-        bc, nm = channel_block(group), pieces(min(L, T))
+        (B, T, C), (G, L) = q.shape, h.shape
+        p = _plan(q, h, positions)
+        bc, nm = p["bc"], p["nm"]
         if dout.stride(2) != 1:
             dout = dout.contiguous()
         dq, dk, dv = (torch.empty(B, T, C, dtype=x.dtype, device=x.device) for x in (q, k, v))
@@ -270,10 +283,9 @@ class ToeplitzConvFunction(torch.autograd.Function):
                            device=q.device)
         pos = q if positions is None else positions
         if dq.numel():
-            flags = dict(HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc,
-                         NB=side_by_side(bc, positions))
-            _bwd_kernel[(triton.cdiv(n_blocks, flags["NB"]), C // bc, B)](
-                q, k, v, h, pos, dout, dq, dk, dv, T, C, L, nm, group,
+            flags = dict(HAS_POS=positions is not None, PREC=_prec(q), S=S, BC=bc, NB=p["nb"])
+            _bwd_kernel[(triton.cdiv(n_blocks, p["nb"]), C // bc, B)](
+                q, k, v, h, pos, dout, dq, dk, dv, T, C, L, nm, p["group"],
                 *_strides(q, k, v, dout), **flags)
             _dh_kernel[(n_spans, C // bc, B)](
                 q, k, v, pos, dout, part, T, nm, *_strides(q, k, v, dout), SPAN=SPAN, **flags)
@@ -286,8 +298,6 @@ def toeplitz_conv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: t
                          positions: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of stripes.kernels.toeplitz_conv.toeplitz_gated_conv (same contract;
     C/G a multiple of 16, channels contiguous)."""
-    from stripes.kernels.toeplitz_conv.reference import check_inputs
-
     check_inputs(q, k, v, h, positions)
     channel_block(q.shape[2] // h.shape[0])  # raises for groups the matmuls can't take
     if positions is not None:
