@@ -79,28 +79,33 @@ class TorchEngine:
         apply_lr(self.optimizer, lr)
         for param in frozen:  # AdamW skips a parameter without a gradient: no move, no decay
             param.grad = None
-        grad_norm = _clip(self.model, self.grad_clip)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # a DTensor on FSDP2
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
         applied = loss_finite.to(grad_norm.device) & torch.isfinite(grad_norm)
         if self.fused:
             # The verdict stays on the device: fused AdamW reads found_inf there and, when it
             # is 1, leaves parameters, moments and step counts as they were. No host sync
-            # between backward and the update.
+            # between backward and the update. Clipping rides along: the kernel divides each
+            # gradient by grad_scale as it reads it, which saves clipping's own read and
+            # write of every gradient.
             self.optimizer.found_inf = (~applied).float()
+            self.optimizer.grad_scale = _clip_divisor(grad_norm, self.grad_clip)
             self.optimizer.step()
-        elif applied:  # the foreach kernels take no such flag: the host reads the verdict
+        elif applied:  # the foreach kernels take no such flags: the host reads the verdict
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
 
 
-def _clip(model: nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Global gradient norm, a 0-dim float32 device tensor (the gradients are clipped to
-    `max_norm` when set); DTensor-aware under FSDP2."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
-        norm = norm.full_tensor()
-    return norm.float()
+def _clip_divisor(grad_norm: torch.Tensor, max_norm: float | None) -> torch.Tensor | None:
+    """What to divide the gradients by to clip their norm to `max_norm`: the reciprocal of
+    torch's clip_grad_norm_ coefficient (1 when the norm is within bounds)."""
+    if max_norm is None:
+        return None
+    return torch.clamp((grad_norm + 1e-6) / max_norm, min=1.0)
 
 
 def _deepspeed(model: StripedLM, cfg: TrainConfig, backend: str, world: World, accum: int,
