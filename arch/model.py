@@ -63,13 +63,13 @@ class StripedLM(nn.Module):
         """input_ids: [B, T]; doc_ids: optional [B, T] document index. Returns logits
         [B, T, V]; or, given targets [B, T], the mean next-token cross-entropy (float32
         scalar, targets equal to -100 skipped) without materialising the logits."""
-        x = self.embed(input_ids)  # [B, T, D]
+        x, pending = self.embed(input_ids), None  # [B, T, D]; see Block.forward
         for block in self.blocks:
-            x = block(x, doc_ids)
+            x, pending = block(x, doc_ids, pending)
+        y, _ = self.norm(pending, residual=x)  # the last block's add, fused into the norm
         if targets is None:
-            return self._logits(x)
-        return linear_cross_entropy(self.norm(x).flatten(0, 1), self._head_weight(),
-                                    targets.flatten())
+            return F.linear(y, self._head_weight())  # [B, T, V]
+        return linear_cross_entropy(y.flatten(0, 1), self._head_weight(), targets.flatten())
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor,
              doc_ids: torch.Tensor | None = None) -> torch.Tensor:

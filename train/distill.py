@@ -111,7 +111,8 @@ class Distiller(nn.Module):
                     taught[j] = (x, block.mixer(block.mixer_norm(x), doc_ids))
                 if j >= max(self.by_source):
                     break
-                x = block(x, doc_ids)
+                x, out = block(x, doc_ids)
+                x = x + out  # the stream after the block
         losses = []
         for j, i in self.pairs:
             h, want = taught[j]
