@@ -15,7 +15,9 @@ loader are the trainer's own (train/loop.py's pieces) for a world of one. Then:
 3. --hf / --hf-compile: bench/hf_llama_train.py's anchor of the same shapes (the model must
    be a Llama network), and the ratio of stripes' tokens/s to it;
 4. --trace DIR: one more step under torch.profiler: DIR/trace.json (chrome://tracing,
-   Perfetto) and DIR/ops.txt, the 30 ops with the most device (else CPU) time.
+   Perfetto), DIR/ops.txt, the 30 ops with the most device (else CPU) time, and
+   DIR/kernels.txt, the step's device kernels summed by kind (matmul, attention, optimizer,
+   each Triton kernel by name, ...) and the 40 longest.
 --tiny: small shapes of the same family that run on a CPU in seconds (a smoke test).
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from contextlib import nullcontext
@@ -145,6 +148,39 @@ def trace(trainer: Trainer, out: Path) -> None:
     prof.export_chrome_trace(str(out / "trace.json"))
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     (out / "ops.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=30))
+    if cuda:
+        (out / "kernels.txt").write_text(kernel_summary(prof.events()))
+
+
+# Kinds of device kernels, first match wins; a kernel matching none is its own kind (our
+# Triton kernels keep their function names, e.g. _rms_norm_bwd_kernel).
+KERNEL_KINDS = (("matmul", r"nvjet|gemm|cutlass|xmma"), ("attention", r"sdpa|fmha|flash|cudnn"),
+                ("optimizer", r"FusedOptimizerTensorList"), ("grad norm", r"LpNorm"),
+                ("casts and copies", r"copy|Cat"), ("other aten", r"at::native|Memset"))
+
+
+def kernel_summary(events) -> str:
+    """Device time of one profiled step by kernel kind, then the 40 longest kernels. Ranges
+    that user annotations (e.g. Optimizer.step) put on the device timeline are left out: they
+    span kernels already counted."""
+    per_kernel: dict[str, list] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
+            row = per_kernel.setdefault(e.name, [0.0, 0])
+            row[0] += e.device_time_total / 1e3
+            row[1] += 1
+    total = sum(ms for ms, _ in per_kernel.values())
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in per_kernel.items():
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, name)), name[:60])
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    lines = [f"device time {total:.1f} ms in {sum(n for _, n in per_kernel.values())} kernels"]
+    lines += [f"{ms:9.2f} ms {100 * ms / total:5.1f}%  {kind}"
+              for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    lines.append("longest kernels (ms, launches):")
+    lines += [f"{ms:9.2f} {n:5d}x  {name[:120]}" for name, (ms, n) in
+              sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:40]]
+    return "\n".join(lines) + "\n"
 
 
 def report(result: dict) -> str:
