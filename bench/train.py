@@ -149,7 +149,9 @@ def trace(trainer: Trainer, out: Path) -> None:
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     (out / "ops.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=30))
     if cuda:
-        (out / "kernels.txt").write_text(kernel_summary(prof.events()))
+        kernels = [(e.name, e.device_time_total / 1e3) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+        (out / "kernels.txt").write_text(kernel_summary(kernels))
 
 
 # Kinds of device kernels, first match wins; a kernel matching none is its own kind (our
@@ -159,16 +161,15 @@ KERNEL_KINDS = (("matmul", r"nvjet|gemm|cutlass|xmma"), ("attention", r"sdpa|fmh
                 ("casts and copies", r"copy|Cat"), ("other aten", r"at::native|Memset"))
 
 
-def kernel_summary(events) -> str:
-    """Device time of one profiled step by kernel kind, then the 40 longest kernels. Ranges
-    that user annotations (e.g. Optimizer.step) put on the device timeline are left out: they
-    span kernels already counted."""
+def kernel_summary(kernels: list[tuple[str, float]]) -> str:
+    """Device time of one profiled step by kernel kind, then the 40 longest kernels, from
+    (kernel name, ms) per launch. The caller leaves out the ranges that user annotations (e.g.
+    Optimizer.step) put on the device timeline: they span kernels already counted."""
     per_kernel: dict[str, list] = {}
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
-            row = per_kernel.setdefault(e.name, [0.0, 0])
-            row[0] += e.device_time_total / 1e3
-            row[1] += 1
+    for name, ms in kernels:
+        row = per_kernel.setdefault(name, [0.0, 0])
+        row[0] += ms
+        row[1] += 1
     total = sum(ms for ms, _ in per_kernel.values())
     kinds: dict[str, float] = {}
     for name, (ms, _) in per_kernel.items():
