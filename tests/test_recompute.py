@@ -98,3 +98,17 @@ def test_selective_keeps_no_intermediate_of_a_self_recomputing_function():
     with recomputes_in_backward():
         assert _policy(None, fft).name == "PREFER_RECOMPUTE"
     assert _policy(None, fft).name == "MUST_SAVE"
+
+
+def test_block_mode_checkpoints_one_summed_stream_per_block(tiny_cfg):
+    """A checkpoint keeps its inputs: under `block` the previous block's unadded output is
+    added into the stream before each checkpointed block, which then gets no `pending`."""
+    model = StripedLM(tiny_cfg)
+    model.init_weights()
+    apply_activation_checkpointing(model, "block")
+    seen = []  # hooks run in order: this one sees what the checkpointed block is called with
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 17))
+    model.loss(ids[:, :-1], ids[:, 1:])
+    assert len(seen) == len(model.blocks) and all(p is None for p in seen)
