@@ -121,19 +121,24 @@ class Attention(Mixer):
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         B, T, _ = x.shape
-        # One matmul for the three projections: a wider one runs closer to the matmul peak
-        # than three (k and v are only n_kv_heads wide), and backward gets x's gradient from
-        # one matmul instead of adding three. The weights stay three parameters (names as
-        # Llama's, for grafting); concatenating them costs one copy of the weights.
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias)  # [B, T, (H + 2 H_kv) Dh]
-        q, k, v = qkv.split([p.out_features for p in projs], dim=-1)
+        if torch.is_grad_enabled():
+            # Training: one matmul over the concatenated weights. It is wider than three (k
+            # and v are only n_kv_heads wide), and backward gets x's gradient from one matmul
+            # instead of adding three. Decoding keeps three: concatenating copies the weights
+            # on every call, and reading weights is what a decoding step costs.
+            bias = (torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None
+                    else None)
+            qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias)
+            q, k, v = qkv.split([p.out_features for p in projs], dim=-1)
+            # v is copied out (n_kv_heads wide): attention saves v for its backward, and a
+            # view would keep the whole qkv output alive with it.
+            v = v.contiguous()
+        else:
+            q, k, v = (proj(x) for proj in projs)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        # Copied out (n_kv_heads wide, cheap): attention saves v for its backward, and a view
-        # would keep the whole qkv output alive with it.
-        v = v.contiguous().view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         rope_dtype = torch.promote_types(q.dtype, torch.float32)
         cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope, rope_dtype)
         q, k = apply_rotary_qk(q, k, cos, sin)

@@ -48,11 +48,13 @@ def reference(attn: Attention, x: torch.Tensor, doc_ids=None) -> torch.Tensor:
     return y.reshape(B, T, H * Dh) @ attn.out_proj.weight.T
 
 
+@pytest.mark.parametrize("grad", [True, False])  # one qkv matmul when training, three else
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "window": 5}])
-def test_matches_reference(kw):
+def test_matches_reference(kw, grad):
     attn = make(**kw)
     x = torch.randn(2, 13, D, dtype=torch.float64)
-    assert rel_error(attn(x), reference(attn, x)) < 1e-12
+    with torch.set_grad_enabled(grad):
+        assert rel_error(attn(x), reference(attn, x)) < 1e-12
 
 
 def test_rope_rotates_pairs_by_position():
