@@ -156,8 +156,9 @@ def trace(trainer: Trainer, out: Path) -> None:
 
 # Kinds of device kernels, first match wins; a kernel matching none is its own kind (our
 # Triton kernels keep their function names, e.g. _rms_norm_bwd_kernel).
-KERNEL_KINDS = (("matmul", r"nvjet|gemm|cutlass|xmma"), ("attention", r"sdpa|fmha|flash|cudnn"),
-                ("optimizer", r"FusedOptimizerTensorList"), ("grad norm", r"LpNorm"),
+# Attention comes first: SDPA's memory-efficient and flash kernels carry "cutlass" in names.
+KERNEL_KINDS = (("attention", r"sdpa|fmha|flash|cudnn"), ("matmul", r"nvjet|gemm|cutlass|xmma"),
+                ("optimizer", r"FusedOptimizerTensorList"), ("grad norm", r"(?i)lpnorm"),
                 ("casts and copies", r"copy|Cat"), ("other aten", r"at::native|Memset"))
 
 

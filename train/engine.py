@@ -87,8 +87,8 @@ class TorchEngine:
             # The verdict stays on the device: fused AdamW reads found_inf there and, when it
             # is 1, leaves parameters, moments and step counts as they were. No host sync
             # between backward and the update. Clipping rides along: the kernel divides each
-            # gradient by grad_scale as it reads it, which saves clipping's own read and
-            # write of every gradient.
+            # gradient by grad_scale as it reads it (and stores the result back), one write
+            # of every gradient instead of clipping's own read and write.
             self.optimizer.found_inf = (~applied).float()
             self.optimizer.grad_scale = _clip_divisor(grad_norm, self.grad_clip)
             self.optimizer.step()
