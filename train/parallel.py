@@ -3,7 +3,8 @@
     1. activation checkpointing   per block: `block` recomputes the whole block in backward,
                                   `selective` only its cheap ops (train/recompute.py)
     2. torch.compile              per block (small graphs, compiled once, reused by every block
-                                  of the same kind and shape)
+                                  of the same kind and shape; the first block, called with no
+                                  previous output to add, gets its own)
     3. data parallelism           `ddp`: DistributedDataParallel over the whole model;
                                   `fsdp`: FSDP2 `fully_shard` on each block, then the root
 
