@@ -35,8 +35,10 @@ class Block(nn.Module):
         """x: the residual stream; pending: the previous block's output not yet added to it
         (None for the first block). Returns the same pair for the next block; the stream after
         this block is their sum."""
-        y, x = (self.mixer_norm(x), x) if pending is None else self.mixer_norm(pending,
-                                                                                 residual=x)
+        if pending is None:
+            y = self.mixer_norm(x)
+        else:
+            y, x = self.mixer_norm(pending, residual=x)
         return self._mlp(x, self.mixer(y, doc_ids))
 
     def _mlp(self, x: torch.Tensor, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
