@@ -1,16 +1,17 @@
 """Launch settings of the scalar-decay kernels (retention and SSD), kernel by kernel (issue 8).
 
-For each shape (bench/kernels.py's retention at T = 2k and 32k and SSD at L = 2k) and chunk
-(64, 128), each of the five launches of a training step is timed alone as a CUDA graph
-replay, L2 flushed: the forward state scan, the output, the reverse (gradient) scan, dq/dk
-(with the decay's gradient for SSD, whose dt and A train) and dv. Every (warps, stages) in
+For each shape (bench/kernels.py's retention at T = 2k and 32k and SSD at L = 2k, and
+hybrid-1b's SSD and retention layers) and chunk (64 and 128 unless --chunks says), each of
+the five launches of a training step is timed alone as a CUDA graph replay, L2 flushed: the
+forward state scan, the output, the reverse (gradient) scan, dq/dk (with the decay's
+gradient for SSD, whose dt and A train) and dv. Every (warps, stages) in
 the grid is tried, the scans also with 32-wide state tiles, and dq/dk also with a q/k
 head's v-heads split among 4 and 8 programs (SSD's one group feeds 32 heads). Then the whole
 forward+backward of `chunk_scalar_decay` is timed with each kernel's best setting against
 the defaults, so the per-kernel choices are checked together.
 
-    python3 bench/scalar_decay_sweep.py --out DIR [--shapes retention-2k,retention-32k,ssd-2k]
-                                        [--quick]
+    python3 bench/scalar_decay_sweep.py --out DIR [--shapes retention-2k,ssd-2k,...]
+                                        [--chunks 64,128] [--quick]
 
 Writes DIR/scalar_decay_sweep.json (every timing) and DIR/scalar_decay_sweep.md after each
 shape, so a run cut short keeps what it measured. --quick: one tiny shape, two settings,
@@ -34,7 +35,10 @@ from stripes.kernels.scalar_decay.function import Launch, LaunchConfig, chunk_sc
 # name: (B, T, H, HK, Dk, Dv, the decay trains)
 SHAPES = {"retention-2k": (32, 2048, 16, 16, 128, 128, False),
           "retention-32k": (2, 32768, 16, 16, 128, 128, False),
-          "ssd-2k": (32, 2048, 32, 1, 128, 64, True)}
+          "ssd-2k": (32, 2048, 32, 1, 128, 64, True),
+          # configs/arch/hybrid-1b.yaml's two layers at its 4 x 4096 batch
+          "ssd-hybrid-1b": (4, 4096, 64, 1, 128, 64, True),
+          "retention-hybrid-1b": (4, 4096, 8, 8, 256, 256, False)}
 QUICK_SHAPE = {"tiny": (1, 20, 2, 1, 16, 16, True)}
 KERNELS = ("scan", "output", "reverse scan", "dq_dk", "dv")
 FIELD = {"scan": "scan", "output": "output", "reverse scan": "scan", "dq_dk": "dq_dk",
@@ -139,6 +143,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help=f"comma-separated subset of {','.join(SHAPES)}")
+    parser.add_argument("--chunks", default="64,128", help="comma-separated chunk sizes")
     parser.add_argument("--quick", action="store_true", help="one tiny shape (CI)")
     args = parser.parse_args()
     names = [s for s in args.shapes.split(",") if s]
@@ -150,7 +155,7 @@ def main() -> None:
     torch.manual_seed(0)
     results = []
     for name, shape in shapes.items():
-        for chunk in (16,) if args.quick else (64, 128):
+        for chunk in (16,) if args.quick else [int(c) for c in args.chunks.split(",")]:
             results.append(sweep_shape(name, shape, chunk, runner, device, args.quick))
             text = write_results(args.out, "scalar_decay_sweep", {"results": results},
                                  table(results))
