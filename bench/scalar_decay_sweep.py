@@ -55,13 +55,14 @@ def inputs(shape, device):
     return q, k, v, do, g, [(b * T, (b + 1) * T) for b in range(B)], trains_decay
 
 
-def launches(kernel: str, quick: bool) -> list[LaunchConfig]:
+def launches(kernel: str, chunk: int, quick: bool) -> list[LaunchConfig]:
     """The settings tried for one kernel, every other kernel left at its default."""
-    grid = ([Launch(), Launch(8, 2)] if quick
+    base = LaunchConfig.for_chunk(chunk)
+    grid = ([getattr(base, FIELD[kernel]), Launch(8, 3)] if quick
             else [Launch(w, s) for w in (4, 8) for s in (2, 3)])
     blocks = ((64, 16) if quick else (64, 32)) if FIELD[kernel] == "scan" else (64,)
     splits = ((1, 2) if quick else (1, 4, 8)) if kernel == "dq_dk" else (1,)
-    return [dataclasses.replace(LaunchConfig(), scan_block=block, head_split=split,
+    return [dataclasses.replace(base, scan_block=block, head_split=split,
                                 **{FIELD[kernel]: launch})
             for launch in grid for block in blocks for split in splits]
 
@@ -95,13 +96,13 @@ def sweep_shape(name, shape, chunk, runner, device, quick) -> dict:
     best = {}
     for kernel in KERNELS:
         rows = []
-        for config in launches(kernel, quick):
+        for config in launches(kernel, chunk, quick):
             p = function._Problem(q, v, seqs, chunks, chunk, config)
             ms = timed(runner, one_kernel(kernel, p, q, k, v, do, g, trains_decay))
             rows.append({"setting": setting(config, kernel), "ms": ms, "config": config})
             print(f"[{time.strftime('%H:%M:%S')}] {name} chunk {chunk} {kernel}: "
                   f"{rows[-1]['setting']}: {ms:.4f} ms", file=sys.stderr, flush=True)
-        default = next(r for r in rows if r["config"] == LaunchConfig())
+        default = next(r for r in rows if r["config"] == LaunchConfig.for_chunk(chunk))
         winner = min(rows, key=lambda r: r["ms"])
         best[FIELD[kernel]] = getattr(winner["config"], FIELD[kernel])
         if kernel == "scan":
@@ -117,7 +118,7 @@ def sweep_shape(name, shape, chunk, runner, device, quick) -> dict:
     leaves = [t.view(shape[0], shape[1], *t.shape[1:]).requires_grad_() for t in (q, k, v)]
     g4 = g.view(shape[0], shape[1], -1).requires_grad_(trains_decay)
     grads = [do.view(shape[0], shape[1], *do.shape[1:])]
-    for label, config in (("default", LaunchConfig()), ("tuned", tuned)):
+    for label, config in (("default", LaunchConfig.for_chunk(chunk)), ("tuned", tuned)):
         step = fwd_bwd(lambda c=config: chunk_scalar_decay(
             *leaves, g4, bounds, chunk_size=chunk, launch=c)[0],
             leaves + ([g4] if trains_decay else []), grads)

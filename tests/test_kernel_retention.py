@@ -162,7 +162,7 @@ def test_launch_settings_change_nothing():
         torch.autograd.backward((o, state), (grads[0].to(DEVICE), grads[1].to(DEVICE)))
         return [o, state] + [t.grad for t in leaves]
 
-    default = run_with(LaunchConfig())
+    default = run_with(None)  # the defaults: LaunchConfig.for_chunk(16)
     for split in (2, 4):
         other = LaunchConfig(scan=Launch(8, 2), output=Launch(2, 1), dq_dk=Launch(8, 4),
                              dv=Launch(2, 2), scan_block=16, head_split=split)

@@ -19,7 +19,7 @@ import triton
 
 from stripes.kernels.scalar_decay import kernel
 
-MIN_CHUNK, MAX_CHUNK = 16, 128  # tl.dot needs 16 rows; 128 keeps the [C, C] tiles in registers
+MIN_CHUNK, MAX_CHUNK = 16, 128  # tl.dot needs 16 rows; [128, 128] tiles need 8 warps already
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -45,21 +45,30 @@ class Launch:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How each kernel is launched. The defaults are Triton's own (4 warps, 3 stages) and
-    64-wide state tiles everywhere; bench/scalar_decay_sweep.py times the alternatives
-    kernel by kernel. scan_block narrows the scans' state tiles only: at long sequences few
-    sequences x heads remain, and narrower tiles give the scans more programs. head_split
-    (rounded down to a divisor of the v-heads per q/k head) gives dq/dk more programs when
-    many v-heads share a q/k head, at the cost of float32 partial sums."""
-    scan: Launch = field(default_factory=Launch)
+    """How each kernel is launched; `for_chunk` gives the defaults, which
+    bench/scalar_decay_sweep.py checks kernel by kernel. scan_block narrows the scans' state
+    tiles only: at long sequences few sequences x heads remain, and narrower tiles give the
+    scans more programs. head_split (rounded down to a divisor of the v-heads per q/k head)
+    gives dq/dk more programs when many v-heads share a q/k head, at the cost of float32
+    partial sums."""
+    scan: Launch = field(default_factory=lambda: Launch(stages=2))
     output: Launch = field(default_factory=Launch)
     dq_dk: Launch = field(default_factory=Launch)
     dv: Launch = field(default_factory=Launch)
     scan_block: int = 64
     head_split: int = 1  # dq/dk: programs sharing one q/k head's v-heads (see the kernel)
 
-
-DEFAULT_LAUNCH = LaunchConfig()
+    @staticmethod
+    def for_chunk(chunk: int) -> LaunchConfig:
+        """The defaults at a chunk of `chunk` rows. The output, dq/dk and dv kernels each hold
+        [C, C] float32 tiles; at C = 128 one is 128 registers a thread over 4 warps, and the
+        spills made dq/dk 1.8x slower than at 8 warps (BENCHMARKS.md, hybrid-1b's SSD). The
+        scans hold no [C, C] tile and keep 4 warps; their 2 stages measured 1.4x faster
+        forward than 3 at chunk 64, and no slower in reverse."""
+        if chunk < 128:
+            return LaunchConfig()
+        wide = Launch(warps=8)
+        return LaunchConfig(output=wide, dq_dk=wide, dv=wide)
 
 
 @torch.compiler.disable
@@ -99,7 +108,7 @@ def build_tables(bounds: tuple[tuple[int, int], ...], chunk: int, device: torch.
 class _Problem:
     """Shapes and launch settings shared by the forward and backward launches."""
 
-    def __init__(self, q, v, seqs, chunks, chunk, launch: LaunchConfig = DEFAULT_LAUNCH):
+    def __init__(self, q, v, seqs, chunks, chunk, launch: LaunchConfig):
         self.n_tok, self.hk, self.dk = q.shape
         self.h, self.dv = v.shape[1:]
         self.seqs, self.chunks, self.chunk = seqs, chunks, chunk
@@ -217,7 +226,7 @@ class ChunkScalarDecayFunction(torch.autograd.Function):
 def chunk_scalar_decay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                        bounds: list[tuple[int, int]], initial_state: torch.Tensor | None = None,
                        return_state: bool = False, chunk_size: int = 64,
-                       launch: LaunchConfig = DEFAULT_LAUNCH
+                       launch: LaunchConfig | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton path shared by retention and SSD; its callers check shapes.
 
@@ -226,10 +235,11 @@ def chunk_scalar_decay(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     token, end)] of each of the S sequences, in order and covering all of the B * T flat
     tokens; initial_state: [S, H, Dk, Dv] or None. Returns o [B, T, H, Dv] in q's dtype and
     the final states [S, H, Dk, Dv] float32 (or None). Gradients flow to q, k, v, g and the
-    initial state, and from the final state. launch: how the kernels are launched (the
-    default, or what bench/scalar_decay_sweep.py tries)."""
+    initial state, and from the final state. launch: how the kernels are launched (None:
+    `LaunchConfig.for_chunk`, or what bench/scalar_decay_sweep.py tries)."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         raise ValueError(f"chunk_scalar_decay: q, k, v must share one of float32, bfloat16, "
                          f"float16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    return ChunkScalarDecayFunction.apply(q, k, v, g, initial_state, bounds,
-                                          triton_chunk(chunk_size), return_state, launch)
+    chunk = triton_chunk(chunk_size)
+    return ChunkScalarDecayFunction.apply(q, k, v, g, initial_state, bounds, chunk,
+                                          return_state, launch or LaunchConfig.for_chunk(chunk))
