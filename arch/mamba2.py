@@ -45,7 +45,9 @@ class Mamba2Config(MixerConfig):
     head_dim: int = 64  # P
     n_groups: int = 1  # G: B and C are shared by groups of H / G heads
     d_conv: int = 4  # kernel of the causal depthwise conv over xBC
-    chunk_size: int = 256  # Q of the chunked SSD algorithm
+    # Q of the chunked SSD algorithm. Every Q computes the same function; 64 is the fastest
+    # for stripes' Triton kernels (2.8x Q = 256 at hybrid-1b's shape; BENCHMARKS.md).
+    chunk_size: int = 64
     dt_min: float = 0.001  # dt at init is log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
