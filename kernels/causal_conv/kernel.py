@@ -8,9 +8,10 @@ gy = dout * gate (the gradient of y) and the same tiling:
     loop over taps j, rows t - j:  y (again, for dgate),  dh[c, j] += sum_t gy[t] u[t - j]
     loop over taps j, rows s + j:  du[s] += h[c, j] gy[s + j]       (the transposed conv)
 then dx = du * x2, dx2 = du * x, dgate = dout * y, dbias = sum gy. With the SiLU, gy also
-carries silu'(pre) at its row, pre being the conv's output before the activation: it is
-recomputed (L taps) at rows t and at every row s + j of the transposed loop, L^2 tile reads
-that hit the cache, rather than stored forward and read back. dh and dbias are summed
+carries silu'(pre) at its row, pre being the conv's output before the activation: pre is
+recomputed (L taps) at rows t rather than stored forward, and backward runs in two passes,
+the taps' loop storing gy (float32 [B, T, C]) and the transposed loop reading it, since the
+transposed loop would otherwise recompute pre at every row s + j. dh and dbias are summed
 per program into float32 partials [B * T-blocks, C, L] that torch adds up: a tap's gradient
 is a reduction over every token, and partials keep it deterministic without atomics.
 A tap j contributes at t only when j <= pos[t] (pos: steps since t's document start); in
@@ -100,73 +101,73 @@ def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr,
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr,
-                     dx_ptr, dx2_ptr, dgate_ptr, dh_ptr, dbias_ptr, T, C, L,
+                     dx_ptr, dx2_ptr, dgate_ptr, dh_ptr, dbias_ptr, gy_ptr, T, C, L,
                      sxb, sxt, sx2b, sx2t, sgb, sgt, sdb, sdt,
                      HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_POS: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr,
-                     BC: tl.constexpr):
+                     HAS_POS: tl.constexpr, SILU: tl.constexpr, PASS: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr):
     """dx, dx2, dgate: contiguous [B, T, C]; dh: [B * n_tblocks, C, L] and dbias:
-    [B * n_tblocks, C] float32 partials. dout has strides (sdb, sdt)."""
+    [B * n_tblocks, C] float32 partials. dout has strides (sdb, sdt).
+    PASS 0 does everything; with the SiLU, PASS 1 (the taps, dgate) stores gy float32 in
+    gy [B, T, C] and PASS 2 (the transposed conv, dx) reads it (see the top of the file)."""
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
     t_ok, c_ok = t < T, c < C
     here = t_ok[:, None] & c_ok[None, :]
     pos = tl.load(pos_ptr + b.to(tl.int64) * T + t, mask=t_ok, other=0) if HAS_POS else t
-    dout = _load_rows(dout_ptr, b, t, c, sdb, sdt, here)
-    gy = dout * _load_rows(gate_ptr, b, t, c, sgb, sgt, here) if HAS_GATE else dout
-
-    if SILU:  # y is the activation's output (for dgate); gy moves to its input
-        y, slope = _silu_and_slope(_conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, t, t_ok, pos,
-                                              c, c_ok, L, sxb, sxt, sx2b, sx2t, HAS_X2,
-                                              HAS_BIAS, BT, BC))
-        gy *= slope
-    else:  # y is summed in the taps' loop below, where it costs no extra read
-        y = tl.zeros((BT, BC), dtype=tl.float32)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-
-    # Taps reading rows t - j: dh's partial sums (and y, without the SiLU).
-    for j in range(L):
-        u = _tap_input(x_ptr, x2_ptr, b, t, t_ok, pos, j, c, c_ok, sxb, sxt, sx2b, sx2t, HAS_X2)
-        if HAS_GATE and not SILU:
-            y += u * _tap(h_ptr, c, c_ok, j, L)
-        tl.store(dh_ptr + (part * C + c) * L + j, tl.sum(gy * u, axis=0), mask=c_ok)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + part * C + c, tl.sum(gy, axis=0), mask=c_ok)
-
-    # Taps read from rows s + j: the transposed convolution gives du.
-    du = tl.zeros((BT, BC), dtype=tl.float32)
-    for j in range(L):
-        rows = t + j
-        row_ok = (rows < T) & t_ok
-        if HAS_POS:
-            later = tl.load(pos_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=-1)
-            row_ok = row_ok & (later >= j)
-        else:
-            later = rows
-        mask = row_ok[:, None] & c_ok[None, :]
-        g = _load_rows(dout_ptr, b, rows, c, sdb, sdt, mask)
-        if HAS_GATE:
-            g *= _load_rows(gate_ptr, b, rows, c, sgb, sgt, mask)
-        if SILU:
-            _, slope = _silu_and_slope(_conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, rows,
-                                                  row_ok, later, c, c_ok, L, sxb, sxt, sx2b,
-                                                  sx2t, HAS_X2, HAS_BIAS, BT, BC))
-            g *= slope
-        du += g * _tap(h_ptr, c, c_ok, j, L)
-
     out_at = b.to(tl.int64) * T * C + t.to(tl.int64)[:, None] * C + c[None, :]
-    x = _load_rows(x_ptr, b, t, c, sxb, sxt, here)
-    if HAS_X2:
-        x2 = _load_rows(x2_ptr, b, t, c, sx2b, sx2t, here)
-        tl.store(dx_ptr + out_at, (du * x2).to(dx_ptr.dtype.element_ty), mask=here)
-        tl.store(dx2_ptr + out_at, (du * x).to(dx2_ptr.dtype.element_ty), mask=here)
-    else:
-        tl.store(dx_ptr + out_at, du.to(dx_ptr.dtype.element_ty), mask=here)
-    if HAS_GATE:
-        tl.store(dgate_ptr + out_at, (dout * y).to(dgate_ptr.dtype.element_ty), mask=here)
+
+    if PASS != 2:
+        part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
+        dout = _load_rows(dout_ptr, b, t, c, sdb, sdt, here)
+        gy = dout * _load_rows(gate_ptr, b, t, c, sgb, sgt, here) if HAS_GATE else dout
+        if SILU:  # y is the activation's output (for dgate); gy moves to its input
+            y, slope = _silu_and_slope(_conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, t, t_ok,
+                                                  pos, c, c_ok, L, sxb, sxt, sx2b, sx2t,
+                                                  HAS_X2, HAS_BIAS, BT, BC))
+            gy *= slope
+        else:  # y is summed in the taps' loop below, where it costs no extra read
+            y = tl.zeros((BT, BC), dtype=tl.float32)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        # Taps reading rows t - j: dh's partial sums (and y, without the SiLU).
+        for j in range(L):
+            u = _tap_input(x_ptr, x2_ptr, b, t, t_ok, pos, j, c, c_ok, sxb, sxt, sx2b, sx2t,
+                           HAS_X2)
+            if HAS_GATE and not SILU:
+                y += u * _tap(h_ptr, c, c_ok, j, L)
+            tl.store(dh_ptr + (part * C + c) * L + j, tl.sum(gy * u, axis=0), mask=c_ok)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + part * C + c, tl.sum(gy, axis=0), mask=c_ok)
+        if HAS_GATE:
+            tl.store(dgate_ptr + out_at, (dout * y).to(dgate_ptr.dtype.element_ty), mask=here)
+        if PASS == 1:
+            tl.store(gy_ptr + out_at, gy, mask=here)
+
+    if PASS != 1:  # taps read from rows s + j: the transposed convolution gives du
+        du = tl.zeros((BT, BC), dtype=tl.float32)
+        for j in range(L):
+            rows = t + j
+            row_ok = (rows < T) & t_ok
+            if HAS_POS:
+                later = tl.load(pos_ptr + b.to(tl.int64) * T + rows, mask=row_ok, other=-1)
+                row_ok = row_ok & (later >= j)
+            mask = row_ok[:, None] & c_ok[None, :]
+            if PASS == 2:
+                g = _load_rows(gy_ptr, b, rows, c, T * C, C, mask)
+            else:
+                g = _load_rows(dout_ptr, b, rows, c, sdb, sdt, mask)
+                if HAS_GATE:
+                    g *= _load_rows(gate_ptr, b, rows, c, sgb, sgt, mask)
+            du += g * _tap(h_ptr, c, c_ok, j, L)
+        if HAS_X2:
+            x = _load_rows(x_ptr, b, t, c, sxb, sxt, here)
+            x2 = _load_rows(x2_ptr, b, t, c, sx2b, sx2t, here)
+            tl.store(dx_ptr + out_at, (du * x2).to(dx_ptr.dtype.element_ty), mask=here)
+            tl.store(dx2_ptr + out_at, (du * x).to(dx2_ptr.dtype.element_ty), mask=here)
+        else:
+            tl.store(dx_ptr + out_at, du.to(dx_ptr.dtype.element_ty), mask=here)
 
 
 def _strides(t: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int]:
@@ -213,14 +214,17 @@ class CausalConvFunction(torch.autograd.Function):
         dbias = (torch.zeros(B * n_tblocks, C, dtype=torch.float32, device=x.device)
                  if bias is not None else None)
         if dx.numel():
-            _conv_bwd_kernel[(n_tblocks, triton.cdiv(C, BC), B)](
-                x, x if x2 is None else x2, x if gate is None else gate, h,
-                h if bias is None else bias, x if positions is None else positions, dout,
-                dx, dx if dx2 is None else dx2, dx if dgate is None else dgate, dh,
-                dh if dbias is None else dbias, T, C, L, *_strides(x, x), *_strides(x2, x),
-                *_strides(gate, x), *_strides(dout, dout), HAS_X2=x2 is not None,
-                HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
-                HAS_POS=positions is not None, SILU=ctx.silu, BT=BT, BC=BC)
+            # The SiLU's two passes share gy through memory (see the kernel).
+            gy = torch.empty(B, T, C, dtype=torch.float32, device=x.device) if ctx.silu else dx
+            for pass_ in (1, 2) if ctx.silu else (0,):
+                _conv_bwd_kernel[(n_tblocks, triton.cdiv(C, BC), B)](
+                    x, x if x2 is None else x2, x if gate is None else gate, h,
+                    h if bias is None else bias, x if positions is None else positions, dout,
+                    dx, dx if dx2 is None else dx2, dx if dgate is None else dgate, dh,
+                    dh if dbias is None else dbias, gy, T, C, L, *_strides(x, x),
+                    *_strides(x2, x), *_strides(gate, x), *_strides(dout, dout),
+                    HAS_X2=x2 is not None, HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
+                    HAS_POS=positions is not None, SILU=ctx.silu, PASS=pass_, BT=BT, BC=BC)
         return (dx, dh.sum(0).to(h.dtype), None if dbias is None else dbias.sum(0).to(bias.dtype),
                 dx2, dgate, None, None)
 
