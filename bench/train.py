@@ -15,7 +15,7 @@ loader are the trainer's own (train/loop.py's pieces) for a world of one. Then:
 3. --hf / --hf-compile: bench/hf_llama_train.py's anchor of the same shapes (the model must
    be a Llama network), and the ratio of stripes' tokens/s to it;
 4. --trace DIR: one more step under torch.profiler: DIR/trace.json (chrome://tracing,
-   Perfetto), DIR/ops.txt, the 30 ops with the most device (else CPU) time, and
+   Perfetto), DIR/ops.txt, the 40 (op, input shapes) with the most device (else CPU) time, and
    DIR/kernels.txt, the step's device kernels summed by kind (matmul, attention, optimizer,
    each Triton kernel by name, ...) and the 40 longest.
 --tiny: small shapes of the same family that run on a CPU in seconds (a smoke test).
@@ -142,12 +142,14 @@ def trace(trainer: Trainer, out: Path) -> None:
     if cuda:
         activities.append(ProfilerActivity.CUDA)
     out.mkdir(parents=True, exist_ok=True)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         trainer.step()
         trainer.sync()
     prof.export_chrome_trace(str(out / "trace.json"))
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    (out / "ops.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=30))
+    # By input shape: one aten::copy_ row per tensor copied tells which copy it is.
+    (out / "ops.txt").write_text(prof.key_averages(group_by_input_shape=True).table(
+        sort_by=key, row_limit=40))
     if cuda:
         kernels = [(e.name, e.device_time_total / 1e3) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
