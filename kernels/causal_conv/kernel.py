@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 BT, BC = 64, 64  # steps x channels per program
+BWD_WARPS = 4  # warps of a backward program
 
 
 @triton.jit
@@ -224,7 +225,8 @@ class CausalConvFunction(torch.autograd.Function):
                     dh if dbias is None else dbias, gy, T, C, L, *_strides(x, x),
                     *_strides(x2, x), *_strides(gate, x), *_strides(dout, dout),
                     HAS_X2=x2 is not None, HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
-                    HAS_POS=positions is not None, SILU=ctx.silu, PASS=pass_, BT=BT, BC=BC)
+                    HAS_POS=positions is not None, SILU=ctx.silu, PASS=pass_, BT=BT, BC=BC,
+                    num_warps=BWD_WARPS)
         return (dx, dh.sum(0).to(h.dtype), None if dbias is None else dbias.sum(0).to(bias.dtype),
                 dx2, dgate, None, None)
 
