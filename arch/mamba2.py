@@ -46,7 +46,8 @@ class Mamba2Config(MixerConfig):
     n_groups: int = 1  # G: B and C are shared by groups of H / G heads
     d_conv: int = 4  # kernel of the causal depthwise conv over xBC
     # Q of the chunked SSD algorithm. Every Q computes the same function; 64 is the fastest
-    # for stripes' Triton kernels (2.8x Q = 256 at hybrid-1b's shape; BENCHMARKS.md).
+    # for stripes' Triton kernels (1.7x Q = 256, which they run as 128, at hybrid-1b's
+    # shape; BENCHMARKS.md).
     chunk_size: int = 64
     dt_min: float = 0.001  # dt at init is log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1

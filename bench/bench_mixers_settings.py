@@ -12,7 +12,7 @@ SETTINGS = {
     "hyena_se": {"short_len": 3, "filter_len": 7, "filter_groups": 128},
     "hyena_mr": {"short_len": 3, "filter_len": 128, "filter_groups": 128},
     "hyena_li": {"short_len": 3, "state_size": 16},
-    "mamba": {"d_state": 128, "expand": 2, "head_dim": 64, "chunk_size": 256},
+    "mamba": {"d_state": 128, "expand": 2, "head_dim": 64, "chunk_size": 64},
     "retention": {"n_heads": 8, "chunk_size": 64, "value_factor": 1},
 }
 

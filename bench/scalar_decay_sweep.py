@@ -104,7 +104,8 @@ def sweep_shape(name, shape, chunk, runner, device, quick) -> dict:
                   f"{rows[-1]['setting']}: {ms:.4f} ms", file=sys.stderr, flush=True)
         default = next(r for r in rows if r["config"] == LaunchConfig.for_chunk(chunk))
         winner = min(rows, key=lambda r: r["ms"])
-        best[FIELD[kernel]] = getattr(winner["config"], FIELD[kernel])
+        if kernel != "reverse scan":  # the scans share one setting: the forward scan's
+            best[FIELD[kernel]] = getattr(winner["config"], FIELD[kernel])
         if kernel == "scan":
             best["scan_block"] = winner["config"].scan_block
         if kernel == "dq_dk":
@@ -112,7 +113,6 @@ def sweep_shape(name, shape, chunk, runner, device, quick) -> dict:
         result["kernels"][kernel] = {
             "default_ms": default["ms"], "best_ms": winner["ms"], "best": winner["setting"],
             "all": [{"setting": r["setting"], "ms": r["ms"]} for r in rows]}
-    # The reverse scan shares the scans' setting; the forward scan's winner decides it.
     tuned = LaunchConfig(**best)
     result["tuned"] = dataclasses.asdict(tuned)
     leaves = [t.view(shape[0], shape[1], *t.shape[1:]).requires_grad_() for t in (q, k, v)]

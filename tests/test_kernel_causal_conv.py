@@ -47,6 +47,7 @@ def run(fn, tensors, grad):
     (2, 70, 12, 4, False, False, True, False, True),    # Mamba-2's conv across a block edge
     (1, 5, 8, 9, True, True, True, True, False),        # more taps than steps
     (1, 70, 8, 5, True, True, True, True, True),        # everything at once
+    (2, 130, 70, 4, True, True, True, True, True),      # ... across 3 x 2 blocks, SiLU's 2 passes
 ])
 def test_float32_matches_float64_reference(B, T, C, L, x2, gate, bias, docs, silu):
     g = torch.Generator().manual_seed(T + C + L)

@@ -103,14 +103,16 @@ def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr,
 @triton.jit
 def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr,
                      dx_ptr, dx2_ptr, dgate_ptr, dh_ptr, dbias_ptr, gy_ptr, T, C, L,
-                     sxb, sxt, sx2b, sx2t, sgb, sgt, sdb, sdt,
+                     sxb, sxt, sx2b, sx2t, sgb, sgt, sdb, sdt, syb, syt,
                      HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_POS: tl.constexpr, SILU: tl.constexpr, PASS: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr):
     """dx, dx2, dgate: contiguous [B, T, C]; dh: [B * n_tblocks, C, L] and dbias:
-    [B * n_tblocks, C] float32 partials. dout has strides (sdb, sdt).
-    PASS 0 does everything; with the SiLU, PASS 1 (the taps, dgate) stores gy float32 in
-    gy [B, T, C] and PASS 2 (the transposed conv, dx) reads it (see the top of the file)."""
+    [B * n_tblocks, C] float32 partials. dout has strides (sdb, sdt), gy (syb, syt).
+    Without the SiLU, PASS 0 does everything; with it, PASS 1 (the taps, dgate) stores gy
+    float32 in gy [B, T, C] and PASS 2 (the transposed conv, dx) reads it (see the top of
+    the file)."""
+    tl.static_assert(PASS != 0 or not SILU, "the SiLU's backward takes passes 1 and 2")
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     c = pid_c * BC + tl.arange(0, BC)
@@ -156,7 +158,7 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
                 row_ok = row_ok & (later >= j)
             mask = row_ok[:, None] & c_ok[None, :]
             if PASS == 2:
-                g = _load_rows(gy_ptr, b, rows, c, T * C, C, mask)
+                g = _load_rows(gy_ptr, b, rows, c, syb, syt, mask)
             else:
                 g = _load_rows(dout_ptr, b, rows, c, sdb, sdt, mask)
                 if HAS_GATE:
@@ -224,9 +226,9 @@ class CausalConvFunction(torch.autograd.Function):
                     dx, dx if dx2 is None else dx2, dx if dgate is None else dgate, dh,
                     dh if dbias is None else dbias, gy, T, C, L, *_strides(x, x),
                     *_strides(x2, x), *_strides(gate, x), *_strides(dout, dout),
-                    HAS_X2=x2 is not None, HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
-                    HAS_POS=positions is not None, SILU=ctx.silu, PASS=pass_, BT=BT, BC=BC,
-                    num_warps=BWD_WARPS)
+                    *_strides(gy, gy), HAS_X2=x2 is not None, HAS_GATE=gate is not None,
+                    HAS_BIAS=bias is not None, HAS_POS=positions is not None, SILU=ctx.silu,
+                    PASS=pass_, BT=BT, BC=BC, num_warps=BWD_WARPS)
         return (dx, dh.sum(0).to(h.dtype), None if dbias is None else dbias.sum(0).to(bias.dtype),
                 dx2, dgate, None, None)
 

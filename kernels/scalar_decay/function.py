@@ -63,12 +63,13 @@ class LaunchConfig:
         """The defaults at a chunk of `chunk` rows. The output, dq/dk and dv kernels each hold
         [C, C] float32 tiles; at C = 128 one is 128 registers a thread over 4 warps, and the
         spills made dq/dk 1.8x slower than at 8 warps (BENCHMARKS.md, hybrid-1b's SSD). The
-        scans hold no [C, C] tile and keep 4 warps; their 2 stages measured 1.4x faster
-        forward than 3 at chunk 64, and no slower in reverse."""
+        scans hold no [C, C] tile and keep 4 warps. Below 128 they take 2 stages (the
+        forward scan 1.4x faster than at 3 at chunk 64, the reverse no slower); at 128, 3
+        (2 measured 7-12% slower there)."""
         if chunk < 128:
             return LaunchConfig()
         wide = Launch(warps=8)
-        return LaunchConfig(output=wide, dq_dk=wide, dv=wide)
+        return LaunchConfig(scan=Launch(), output=wide, dq_dk=wide, dv=wide)
 
 
 @torch.compiler.disable
