@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
+from stripes.arch.mixer import Mixer, MixerConfig, linear_flops, project_all
 from stripes.arch.packing import document_starts
 from stripes.arch.registry import register_mixer
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
@@ -121,21 +121,12 @@ class Attention(Mixer):
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         B, T, _ = x.shape
-        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = project_all(x, self.q_proj, self.k_proj, self.v_proj)
         if torch.is_grad_enabled():
-            # Training: one matmul over the concatenated weights. It is wider than three (k
-            # and v are only n_kv_heads wide), and backward gets x's gradient from one matmul
-            # instead of adding three. Decoding keeps three: concatenating copies the weights
-            # on every call, and reading weights is what a decoding step costs.
-            bias = (torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None
-                    else None)
-            qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias)
-            q, k, v = qkv.split([p.out_features for p in projs], dim=-1)
             # v is copied out (n_kv_heads wide): attention saves v for its backward, and a
-            # view would keep the whole qkv output alive with it.
+            # view would keep the whole fused output alive with it (q and k are rotated into
+            # new tensors).
             v = v.contiguous()
-        else:
-            q, k, v = (proj(x) for proj in projs)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)

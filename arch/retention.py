@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
+from stripes.arch.mixer import Mixer, MixerConfig, linear_flops, project_all
 from stripes.arch.packing import cu_seqlens, sequence_bounds
 from stripes.arch.registry import register_mixer
 from stripes.arch.retention_forms import retention_parallel
@@ -186,15 +186,21 @@ class Retention(Mixer):
         """x: [B, T, D] at `positions` [T] -> q, k [B, T, H, Dk], v [B, T, H, Dv], gate g
         [B, T, H*Dv]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_value_dim)
+        q, k, v, g = project_all(x, self.q_proj, self.k_proj, self.v_proj, self.g_proj)
+        if torch.is_grad_enabled():
+            # The gate is copied out: the gated norm saves it for backward, and a view would
+            # keep all four outputs alive with it (q and k are rotated into new tensors and
+            # the kernels copy v).
+            g = g.contiguous()
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_heads, self.head_dim)
+        v = v.view(B, T, self.n_heads, self.head_value_dim)
         rope_dtype = torch.promote_types(q.dtype, torch.float32)
         cos, sin = rope_angles(positions, self.head_dim, self.cfg.rope, rope_dtype)
         # The paper scales k by Dk^-1/2 (eq. 5); rotation keeps norms, so order is immaterial.
         q, k = apply_rotary_qk(q, k, cos, sin)
         k = k * self.head_dim ** -0.5
-        return q, k, v, self.g_proj(x)
+        return q, k, v, g
 
     def _log_decay(self, like: torch.Tensor) -> torch.Tensor:
         """[H] log decays in promote_types(dtype, float32), built from the float64 floats once
