@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stripes.arch.projection import project_all
 from stripes.kernels.rmsnorm import rms_norm
 from stripes.kernels.swiglu import swiglu
 
@@ -55,7 +56,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(*project_all(x, self.gate_proj, self.up_proj)))
 
     def flops_per_token(self) -> float:
         return 2.0 * 3 * self.gate_proj.in_features * self.gate_proj.out_features

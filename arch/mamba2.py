@@ -31,6 +31,7 @@ from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import cu_seqlens, document_positions
+from stripes.arch.projection import project_split
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError, require_positive
 from stripes.kernels.causal_conv import causal_conv
@@ -179,7 +180,7 @@ class Mamba2(Mixer):
         documents from their starts. Returns y [B, T, D] and both states (None in training)."""
         batch, T, _ = x.shape
         H, P, G, N = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        z, xBC, dt = project_split(x, self.in_proj, [self.d_inner, self.conv_dim, H])
         if conv_cache is None:  # training: each row, or each packed document, from zeros
             positions = None if doc_ids is None else document_positions(doc_ids)
             xBC = causal_conv(xBC, self.conv1d.weight[:, 0].flip(-1), self.conv1d.bias,

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -114,22 +113,3 @@ def linear_flops(*layers: nn.Linear) -> float:
     """Forward FLOPs per token of applying each Linear once (2 per weight: multiply + add)."""
     return float(sum(2 * layer.in_features * layer.out_features for layer in layers))
 
-
-def project_all(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """(layer(x) for each layer), as one matmul over the concatenated weights while training.
-
-    One wider matmul runs closer to the GPU's peak than several narrow ones, and backward
-    gets x's gradient from one matmul instead of adding one per layer. The outputs are views
-    of one tensor: whatever a later op saves for backward keeps all of it alive, so callers
-    copy out (`.contiguous()`) an output that is saved and narrow. Without grad (decoding)
-    each layer runs alone: concatenating copies the weights on every call, and reading the
-    weights is what a decoding step costs.
-    """
-    if not torch.is_grad_enabled():
-        return tuple(layer(x) for layer in layers)
-    has_bias = [layer.bias is not None for layer in layers]
-    if any(has_bias) and not all(has_bias):
-        raise ValueError("project_all takes layers that all have a bias or none")
-    bias = torch.cat([layer.bias for layer in layers]) if all(has_bias) else None
-    out = F.linear(x, torch.cat([layer.weight for layer in layers]), bias)
-    return tuple(out.split([layer.out_features for layer in layers], dim=-1))

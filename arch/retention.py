@@ -30,8 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from stripes.arch.mixer import Mixer, MixerConfig, linear_flops, project_all
+from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import cu_seqlens, sequence_bounds
+from stripes.arch.projection import project_all
 from stripes.arch.registry import register_mixer
 from stripes.arch.retention_forms import retention_parallel
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from stripes.arch import ModelConfig, StripedLM
-from stripes.arch.mixer import project_all
 
 from numerics import rel_error
 
@@ -81,33 +80,12 @@ def test_prefill_continues_from_a_filled_state(name):
 
 @kinds
 def test_training_forward_equals_the_no_grad_forward(name):
-    # With grad, attention and retention run their projections as one matmul (project_all).
+    # With grad, projections of one input run as one matmul (arch/projection.py).
     model = build(name)
     ids = tokens()
     with torch.no_grad():
         separate = model(ids)
     assert rel_error(model(ids), separate) < 1e-13
-
-
-def test_project_all_matches_each_layer_and_rejects_mixed_biases():
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
-    layers = [torch.nn.Linear(8, n, dtype=torch.float64) for n in (8, 3, 6)]
-    fused = project_all(x, *layers)
-    assert [t.shape[-1] for t in fused] == [8, 3, 6]
-    for out, layer in zip(fused, layers, strict=True):
-        assert rel_error(out, layer(x)) < 1e-14
-    sum(t.square().sum() for t in fused).backward()
-    fused_grads = [x.grad.clone()] + [p.grad.clone() for m in layers for p in m.parameters()]
-    x.grad = None
-    for m in layers:
-        m.zero_grad()
-    sum(m(x).square().sum() for m in layers).backward()
-    grads = [x.grad] + [p.grad for m in layers for p in m.parameters()]
-    for a, b in zip(fused_grads, grads, strict=True):
-        assert rel_error(a, b) < 1e-13
-    with pytest.raises(ValueError, match="all have a bias or none"):
-        project_all(x, layers[0], torch.nn.Linear(8, 2, bias=False, dtype=torch.float64))
 
 
 @kinds

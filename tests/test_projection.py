@@ -1,0 +1,114 @@
+"""arch/projection.py: one matmul for several projections of one input, with a backward that
+reads each piece's gradient where it lies, against separate nn.Linear layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stripes.arch.projection import fused_linear, project_all, project_split
+
+from numerics import rel_error
+
+
+def linears(sizes, bias: bool, dtype=torch.float64, seed=0) -> list[nn.Linear]:
+    torch.manual_seed(seed)
+    return [nn.Linear(8, n, bias=bias, dtype=dtype) for n in sizes]
+
+
+def grads(tensors) -> list[torch.Tensor | None]:
+    return [None if t.grad is None else t.grad.clone() for t in tensors]
+
+
+def clear(tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)])
+def test_project_all_matches_separate_linears(bias, used):
+    layers = linears((8, 3, 6), bias)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    params = [x, *(p for m in layers for p in m.parameters())]
+    weights = [torch.randn(2, 5, m.out_features, dtype=torch.float64) for m in layers]
+
+    fused = project_all(x, *layers)
+    assert [t.shape for t in fused] == [(2, 5, 8), (2, 5, 3), (2, 5, 6)]
+    for out, m in zip(fused, layers, strict=True):
+        assert rel_error(out, m(x)) < 1e-14
+    sum((fused[i] * weights[i]).sum() for i in used).backward()
+    got = grads(params)
+    clear(params)
+    sum((layers[i](x) * weights[i]).sum() for i in used).backward()
+    for name, a, b in zip(["x", *(n for m in layers for n, _ in m.named_parameters())], got,
+                          grads(params), strict=True):
+        if b is None:  # a layer whose output went unused: its rows get zeros
+            assert a is not None and not a.any(), name
+        else:
+            assert rel_error(a, b) < 1e-13, name
+
+
+def test_project_split_matches_a_split_linear():
+    (layer,) = linears((17,), bias=True)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.weight, layer.bias]
+    pieces = project_split(x, layer, [9, 1, 7])
+    reference = layer(x).split([9, 1, 7], dim=-1)
+    assert all(rel_error(a, b) < 1e-14 for a, b in zip(pieces, reference, strict=True))
+    sum(p.square().sum() * (i + 1) for i, p in enumerate(pieces)).backward()
+    got = grads(params)
+    clear(params)
+    sum(p.square().sum() * (i + 1) for i, p in enumerate(reference)).backward()
+    assert all(rel_error(a, b) < 1e-13 for a, b in zip(got, grads(params), strict=True))
+
+
+def test_frozen_weights_get_no_gradient_and_x_still_does():
+    layers = linears((4, 4), bias=False)
+    for m in layers:
+        m.weight.requires_grad_(False)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    a, b = project_all(x, *layers)
+    (a * b).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    (layers[0](x) * layers[1](x)).sum().backward()
+    assert rel_error(got, x.grad) < 1e-13
+    assert all(m.weight.grad is None for m in layers)
+
+
+def test_bf16_autocast_computes_in_bf16_and_returns_float32_weight_gradients():
+    layers = linears((8, 5), bias=True, dtype=torch.float32)
+    x = torch.randn(4, 7, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = project_all(x, *layers)
+        reference = [m(x) for m in layers]
+    for a, b in zip(fused, reference, strict=True):
+        assert a.dtype == torch.bfloat16
+        assert rel_error(a, b) < 1e-2
+    sum(t.float().square().sum() for t in fused).backward()
+    assert x.grad.dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 for m in layers for p in m.parameters())
+    got = grads([x, *(p for m in layers for p in m.parameters())])
+    clear([x, *(p for m in layers for p in m.parameters())])
+    sum(m(x).square().sum() for m in layers).backward()
+    exact = grads([x, *(p for m in layers for p in m.parameters())])
+    assert all(rel_error(a, b) < 2e-2 for a, b in zip(got, exact, strict=True))
+
+
+def test_without_grad_each_layer_runs_alone():
+    layers = linears((3, 2), bias=False)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        outs = project_all(x, *layers)
+    assert outs[0].grad_fn is None and outs[0].is_contiguous()
+
+
+def test_bad_arguments_are_one_clear_error():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    (layer,) = linears((6,), bias=False)
+    with pytest.raises(ValueError, match=r"sizes \[4, 3\] add up to 7, not to the weights' 6"):
+        fused_linear(x, [layer.weight], None, [4, 3])
+    with pytest.raises(ValueError, match="all have a bias or none"):
+        project_all(x, layer, nn.Linear(8, 2, dtype=torch.float64))
