@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stripes.arch.projection import project_all
 from stripes.kernels.rmsnorm import rms_norm
 from stripes.kernels.swiglu import swiglu
 
@@ -56,7 +55,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(*project_all(x, self.gate_proj, self.up_proj)))
+        # Two matmuls, not arch/projection.py's one: the SwiGLU kernel streams flat memory,
+        # so gate and up cut from one output would each be copied (more bytes than the
+        # x-gradient addition that fusing saves).
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def flops_per_token(self) -> float:
         return 2.0 * 3 * self.gate_proj.in_features * self.gate_proj.out_features

@@ -112,4 +112,3 @@ class Mixer(nn.Module, abc.ABC):
 def linear_flops(*layers: nn.Linear) -> float:
     """Forward FLOPs per token of applying each Linear once (2 per weight: multiply + add)."""
     return float(sum(2 * layer.in_features * layer.out_features for layer in layers))
-

@@ -1,7 +1,7 @@
 """Linear projections of one input whose output is used in pieces, as one matmul.
 
-Attention's q, k, v; retention's q, k, v and gate; Mamba's z, xBC, dt; the SwiGLU's gate and
-up: each reads the same x [N, D] and hands each piece of the output to a different op.
+Attention's q, k, v; retention's q, k, v and gate; Mamba's z, xBC, dt: each reads the same
+x [N, D] and hands each piece of the output to a different op.
 
     y = x W^T + b,  W = cat(W_1, ..., W_m) [sum n_j, D],  y = (y_1 | ... | y_k) by `sizes`
 
@@ -14,18 +14,23 @@ Backward takes each piece's gradient where it lies:
     dx = sum_i dy_i W_i    (W_i: the rows of W behind piece i; accumulated in place by addmm)
     dW_i = dy_i^T x,       db_i = sum over tokens of dy_i
 
-Autograd's own backward of a split would first copy every piece's gradient into one [N, sum]
-tensor, a copy as large as the output (for Mamba's in_proj at hybrid-1b's batch 0.8 GB read
-and written); separate Linears instead add their x gradients pairwise. Here the only extra
-traffic is addmm reading dx once per piece after the first. dx is rounded to x's dtype after
-each piece, as the separate Linears' additions round.
+Autograd's own backward of a split first copies every piece's gradient into one [N, sum]
+tensor, a copy as large as the output (for Mamba's in_proj at hybrid-1b's batch, 0.8 GB read
+and written); separate Linears add their x gradients pairwise instead. Here the only extra
+traffic is addmm reading dx once for each piece after the first. The price: dx is rounded to
+the compute dtype after each piece, as separate Linears' additions round it, where one
+matmul over the concatenated gradient rounds once.
 
-Without grad (decoding) the caller should apply each layer alone: concatenating copies the
-weights on every call, and reading the weights is what a decoding step costs.
+The pieces are views of one output, so an op that saves a narrow piece for backward keeps
+the whole output alive (callers copy such a piece out), and no piece may be modified in
+place. The SwiGLU MLP keeps two Linears: its kernel streams flat memory and would copy both
+pieces. Without grad (decoding) each layer runs alone: concatenating copies the weights on
+every call, and reading the weights is what a decoding step costs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -59,21 +64,41 @@ def _biases(layers: Sequence[nn.Linear]) -> list[torch.Tensor] | None:
 def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
                  biases: Sequence[torch.Tensor] | None, sizes: Sequence[int]
                  ) -> tuple[torch.Tensor, ...]:
-    """x [..., D]; weights [n_j, D] (stacked in order: W), biases [n_j] or None -> the pieces
-    [..., sizes[i]] of x W^T + b. sum(sizes) must equal sum(n_j)."""
-    rows = sum(w.shape[0] for w in weights)
-    if sum(sizes) != rows:
+    """x [..., D] -> the pieces [..., sizes[i]] of x W^T + b, W = cat(weights) [sum n_j, D],
+    b = cat(biases) or none. Either one weight cut into pieces of `sizes` rows, or one weight
+    [sizes[i], D] a piece."""
+    rows = [w.shape[0] for w in weights]
+    if len(weights) != 1 and rows != list(sizes):
+        raise ValueError(f"fused_linear: pieces of {list(sizes)} rows need one weight or one "
+                         f"weight a piece, got weights of {rows} rows")
+    if sum(sizes) != sum(rows):
         raise ValueError(f"fused_linear: sizes {list(sizes)} add up to {sum(sizes)}, not to "
-                         f"the weights' {rows} rows")
-    params = [*weights, *(biases or ())]
-    return _FusedLinear.apply(x, tuple(sizes), len(weights), *params)
+                         f"the weight's {sum(rows)} rows")
+    return _FusedLinear.apply(x, tuple(sizes), len(weights), *weights, *(biases or ()))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What F.linear would compute in: autocast's dtype while autocast is on (it leaves
+    float64 alone), else x's."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and x.dtype != torch.float64):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def _no_autocast(device: str):
+    available = torch.amp.is_autocast_available(device)
+    return torch.autocast(device, enabled=False) if available else contextlib.nullcontext()
+
+
+def _stack(weights: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """W in `dtype`: the weight itself where one needs no cast, else one pass that reads each
+    weight and writes it cast into one buffer."""
+    if len(weights) == 1 and weights[0].dtype == dtype:
+        return weights[0]
+    rows = sum(t.shape[0] for t in weights)
+    return torch.cat(weights, out=weights[0].new_empty(rows, weights[0].shape[1], dtype=dtype))
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -81,18 +106,18 @@ class _FusedLinear(torch.autograd.Function):
     def forward(ctx, x, sizes, n_weights, *params):
         weights, biases = params[:n_weights], params[n_weights:]
         dtype = _compute_dtype(x)
-        D = x.shape[-1]
-        with torch.autocast(x.device.type, enabled=False):  # the dtypes are explicit here
-            x2 = x.reshape(-1, D).to(dtype)  # [N, D]
-            # One pass reads each (float32) weight and writes it into W in the compute dtype.
-            w = torch.cat(weights, out=x2.new_empty(sum(t.shape[0] for t in weights), D))
+        with _no_autocast(x.device.type):  # the dtypes are explicit here
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, D]
+            w = _stack(weights, dtype)
             b = torch.cat(biases).to(dtype) if biases else None
             y = F.linear(x2, w, b)  # [N, sum(sizes)]
-        ctx.save_for_backward(x2, w)
-        ctx.sizes, ctx.shape, ctx.x_dtype = sizes, x.shape, x.dtype
-        ctx.weight_rows = [t.shape[0] for t in weights]
-        ctx.weight_dtypes = [t.dtype for t in weights]
-        ctx.has_bias = bool(biases)
+        # A cast W is saved, as autocast saves its cast weights. Uncast weights are saved as
+        # themselves and stacked again in backward: a copy saved from forward to backward
+        # would keep FSDP's unsharded parameters alive between the two.
+        ctx.recast = any(t.dtype != dtype for t in weights)
+        ctx.save_for_backward(x2, *((w,) if ctx.recast else weights))
+        ctx.sizes, ctx.shape, ctx.x_dtype, ctx.dtype = sizes, x.shape, x.dtype, dtype
+        ctx.n_weights, ctx.has_bias = n_weights, bool(biases)
         ctx.set_materialize_grads(False)
         return tuple(piece.view(*x.shape[:-1], n) for piece, n in zip(y.split(sizes, dim=-1),
                                                                       sizes, strict=True))
@@ -100,33 +125,39 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        x2, w = ctx.saved_tensors
-        n_weights = len(ctx.weight_rows)
+        x2, *saved = ctx.saved_tensors
+        w = saved[0] if ctx.recast else _stack(saved, ctx.dtype)
+        n = ctx.n_weights
         need_x = ctx.needs_input_grad[0]
-        need_w = any(ctx.needs_input_grad[3:3 + n_weights])
-        need_b = ctx.has_bias and any(ctx.needs_input_grad[3 + n_weights:])
-        dx = None
-        dw = x2.new_empty(w.shape) if need_w else None
-        db = x2.new_empty(w.shape[0]) if need_b else None
-        start = 0
-        for grad, n in zip(grads, ctx.sizes, strict=True):
-            rows = slice(start, start + n)
-            start += n
+        need_w = any(ctx.needs_input_grad[3:3 + n])
+        need_b = ctx.has_bias and any(ctx.needs_input_grad[3 + n:])
+        # Each weight's gradient gets its own tensor (one weight: the pieces are its rows).
+        dws = [x2.new_empty(w.shape)] if need_w and n == 1 else []
+        dbs = [x2.new_empty(w.shape[0])] if need_b and n == 1 else []
+        dx, start = None, 0
+        for i, (grad, size) in enumerate(zip(grads, ctx.sizes, strict=True)):
+            rows = slice(start, start + size)
+            start += size
+            if n > 1:
+                dws += [x2.new_empty(size, w.shape[1])] if need_w else []
+                dbs += [x2.new_empty(size)] if need_b else []
+            dw_i = dws[0][rows] if n == 1 and need_w else (dws[i] if need_w else None)
+            db_i = dbs[0][rows] if n == 1 and need_b else (dbs[i] if need_b else None)
             if grad is None:  # an unused piece: its rows of W get no gradient
-                for t in (dw, db):
+                for t in (dw_i, db_i):
                     if t is not None:
-                        t[rows].zero_()
+                        t.zero_()
                 continue
-            g = grad.reshape(-1, n).to(x2.dtype)  # [N, n]
-            if need_x:
+            g = grad.reshape(-1, size).to(x2.dtype)  # [N, size]
+            if need_x:  # rounded to x2's dtype after each piece, as separate Linears' sums
                 dx = g @ w[rows] if dx is None else dx.addmm_(g, w[rows])
-            if need_w:
-                torch.mm(g.t(), x2, out=dw[rows])
-            if need_b:
-                torch.sum(g, dim=0, out=db[rows])
+            if dw_i is not None:
+                torch.mm(g.t(), x2, out=dw_i)
+            if db_i is not None:
+                torch.sum(g, dim=0, out=db_i)
         if need_x and dx is None:
             dx = x2.new_zeros(x2.shape)
         dx = None if dx is None else dx.view(ctx.shape).to(ctx.x_dtype)
-        dws = [None] * n_weights if dw is None else list(dw.split(ctx.weight_rows))
-        dbs = [None] * n_weights if db is None else list(db.split(ctx.weight_rows))
-        return (dx, None, None, *dws, *(dbs if ctx.has_bias else ()))
+        dws = dws or [None] * n
+        dbs = (dbs or [None] * n) if ctx.has_bias else []
+        return (dx, None, None, *dws, *dbs)

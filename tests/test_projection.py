@@ -108,7 +108,36 @@ def test_without_grad_each_layer_runs_alone():
 def test_bad_arguments_are_one_clear_error():
     x = torch.randn(2, 8, dtype=torch.float64)
     (layer,) = linears((6,), bias=False)
-    with pytest.raises(ValueError, match=r"sizes \[4, 3\] add up to 7, not to the weights' 6"):
+    with pytest.raises(ValueError, match=r"sizes \[4, 3\] add up to 7, not to the weight's 6"):
         fused_linear(x, [layer.weight], None, [4, 3])
+    with pytest.raises(ValueError, match=r"one weight a piece, got weights of \[6, 6\] rows"):
+        fused_linear(x, [layer.weight, layer.weight], None, [4, 8])
     with pytest.raises(ValueError, match="all have a bias or none"):
         project_all(x, layer, nn.Linear(8, 2, dtype=torch.float64))
+
+
+def test_uncast_weights_are_saved_as_themselves_and_gradients_own_their_storage():
+    # No cast (float64, no autocast): backward stacks the weights again rather than keeping
+    # a copy alive from forward (FSDP frees unsharded parameters after forward).
+    layers = linears((4, 4), bias=False)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    a, b = project_all(x, *layers)
+    saved = a.grad_fn.saved_tensors
+    weight_ptrs = {m.weight.data_ptr() for m in layers}
+    assert {t.data_ptr() for t in saved[1:]} == weight_ptrs
+    (a * b).sum().backward()
+    storages = {m.weight.grad.untyped_storage().data_ptr() for m in layers}
+    assert len(storages) == 2
+
+
+def test_meta_tensors_and_float64_under_autocast_behave_as_linear():
+    with torch.device("meta"):
+        layers = linears((4, 2), bias=False, dtype=torch.float32)
+        x = torch.empty(3, 8, requires_grad=True)
+        assert [t.shape for t in project_all(x, *layers)] == [(3, 4), (3, 2)]
+    layers = linears((4, 2), bias=False)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone
+        outs = project_all(x, *layers)
+    assert all(o.dtype == torch.float64 for o in outs)
+    assert rel_error(outs[1], layers[1](x)) < 1e-14
