@@ -34,6 +34,11 @@ COMMITS=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do COMMITS+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 EXTRA=("$@")
+for sha in "${COMMITS[@]}"; do
+  [ "$sha" = head ] || [ -f "$TREES/$sha.tar" ] || {
+    echo "bench/train_commits.sh: no $TREES/$sha.tar; pack it here and carry $TREES" >&2
+    exit 1; }
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 [ -d runs/data/demo ] || python3 -m stripes.launch.cli prepare configs/data/demo.yaml \
@@ -43,7 +48,6 @@ for sha in "${COMMITS[@]}"; do
     dir=$ROOT label=${STRIPES_COMMIT:-head}
   else
     label=$sha
-    [ -f "$TREES/$sha.tar" ] || { echo "no $TREES/$sha.tar: pack it and carry $TREES"; exit 1; }
     dir=$ROOT/$TREES/$sha
     mkdir -p "$dir" && tar -xf "$TREES/$sha.tar" -C "$dir" && ln -sfn "$ROOT/runs" "$dir/runs"
   fi
