@@ -118,7 +118,7 @@ class _FusedLinear(torch.autograd.Function):
         ctx.recast = any(t.dtype != dtype for t in weights)
         ctx.save_for_backward(x2, *((w,) if ctx.recast else weights))
         ctx.sizes, ctx.shape, ctx.x_dtype, ctx.dtype = sizes, x.shape, x.dtype, dtype
-        ctx.n_weights, ctx.has_bias = n_weights, bool(biases)
+        ctx.weight_rows, ctx.has_bias = [t.shape[0] for t in weights], bool(biases)
         ctx.set_materialize_grads(False)
         return tuple(piece.view(*x.shape[:-1], n) for piece, n in zip(y.split(sizes, dim=-1),
                                                                       sizes, strict=True))
@@ -128,22 +128,18 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, *grads):
         x2, *saved = ctx.saved_tensors
         w = saved[0] if ctx.recast else _stack(saved, ctx.dtype)
-        n = ctx.n_weights
+        n = len(ctx.weight_rows)
         need_x = ctx.needs_input_grad[0]
         need_w = any(ctx.needs_input_grad[3:3 + n])
         need_b = ctx.has_bias and any(ctx.needs_input_grad[3 + n:])
-        # Each weight's gradient gets its own tensor (one weight: the pieces are its rows).
-        dws = [x2.new_empty(w.shape)] if need_w and n == 1 else []
-        dbs = [x2.new_empty(w.shape[0])] if need_b and n == 1 else []
+        # Each weight's gradient is a tensor of its own; each piece writes its rows of it.
+        dws = [x2.new_empty(r, w.shape[1]) for r in ctx.weight_rows] if need_w else None
+        dbs = [x2.new_empty(r) for r in ctx.weight_rows] if need_b else None
         dx, start = None, 0
-        for i, (grad, size) in enumerate(zip(grads, ctx.sizes, strict=True)):
+        for grad, size, dw_i, db_i in zip(grads, ctx.sizes, _per_piece(dws, ctx.sizes),
+                                          _per_piece(dbs, ctx.sizes), strict=True):
             rows = slice(start, start + size)
             start += size
-            if n > 1:
-                dws += [x2.new_empty(size, w.shape[1])] if need_w else []
-                dbs += [x2.new_empty(size)] if need_b else []
-            dw_i = dws[0][rows] if n == 1 and need_w else (dws[i] if need_w else None)
-            db_i = dbs[0][rows] if n == 1 and need_b else (dbs[i] if need_b else None)
             if grad is None:  # an unused piece: its rows of W get no gradient
                 for t in (dw_i, db_i):
                     if t is not None:
@@ -159,6 +155,13 @@ class _FusedLinear(torch.autograd.Function):
         if need_x and dx is None:
             dx = x2.new_zeros(x2.shape)
         dx = None if dx is None else dx.view(ctx.shape).to(ctx.x_dtype)
-        dws = dws or [None] * n
         dbs = (dbs or [None] * n) if ctx.has_bias else []
-        return (dx, None, None, *dws, *dbs)
+        return (dx, None, None, *(dws or [None] * n), *dbs)
+
+
+def _per_piece(per_weight: list[torch.Tensor] | None, sizes: tuple[int, ...]) -> list:
+    """Each piece's rows of the weights' gradients: one weight's split by `sizes`, or one
+    weight a piece (fused_linear allows only these two); Nones without gradients."""
+    if per_weight is None:
+        return [None] * len(sizes)
+    return list(per_weight[0].split(sizes)) if len(per_weight) == 1 else per_weight
