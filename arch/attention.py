@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_starts
-from stripes.arch.projection import project_all
+from stripes.arch.projection import Linear, project_all
 from stripes.arch.registry import register_mixer
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
 from stripes.core.config import ConfigError
@@ -97,10 +96,10 @@ class Attention(Mixer):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.head_dim = d_model // cfg.n_heads
         kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, d_model, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d_model, kv_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d_model, kv_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = Linear(d_model, d_model, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d_model, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d_model, kv_dim, bias=cfg.qkv_bias)
+        self.out_proj = Linear(d_model, d_model, bias=False)
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -59,6 +59,7 @@ from stripes.arch.hyena_filters import (
 )
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import document_positions, per_document
+from stripes.arch.projection import Linear
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError
 from stripes.kernels.causal_conv import causal_conv
@@ -127,9 +128,9 @@ class Hyena(Mixer):
     def __init__(self, d_model: int, cfg: HyenaConfig) -> None:
         super().__init__(d_model, cfg)
         self.groups = cfg.filter_groups or d_model
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.in_proj = Linear(d_model, 3 * d_model, bias=False)
         self.short_filter = nn.Parameter(torch.empty(3 * d_model, cfg.short_len))  # [3D, K]
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = Linear(d_model, d_model, bias=False)
 
     # -- training ---------------------------------------------------------------------------
     # Whether the long convolution keeps packed documents apart by itself (from per-token

@@ -31,7 +31,7 @@ from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import cu_seqlens, document_positions
-from stripes.arch.projection import project_split
+from stripes.arch.projection import Linear, project_split
 from stripes.arch.registry import register_mixer
 from stripes.core.config import ConfigError, require_positive
 from stripes.kernels.causal_conv import causal_conv
@@ -109,14 +109,14 @@ class Mamba2(Mixer):
         self.n_heads = self.d_inner // cfg.head_dim
         H, G, N = self.n_heads, cfg.n_groups, cfg.d_state
         self.conv_dim = self.d_inner + 2 * G * N  # channels of xBC
-        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + H, bias=False)
+        self.in_proj = Linear(d_model, self.d_inner + self.conv_dim + H, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
                                 bias=cfg.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.A_log = nn.Parameter(torch.empty(H))
         self.D = nn.Parameter(torch.empty(H))
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // G, cfg.norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.out_proj = Linear(self.d_inner, d_model, bias=False)
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from stripes.arch.block import Block
 from stripes.arch.config import ModelConfig
 from stripes.arch.layers import RMSNorm
+from stripes.arch.projection import Linear
 from stripes.kernels.linear_ce import linear_cross_entropy
 
 
@@ -54,7 +55,7 @@ class StripedLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(s, cfg.d_model, cfg.norm_eps) for s in self.layer_specs)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size,
                                                                  bias=False)
 
     # -- training ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from torch import nn
 
 from stripes.arch.mixer import Mixer, MixerConfig, linear_flops
 from stripes.arch.packing import cu_seqlens, sequence_bounds
-from stripes.arch.projection import project_all
+from stripes.arch.projection import Linear, project_all
 from stripes.arch.registry import register_mixer
 from stripes.arch.retention_forms import retention_parallel
 from stripes.arch.rope import RopeConfig, check_rotary_heads, rope_angles
@@ -154,11 +154,11 @@ class Retention(Mixer):
         self.n_heads = cfg.n_heads
         self.value_dim = cfg.value_dim(d_model)
         self.head_dim, self.head_value_dim = d_model // cfg.n_heads, self.value_dim // cfg.n_heads
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
+        self.q_proj = Linear(d_model, d_model, bias=False)
+        self.k_proj = Linear(d_model, d_model, bias=False)
+        self.v_proj = Linear(d_model, self.value_dim, bias=False)
+        self.g_proj = Linear(d_model, self.value_dim, bias=False)
+        self.out_proj = Linear(self.value_dim, d_model, bias=False)
         self.norm_weight = nn.Parameter(torch.empty(self.value_dim))  # GroupNorm, per channel
         self.log_decay = log_decays(cfg.n_heads, cfg.max_decay_exponent)  # H float64 floats
         self._log_decay_tensors: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> [H]

@@ -7,8 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from stripes.arch.projection import fused_linear, project_all, project_split
+from stripes.arch import ArchFile, StripedLM
+from stripes.arch.projection import Linear, fused_linear, linear, project_all, project_split
+from stripes.core.config import load_config
 
+from conftest import TINY
 from numerics import rel_error
 
 
@@ -141,3 +144,45 @@ def test_meta_tensors_and_float64_under_autocast_behave_as_linear():
         outs = project_all(x, *layers)
     assert all(o.dtype == torch.float64 for o in outs)
     assert rel_error(outs[1], layers[1](x)) < 1e-14
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_trains_as_nn_linear_and_runs_plain_without_grad(bias):
+    torch.manual_seed(0)
+    ours = Linear(8, 5, bias=bias, dtype=torch.float64)
+    plain = nn.Linear(8, 5, bias=bias, dtype=torch.float64)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    y = ours(x)
+    assert type(y.grad_fn).__name__ == "_FusedLinearBackward"
+    assert rel_error(y, plain(x)) < 1e-14
+    y.square().sum().backward()
+    got = grads([x, *ours.parameters()])
+    x.grad = None
+    plain(x).square().sum().backward()
+    assert all(rel_error(a, b) < 1e-13 for a, b in
+               zip(got, grads([x, *plain.parameters()]), strict=True))
+    with torch.no_grad():
+        assert ours(x).grad_fn is None
+
+
+def test_weight_gradients_are_in_each_parameters_dtype_under_autocast():
+    # On a CPU the product is bf16 and cast (no bf16 -> float32 matmul there); on CUDA the
+    # matmul stores float32 (tests/gpu/test_projection_cuda.py).
+    torch.manual_seed(0)
+    w, b = torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True)
+    x = torch.randn(10, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, w, b)
+    assert y.dtype == torch.bfloat16
+    (y.float() * torch.arange(6.0)).sum().backward()
+    assert w.grad.dtype == b.grad.dtype == x.grad.dtype == torch.float32
+    g = torch.arange(6.0).expand(10, 6).to(torch.bfloat16)
+    assert rel_error(w.grad, (g.t() @ x.to(torch.bfloat16)).float()) == 0
+    assert rel_error(b.grad, g.float().sum(0)) == 0
+
+
+def test_every_projection_of_the_model_is_a_stripes_linear():
+    model = StripedLM(load_config(ArchFile, TINY).model)
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert found and all(isinstance(model.get_submodule(n), Linear) for n in found), found
