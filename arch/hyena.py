@@ -146,8 +146,9 @@ class Hyena(Mixer):
                     ) -> torch.Tensor:
         """x: [B, T, D]; positions [B, T]: steps since each token's document start, or None
         (one document a row). The featurizer runs in stripes.kernels.causal_conv."""
-        z = causal_conv(self.in_proj(x), self.short_filter, positions=positions)  # [B, T, 3D]
-        q, k, v = z.chunk(3, dim=-1)  # [B, T, D] each
+        D = self.d_model
+        q, k, v = causal_conv(self.in_proj(x), self.short_filter, positions=positions,
+                              split=[D, D, D])  # [B, T, D] each
         return self.out_proj(self.gated_long_conv(q, k, v, positions))
 
     @abc.abstractmethod

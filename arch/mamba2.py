@@ -181,14 +181,14 @@ class Mamba2(Mixer):
         batch, T, _ = x.shape
         H, P, G, N = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
         z, xBC, dt = project_split(x, self.in_proj, [self.d_inner, self.conv_dim, H])
+        pieces = [self.d_inner, G * N, G * N]
         if conv_cache is None:  # training: each row, or each packed document, from zeros
             positions = None if doc_ids is None else document_positions(doc_ids)
-            xBC = causal_conv(xBC, self.conv1d.weight[:, 0].flip(-1), self.conv1d.bias,
-                              positions=positions, silu=True)  # [B, T, conv_dim]
+            x_inner, B, C = causal_conv(xBC, self.conv1d.weight[:, 0].flip(-1), self.conv1d.bias,
+                                        positions=positions, silu=True, split=pieces)
         else:
             xBC, conv_cache = self._conv(xBC, conv_cache)
-            xBC = F.silu(xBC)
-        x_inner, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+            x_inner, B, C = F.silu(xBC).split(pieces, dim=-1)
         xs = x_inner.reshape(batch, T, H, P)  # heads [B, T, H, P]
         B, C = B.reshape(batch, T, G, N), C.reshape(batch, T, G, N)  # [B, T, G, N]
         dt = F.softplus(_fp32(dt) + _fp32(self.dt_bias))  # [B, T, H], > 0

@@ -68,6 +68,34 @@ def test_float32_matches_float64_reference(B, T, C, L, x2, gate, bias, docs, sil
         assert rel_error(actual, expected) < 1e-5
 
 
+@pytest.mark.parametrize("split, silu, used", [
+    ((40, 15, 15), True, (0, 1, 2)),  # Mamba's x | B | C; piece edges inside channel blocks
+    ((40, 15, 15), True, (0, 2)),     # an unused piece: zeros
+    ((30, 40), False, (0, 1)),        # two pieces, the featurizer's plain taps
+    ((70,), False, (0,)),
+])
+def test_split_output_reads_each_pieces_gradient(split, silu, used):
+    g = torch.Generator().manual_seed(sum(split) + len(used))
+    B, T, C, L = 2, 70, 70, 4
+    x, h, bias = (torch.randn(*s, generator=g, dtype=torch.float64) for s in
+                  ((B, T, C), (C, L), (C,)))
+    # Piece gradients with the batch and time strides swapped: read at their own strides.
+    grads = [torch.randn(T, B, n, generator=g, dtype=torch.float64).transpose(0, 1)
+             for n in split]
+
+    def run_split(fn, dtype):
+        leaves = [t.to(DEVICE, dtype).detach().requires_grad_() for t in (x, h, bias)]
+        pieces = fn(*leaves, silu=silu, split=split)
+        assert [p.shape[2] for p in pieces] == list(split)
+        sum((pieces[i] * grads[i].to(DEVICE, dtype)).sum() for i in used).backward()
+        return [torch.cat(pieces, dim=-1)] + [t.grad for t in leaves]
+
+    want = run_split(causal_conv_reference, torch.float64)
+    got = run_split(causal_conv_triton, torch.float32)
+    for actual, expected in zip(got, want, strict=True):
+        assert rel_error(actual, expected) < 1e-5
+
+
 def test_reads_chunked_views_in_place():
     """q, k, v chunked out of one [B, T, 3C] projection: strided time, contiguous channels."""
     torch.manual_seed(1)
@@ -98,5 +126,9 @@ def test_bad_shapes_name_the_argument():
     x = torch.zeros(1, 4, 3)
     with pytest.raises(ValueError, match="gate"):
         causal_conv(x, torch.zeros(3, 2), gate=torch.zeros(1, 4, 2))
+    with pytest.raises(ValueError, match=r"split must be 1 to 3 positive sizes adding up to C = 3"):
+        causal_conv(x, torch.zeros(3, 2), split=[1, 1])
+    with pytest.raises(ValueError, match="split"):
+        causal_conv(x, torch.zeros(3, 2), split=[1, 1, 1, 0])
     with pytest.raises(ValueError, match="positions"):
         causal_conv(x, torch.zeros(3, 2), positions=torch.zeros(1, 5, dtype=torch.long))

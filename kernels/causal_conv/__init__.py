@@ -10,6 +10,8 @@ documents need no padding, only `positions`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from stripes.kernels.causal_conv.reference import causal_conv as causal_conv_reference
@@ -20,8 +22,10 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def causal_conv(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None,
                 x2: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
-    """out [B, T, C] in x's dtype.
+                positions: torch.Tensor | None = None, silu: bool = False,
+                split: Sequence[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """out [B, T, C] in x's dtype, or with `split` (1 to 3 sizes adding up to C) its pieces
+    out.split(split, dim=-1), whose gradients backward reads where they lie.
 
     x, x2, gate: [B, T, C] (x2 and gate optional: u = x * x2, out = gate * y); h: [C, L],
     tap j multiplies u[t - j] (tap 0 the current token); bias: [C] or None; positions:
@@ -37,5 +41,5 @@ def causal_conv(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = No
     if use_triton(*tensors, h) and all(t.dtype in TRITON_DTYPES for t in tensors):
         from stripes.kernels.causal_conv.kernel import causal_conv_triton
 
-        return causal_conv_triton(x, h, bias, x2, gate, positions, silu)
-    return causal_conv_reference(x, h, bias, x2, gate, positions, silu)
+        return causal_conv_triton(x, h, bias, x2, gate, positions, silu, split)
+    return causal_conv_reference(x, h, bias, x2, gate, positions, silu, split)

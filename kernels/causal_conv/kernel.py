@@ -17,10 +17,15 @@ is a reduction over every token, and partials keep it deterministic without atom
 A tap j contributes at t only when j <= pos[t] (pos: steps since t's document start); in
 the transposed loop, row s + j counts when pos[s + j] >= j, the same pairs.
 Inputs may be views with any batch and time strides (q, k and v chunked out of one
-projection are read in place); channels must be contiguous.
+projection are read in place); channels must be contiguous. With `split`, the output is
+handed on as up to three pieces of its channels (Hyena's q | k | v, Mamba's x | B | C), and
+backward reads each piece's gradient where it lies: autograd's split would first copy them
+into one [B, T, C] gradient (0.10-0.13 ms a layer at hybrid-1b's shapes in an H100 profile).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -35,6 +40,21 @@ def _load_rows(ptr, b, rows, c, stride_b, stride_t, mask):
     """[BT, BC] float32 tile of a [B, T, C] tensor at rows `rows`, channels c."""
     at = ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_t + c[None, :]
     return tl.load(at, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_dout(d0_ptr, d1_ptr, d2_ptr, b, rows, c, c1, c2, s0b, s0t, s1b, s1t, s2b, s2t,
+               mask, PIECES: tl.constexpr):
+    """The output's gradient at rows `rows`, channels c, [BT, BC] float32, read from its
+    pieces: channels [0, c1) from d0, [c1, c2) from d1 and [c2, C) from d2, as many pieces
+    as PIECES (c2 = C for two), each at its own strides."""
+    if PIECES == 1:
+        return _load_rows(d0_ptr, b, rows, c, s0b, s0t, mask)
+    g = _load_rows(d0_ptr, b, rows, c, s0b, s0t, mask & (c < c1)[None, :])
+    g += _load_rows(d1_ptr, b, rows, c - c1, s1b, s1t, mask & ((c >= c1) & (c < c2))[None, :])
+    if PIECES == 3:
+        g += _load_rows(d2_ptr, b, rows, c - c2, s2b, s2t, mask & (c >= c2)[None, :])
+    return g
 
 
 @triton.jit
@@ -101,14 +121,16 @@ def _conv_fwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr,
-                     dx_ptr, dx2_ptr, dgate_ptr, dh_ptr, dbias_ptr, gy_ptr, T, C, L,
-                     sxb, sxt, sx2b, sx2t, sgb, sgt, sdb, sdt, syb, syt,
-                     HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_POS: tl.constexpr, SILU: tl.constexpr, PASS: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr):
+def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, d0_ptr, d1_ptr,
+                     d2_ptr, dx_ptr, dx2_ptr, dgate_ptr, dh_ptr, dbias_ptr, gy_ptr, T, C, L,
+                     c1, c2, sxb, sxt, sx2b, sx2t, sgb, sgt, s0b, s0t, s1b, s1t, s2b, s2t,
+                     syb, syt, HAS_X2: tl.constexpr, HAS_GATE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SILU: tl.constexpr,
+                     PASS: tl.constexpr, PIECES: tl.constexpr, BT: tl.constexpr,
+                     BC: tl.constexpr):
     """dx, dx2, dgate: contiguous [B, T, C]; dh: [B * n_tblocks, C, L] and dbias:
-    [B * n_tblocks, C] float32 partials. dout has strides (sdb, sdt), gy (syb, syt).
+    [B * n_tblocks, C] float32 partials. The output's gradient comes in PIECES pieces
+    (_load_dout), gy has strides (syb, syt).
     Without the SiLU, PASS 0 does everything; with it, PASS 1 (the taps, dgate) stores gy
     float32 in gy [B, T, C] and PASS 2 (the transposed conv, dx) reads it (see the top of
     the file)."""
@@ -123,7 +145,8 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
 
     if PASS != 2:
         part = (b * tl.num_programs(0) + pid_t).to(tl.int64)
-        dout = _load_rows(dout_ptr, b, t, c, sdb, sdt, here)
+        dout = _load_dout(d0_ptr, d1_ptr, d2_ptr, b, t, c, c1, c2, s0b, s0t, s1b, s1t, s2b,
+                          s2t, here, PIECES)
         gy = dout * _load_rows(gate_ptr, b, t, c, sgb, sgt, here) if HAS_GATE else dout
         if SILU:  # y is the activation's output (for dgate); gy moves to its input
             y, slope = _silu_and_slope(_conv_rows(x_ptr, x2_ptr, h_ptr, bias_ptr, b, t, t_ok,
@@ -160,7 +183,8 @@ def _conv_bwd_kernel(x_ptr, x2_ptr, gate_ptr, h_ptr, bias_ptr, pos_ptr, dout_ptr
             if PASS == 2:
                 g = _load_rows(gy_ptr, b, rows, c, syb, syt, mask)
             else:
-                g = _load_rows(dout_ptr, b, rows, c, sdb, sdt, mask)
+                g = _load_dout(d0_ptr, d1_ptr, d2_ptr, b, rows, c, c1, c2, s0b, s0t, s1b,
+                               s1t, s2b, s2t, mask, PIECES)
                 if HAS_GATE:
                     g *= _load_rows(gate_ptr, b, rows, c, sgb, sgt, mask)
             du += g * _tap(h_ptr, c, c_ok, j, L)
@@ -184,7 +208,7 @@ def _channels_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 class CausalConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h, bias, x2, gate, positions, silu):
+    def forward(ctx, x, h, bias, x2, gate, positions, silu, split):
         x, x2, gate = (_channels_contiguous(t) for t in (x, x2, gate))
         h = h.contiguous()
         B, T, C = x.shape
@@ -200,15 +224,20 @@ class CausalConvFunction(torch.autograd.Function):
                 BC=BC)
         ctx.save_for_backward(x, h, bias, x2, gate, positions)
         ctx.silu = silu
-        return out
+        return out if split is None else out.split(split, dim=-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
+    def backward(ctx, *douts):
         x, h, bias, x2, gate, positions = ctx.saved_tensors
         B, T, C = x.shape
         L = h.shape[1]
-        dout = _channels_contiguous(dout)
+        douts = [_channels_contiguous(d) for d in douts]  # one a piece (zeros if unused)
+        starts = [0]
+        for d in douts[:-1]:
+            starts.append(starts[-1] + d.shape[2])
+        c1, c2 = (starts + [C, C])[1:3]
+        pieces = (douts + douts[:1] * 2)[:3]  # unused pointer slots repeat the first piece
         n_tblocks = triton.cdiv(T, BT)
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
         dx2 = torch.empty_like(dx, dtype=x2.dtype) if x2 is not None else None
@@ -222,25 +251,28 @@ class CausalConvFunction(torch.autograd.Function):
             for pass_ in (1, 2) if ctx.silu else (0,):
                 _conv_bwd_kernel[(n_tblocks, triton.cdiv(C, BC), B)](
                     x, x if x2 is None else x2, x if gate is None else gate, h,
-                    h if bias is None else bias, x if positions is None else positions, dout,
-                    dx, dx if dx2 is None else dx2, dx if dgate is None else dgate, dh,
-                    dh if dbias is None else dbias, gy, T, C, L, *_strides(x, x),
-                    *_strides(x2, x), *_strides(gate, x), *_strides(dout, dout),
-                    *_strides(gy, gy), HAS_X2=x2 is not None, HAS_GATE=gate is not None,
+                    h if bias is None else bias, x if positions is None else positions,
+                    *pieces, dx, dx if dx2 is None else dx2, dx if dgate is None else dgate,
+                    dh, dh if dbias is None else dbias, gy, T, C, L, c1, c2,
+                    *_strides(x, x), *_strides(x2, x), *_strides(gate, x),
+                    *(s for d in pieces for s in _strides(d, d)), *_strides(gy, gy),
+                    HAS_X2=x2 is not None, HAS_GATE=gate is not None,
                     HAS_BIAS=bias is not None, HAS_POS=positions is not None, SILU=ctx.silu,
-                    PASS=pass_, BT=BT, BC=BC, num_warps=BWD_WARPS)
+                    PASS=pass_, PIECES=len(douts), BT=BT, BC=BC, num_warps=BWD_WARPS)
         return (dx, dh.sum(0).to(h.dtype), None if dbias is None else dbias.sum(0).to(bias.dtype),
-                dx2, dgate, None, None)
+                dx2, dgate, None, None, None)
 
 
 def causal_conv_triton(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None,
                        x2: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                       positions: torch.Tensor | None = None, silu: bool = False
-                       ) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, silu: bool = False,
+                       split: Sequence[int] | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The Triton path of stripes.kernels.causal_conv.causal_conv (same contract)."""
     from stripes.kernels.causal_conv.reference import check_inputs
 
-    check_inputs(x, h, bias, x2, gate, positions)
+    check_inputs(x, h, bias, x2, gate, positions, split)
     if positions is not None:
         positions = positions.to(torch.int32).contiguous()
-    return CausalConvFunction.apply(x, h, bias, x2, gate, positions, silu)
+    return CausalConvFunction.apply(x, h, bias, x2, gate, positions, silu,
+                                    None if split is None else tuple(split))
