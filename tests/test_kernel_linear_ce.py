@@ -58,6 +58,21 @@ def test_matches_float64_reference(block_v, n, vocab, d, chunk, reduction, block
         assert rel_error(g, w) < 1e-5
 
 
+def test_a_float32_weight_is_cast_inside_and_gets_its_float32_gradient(block_v):
+    """Autocast's route: x in bf16, the float32 weight cast by the Function, whose gradient
+    is the float32 accumulation (not rounded to bf16 and cast back)."""
+    block_v(16)
+    x, weight, targets = inputs(7, 37, 16, ignored=(2,))
+    xb = x.detach().bfloat16().requires_grad_()
+    w = weight.detach().requires_grad_()
+    (linear_cross_entropy_triton(xb, w, targets, chunk_tokens=3) * 0.7).backward()
+    assert xb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    want = loss_and_grads(reference, xb.detach().double(), weight.bfloat16().double(),
+                          targets)
+    assert rel_error(w.grad, want[2]) < 1e-2
+    assert (w.grad != w.grad.bfloat16().float()).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("fn", [linear_cross_entropy_triton, reference])
 def test_all_targets_ignored_gives_zero_loss_and_grads(reduction, fn):

@@ -34,7 +34,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Autocast: under an active autocast for x's device, x and weight are first cast to the
     autocast dtype (as F.linear would be), and the loss runs with autocast off. Gradients
-    come back in x's and weight's own dtypes (float32 parameters get float32 gradients).
+    come back in x's and weight's own dtypes (float32 parameters get float32 gradients; on
+    the Triton path the float32 sum itself, never rounded to the autocast dtype).
 
     Errors: reduction other than "mean"/"sum", bad shapes or dtypes, or a target outside
     [0, V) that is not ignore_index raise ValueError. Checking the targets (and counting
@@ -68,12 +69,23 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return linear_cross_entropy(x.to(dtype), weight.to(dtype), targets, ignore_index,
-                                        reduction, chunk_tokens)
-    if use_triton(x, weight, targets) and x.dtype in TRITON_DTYPES:
-        from stripes.kernels.linear_ce.kernel import linear_cross_entropy_triton
-
-        return linear_cross_entropy_triton(x, weight, targets, ignore_index, reduction,
-                                           chunk_tokens)
+            x = x.to(dtype)
+            if _triton_path(x, weight, targets):  # it casts W and returns dW in W's dtype
+                return _triton(x, weight, targets, ignore_index, reduction, chunk_tokens)
+            return linear_cross_entropy(x, weight.to(dtype), targets, ignore_index, reduction,
+                                        chunk_tokens)
+    if _triton_path(x, weight, targets) and x.dtype == weight.dtype:
+        return _triton(x, weight, targets, ignore_index, reduction, chunk_tokens)
     return linear_cross_entropy_reference(x, weight, targets, ignore_index, reduction,
                                           chunk_tokens)
+
+
+def _triton_path(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> bool:
+    return (use_triton(x, weight, targets) and x.dtype in TRITON_DTYPES
+            and weight.dtype in TRITON_DTYPES)
+
+
+def _triton(*args) -> torch.Tensor:
+    from stripes.kernels.linear_ce.kernel import linear_cross_entropy_triton
+
+    return linear_cross_entropy_triton(*args)

@@ -186,7 +186,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_w_needed):
         with torch.autocast(x.device.type, enabled=False):  # matmuls stay in x's dtype
             loss, grad_x, grad_w = linear_cross_entropy_forward(
-                x, weight, targets, ignore_index, reduction, chunk_tokens,
+                x, weight.to(x.dtype), targets, ignore_index, reduction, chunk_tokens,
                 grad_x_needed, grad_w_needed)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -196,9 +196,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        # The saved gradients are scaled in place (grad_x) and rounded into the weight's dtype
-        # (grad_w): no copy of either exists beside the saved one. A second backward over the
-        # same forward (retain_graph) would see scaled values, so it is refused.
+        # The saved gradients are scaled in place (grad_x, and grad_w when the weight is
+        # float32) or rounded into the weight's dtype: no copy of either exists beside the
+        # saved one. A second backward over the same forward (retain_graph) would see scaled
+        # values, so it is refused.
         if ctx.backward_done:
             raise RuntimeError("linear_cross_entropy: backward ran twice over one forward; "
                                "its saved gradients are consumed by the first (no retain_graph)")
@@ -207,8 +208,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dx = scale_into(grad_x, grad_x, grad_output) if grad_x is not None else None
         dw = None
         if grad_w is not None:  # scaled in float32 and rounded once
-            dw = scale_into(grad_w, torch.empty(grad_w.shape, dtype=ctx.weight_dtype,
-                                                device=grad_w.device), grad_output)
+            out = grad_w if grad_w.dtype == ctx.weight_dtype else torch.empty(
+                grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
+            dw = scale_into(grad_w, out, grad_output)
         return dx, dw, None, None, None, None, None, None
 
 
@@ -217,8 +219,9 @@ def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: 
                                 chunk_tokens: int | None = None) -> torch.Tensor:
     """The Triton path of stripes.kernels.linear_ce.linear_cross_entropy (same contract).
 
-    Autocast casting is the public function's job: called directly, this computes in the
-    dtype x and weight already have."""
+    Autocast casting is the public function's job: called directly, this computes in x's
+    dtype. A weight of another dtype is cast to it inside, and gets its gradient in its own
+    dtype (the public function's autocast path passes float32 weights so)."""
     # ctx.needs_input_grad ignores no_grad mode, so decide here: under no_grad (evaluation)
     # the kernel skips its gradient pass and neither gradient matmul runs.
     grad_enabled = torch.is_grad_enabled()
