@@ -37,6 +37,14 @@ every call, and reading the weights is what a decoding step costs.
 
 `Linear` is nn.Linear whose training forward is this one with one piece, so every projection
 of the model gets its weight gradient in the weight's dtype.
+
+Gradient accumulation: from a step's second micro-batch on, autograd adds each new weight
+gradient into `.grad`, a float32 read, read and write of every weight (about 3 ms a
+micro-batch at 1B parameters on an H100). Inside `weight_grads_accumulated_in_place()` the
+weight-gradient matmul adds into an existing `.grad` itself (beta = 1) and autograd gets
+None for that weight. Nothing that watches gradients arrive (DDP's and FSDP's reductions,
+post-accumulate hooks) sees such a gradient, so only a single process without those may
+turn it on (train/engine.py does, unless blocks are compiled).
 """
 
 from __future__ import annotations
@@ -63,6 +71,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not torch.is_grad_enabled():
         return F.linear(x, weight, bias)
     return fused_linear(x, [weight], None if bias is None else [bias], [weight.shape[0]])[0]
+
+
+_IN_PLACE_DEPTH = 0  # how many weight_grads_accumulated_in_place() contexts are open
+
+
+@contextlib.contextmanager
+def weight_grads_accumulated_in_place():
+    """Forwards run inside add their weight gradients into existing `.grad` tensors in
+    backward (see the top of the file). Read at forward time, so recomputation and autograd's
+    device threads see what the forward saw."""
+    global _IN_PLACE_DEPTH
+    _IN_PLACE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _IN_PLACE_DEPTH -= 1
 
 
 def project_all(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -146,6 +170,7 @@ class _FusedLinear(torch.autograd.Function):
         ctx.sizes, ctx.shape, ctx.x_dtype, ctx.dtype = sizes, x.shape, x.dtype, dtype
         ctx.weight_rows, ctx.has_bias = [t.shape[0] for t in weights], bool(biases)
         ctx.param_dtypes = [t.dtype for t in params]
+        ctx.grad_owners = weights if _IN_PLACE_DEPTH else None
         ctx.set_materialize_grads(False)
         return tuple(piece.view(*x.shape[:-1], n) for piece, n in zip(y.split(sizes, dim=-1),
                                                                       sizes, strict=True))
@@ -159,19 +184,26 @@ class _FusedLinear(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         need_w = any(ctx.needs_input_grad[3:3 + n])
         need_b = ctx.has_bias and any(ctx.needs_input_grad[3 + n:])
-        # Each parameter's gradient is a tensor of its own, in its dtype; each piece writes
-        # its rows of it.
-        dws = [x2.new_empty(r, w.shape[1], dtype=dtype) for r, dtype in
-               zip(ctx.weight_rows, ctx.param_dtypes[:n], strict=True)] if need_w else None
+        # Each parameter's gradient is a tensor of its own, in its dtype, or the weight's
+        # `.grad` to add into; each piece writes its rows of it.
+        in_place = [ctx.needs_input_grad[3 + i] and _accumulates_into(ctx.grad_owners, i)
+                    for i in range(n)]
+        dws = [ctx.grad_owners[i].grad if in_place[i] else
+               x2.new_empty(r, w.shape[1], dtype=dtype) for i, (r, dtype) in
+               enumerate(zip(ctx.weight_rows, ctx.param_dtypes[:n], strict=True))
+               ] if need_w else None
+        owner = [0] * len(ctx.sizes) if n == 1 else list(range(n))  # each piece's weight
         dbs = [x2.new_empty(r, dtype=dtype) for r, dtype in
                zip(ctx.weight_rows, ctx.param_dtypes[n:], strict=True)] if need_b else None
         dx, start = None, 0
-        for grad, size, dw_i, db_i in zip(grads, ctx.sizes, _per_piece(dws, ctx.sizes),
-                                          _per_piece(dbs, ctx.sizes), strict=True):
+        for i, (grad, size, dw_i, db_i) in enumerate(zip(
+                grads, ctx.sizes, _per_piece(dws, ctx.sizes), _per_piece(dbs, ctx.sizes),
+                strict=True)):
             rows = slice(start, start + size)
             start += size
+            add = in_place[owner[i]]
             if grad is None:  # an unused piece: its rows of W get no gradient
-                for t in (dw_i, db_i):
+                for t in (None if add else dw_i, db_i):
                     if t is not None:
                         t.zero_()
                 continue
@@ -179,14 +211,15 @@ class _FusedLinear(torch.autograd.Function):
             if need_x:  # rounded to x2's dtype after each piece, as separate Linears' sums
                 dx = g @ w[rows] if dx is None else dx.addmm_(g, w[rows])
             if dw_i is not None:
-                _mm_into(g.t(), x2, dw_i)
+                _mm_into(g.t(), x2, dw_i, accumulate=add)
             if db_i is not None:
                 torch.sum(g, dim=0, dtype=db_i.dtype, out=db_i)
         if need_x and dx is None:
             dx = x2.new_zeros(x2.shape)
         dx = None if dx is None else dx.view(ctx.shape).to(ctx.x_dtype)
         dbs = (dbs or [None] * n) if ctx.has_bias else []
-        return (dx, None, None, *(dws or [None] * n), *dbs)
+        dws = [None if dws is None or in_place[i] else dws[i] for i in range(n)]
+        return (dx, None, None, *dws, *dbs)
 
 
 def _per_piece(per_weight: list[torch.Tensor] | None, sizes: tuple[int, ...]) -> list:
@@ -197,13 +230,29 @@ def _per_piece(per_weight: list[torch.Tensor] | None, sizes: tuple[int, ...]) ->
     return list(per_weight[0].split(sizes)) if len(per_weight) == 1 else per_weight
 
 
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out = a @ b in out's dtype: a half-precision CUDA matmul stores float32 directly;
-    elsewhere a product of another dtype is cast into out."""
-    if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
-    elif (a.is_cuda and out.dtype == torch.float32
-          and a.dtype in (torch.bfloat16, torch.float16)):
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
+def _accumulates_into(owners: Sequence[torch.Tensor] | None, i: int) -> bool:
+    """Whether weight i's gradient is added into its existing `.grad` in place."""
+    grad = None if owners is None else owners[i].grad
+    return (grad is not None and grad.shape == owners[i].shape and grad.is_contiguous()
+            and grad.dtype == owners[i].dtype)
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False
+             ) -> None:
+    """out = a @ b, or out += a @ b, in out's dtype: a half-precision CUDA matmul forms (and
+    adds) float32 directly; elsewhere a product of another dtype is cast, as autograd would."""
+    half_to_float = (a.is_cuda and out.dtype == torch.float32
+                     and a.dtype in (torch.bfloat16, torch.float16))
+    if not accumulate:
+        if out.dtype == a.dtype:
+            torch.mm(a, b, out=out)
+        elif half_to_float:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        else:
+            out.copy_(a @ b)
+    elif out.dtype == a.dtype:
+        out.addmm_(a, b)
+    elif half_to_float:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     else:
-        out.copy_(a @ b)
+        out.add_(a @ b)

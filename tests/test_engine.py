@@ -4,6 +4,7 @@ read) and with the foreach one (the host reads the verdict); a finite step appli
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,39 @@ def test_fused_clipping_matches_foreach(grad_clip):
         assert float(grad_norm) > 10 * grad_clip  # the clip was active
     for a, b in zip(*moved, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_single_process_adds_weight_gradients_in_place_across_micro_batches():
+    """The single backend's weight-gradient matmuls add into .grad from the second
+    micro-batch on (arch/projection.py); the sums equal autograd's own accumulation."""
+    engine = build(fused=False)
+    assert engine.in_place_grads
+    torch.manual_seed(2)
+    batches = [torch.randint(0, 4096, (2, 16)) for _ in range(3)]
+
+    def micro_batches(through_engine: bool) -> dict[str, torch.Tensor]:
+        for i, ids in enumerate(batches):
+            with engine.accumulating(last=i == 2) if through_engine else nullcontext():
+                engine.backward(engine.module(ids, None, ids.roll(-1, dims=1)) / 3)
+        grads = {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+        engine.model.zero_grad(set_to_none=True)
+        return grads
+
+    first = engine.model.blocks[0].mlp.down_proj.weight
+    got = micro_batches(True)
+    want = micro_batches(False)
+    assert got.keys() == want.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-6, atol=1e-9, msg=name)
+    with engine.accumulating(last=True):  # a second micro-batch adds into the first's .grad
+        engine.backward(engine.module(batches[0], None, batches[0]))
+        grad = first.grad
+        engine.backward(engine.module(batches[1], None, batches[1]))
+    assert first.grad is grad
+
+
+def test_compiled_blocks_keep_autograds_accumulation():
+    cfg = load_train_config(ROOT / "configs" / "train" / "tiny.yaml", ["parallel.compile=true"])
+    model = StripedLM(cfg.model)
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert not TorchEngine(model, cfg, "single", world, accum=2, bf16=False).in_place_grads

@@ -3,12 +3,21 @@ reads each piece's gradient where it lies, against separate nn.Linear layers."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 from stripes.arch import ArchFile, StripedLM
-from stripes.arch.projection import Linear, fused_linear, linear, project_all, project_split
+from stripes.arch.projection import (
+    Linear,
+    fused_linear,
+    linear,
+    project_all,
+    project_split,
+    weight_grads_accumulated_in_place,
+)
 from stripes.core.config import load_config
 
 from conftest import TINY
@@ -186,3 +195,54 @@ def test_every_projection_of_the_model_is_a_stripes_linear():
     model = StripedLM(load_config(ArchFile, TINY).model)
     found = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert found and all(isinstance(model.get_submodule(n), Linear) for n in found), found
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_in_place_accumulation_adds_into_grad_as_autograd_would(used, frozen):
+    """Three micro-batches: the first creates .grad, the next two add into that very tensor
+    inside the matmul; the sums equal autograd's own accumulation (also where a piece goes
+    unused, whose rows must keep what they hold, and beside a frozen weight)."""
+    layers = linears((8, 3, 6), bias=True)
+    layers[1].weight.requires_grad_(not frozen)
+    params = [p for m in layers for p in m.parameters() if p.requires_grad]
+    xs = [torch.randn(2, 5, 8, dtype=torch.float64) for _ in range(3)]
+
+    def micro_batches(in_place: bool) -> list[torch.Tensor | None]:
+        for x in xs:
+            with weight_grads_accumulated_in_place() if in_place else contextlib.nullcontext():
+                outs = project_all(x, *layers)
+                sum((outs[i] * (i + 1)).square().sum() for i in used).backward()
+        return grads(params)
+
+    want = micro_batches(False)
+    clear(params)
+    first = None
+    for n, x in enumerate(xs):
+        with weight_grads_accumulated_in_place():
+            outs = project_all(x, *layers)
+            sum((outs[i] * (i + 1)).square().sum() for i in used).backward()
+        if n == 0:
+            first = layers[0].weight.grad.data_ptr()
+    assert layers[0].weight.grad.data_ptr() == first  # added into, not replaced
+    got = grads(params)
+    assert all(rel_error(a, b) < 1e-13 for a, b in zip(got, want, strict=True))
+    assert layers[1].weight.grad is None if frozen else layers[1].weight.grad is not None
+
+
+def test_in_place_accumulation_is_decided_at_forward():
+    torch.manual_seed(0)
+    layer = Linear(8, 4, bias=False, dtype=torch.float64)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    layer(x).sum().backward()
+    once = layer.weight.grad.clone()
+    y = layer(x)  # forward outside the context: backward inside it changes nothing
+    assert y.grad_fn.grad_owners is None
+    with weight_grads_accumulated_in_place():
+        y.sum().backward()
+    assert rel_error(layer.weight.grad, 2 * once) < 1e-14
+    with weight_grads_accumulated_in_place():
+        y = layer(x)
+    grad = layer.weight.grad
+    y.sum().backward()  # forward inside: added in place, though backward runs outside
+    assert layer.weight.grad is grad and rel_error(grad, 3 * once) < 1e-14

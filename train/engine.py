@@ -18,13 +18,14 @@ The loop knows nothing else about either, so a backend is one class here and one
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from stripes.arch.model import StripedLM
+from stripes.arch.projection import weight_grads_accumulated_in_place
 from stripes.train.checkpoint import DcpStates, States
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World
@@ -64,12 +65,20 @@ class TorchEngine:
         self.fused = bool(self.optimizer.defaults.get("fused"))
         self.states = DcpStates(model, self.optimizer)
         self.grad_clip = cfg.grad_clip
+        # A single process's weight gradients are added into .grad by their matmuls (nothing
+        # else watches them arrive); compiled blocks keep autograd's accumulation.
+        self.in_place_grads = backend == "single" and not cfg.parallel.compile
 
     def accumulating(self, last: bool) -> AbstractContextManager:
-        """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 and a single
-        process need nothing)."""
+        """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 needs
+        nothing); a single process adds weight gradients in place (arch/projection.py)."""
+        stack = ExitStack()
         no_sync = getattr(self.module, "no_sync", None)
-        return no_sync() if no_sync is not None and not last else nullcontext()
+        if no_sync is not None and not last:
+            stack.enter_context(no_sync())
+        if self.in_place_grads:
+            stack.enter_context(weight_grads_accumulated_in_place())
+        return stack
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
