@@ -36,7 +36,9 @@ pieces. Without grad (decoding) each layer runs alone: concatenating copies the 
 every call, and reading the weights is what a decoding step costs.
 
 `Linear` is nn.Linear whose training forward is this one with one piece, so every projection
-of the model gets its weight gradient in the weight's dtype.
+of the model gets its weight gradient in the weight's dtype. Unlike F.linear, training casts
+weights of another dtype than x to the compute dtype (F.linear raises), and its backward is
+once-differentiable, without forward-mode AD.
 
 Gradient accumulation: from a step's second micro-batch on, autograd adds each new weight
 gradient into `.grad`, a float32 read, read and write of every weight (about 3 ms a
@@ -172,6 +174,8 @@ class _FusedLinear(torch.autograd.Function):
         ctx.param_dtypes = [t.dtype for t in params]
         ctx.grad_owners = weights if _IN_PLACE_DEPTH else None
         ctx.set_materialize_grads(False)
+        if len(sizes) == 1:  # not a view, as F.linear's output is (FSDP2 warns of views)
+            return (torch.ops.aten._unsafe_view(y, (*x.shape[:-1], sizes[0])),)
         return tuple(piece.view(*x.shape[:-1], n) for piece, n in zip(y.split(sizes, dim=-1),
                                                                       sizes, strict=True))
 

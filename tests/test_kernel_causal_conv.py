@@ -79,9 +79,12 @@ def test_split_output_reads_each_pieces_gradient(split, silu, used):
     B, T, C, L = 2, 70, 70, 4
     x, h, bias = (torch.randn(*s, generator=g, dtype=torch.float64) for s in
                   ((B, T, C), (C, L), (C,)))
-    # Piece gradients with the batch and time strides swapped: read at their own strides.
-    grads = [torch.randn(T, B, n, generator=g, dtype=torch.float64).transpose(0, 1)
-             for n in split]
+    # Piece gradients at strides of their own (batch and time swapped, a padded row, plain),
+    # so a piece read at another's strides would be caught.
+    layouts = [lambda n: torch.randn(T, B, n, generator=g, dtype=torch.float64).transpose(0, 1),
+               lambda n: torch.randn(B, T, n + 3, generator=g, dtype=torch.float64)[..., :n],
+               lambda n: torch.randn(B, T, n, generator=g, dtype=torch.float64)]
+    grads = [layouts[i](n) for i, n in enumerate(split)]
 
     def run_split(fn, dtype):
         leaves = [t.to(DEVICE, dtype).detach().requires_grad_() for t in (x, h, bias)]

@@ -25,7 +25,8 @@ def causal_conv(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = No
                 positions: torch.Tensor | None = None, silu: bool = False,
                 split: Sequence[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """out [B, T, C] in x's dtype, or with `split` (1 to 3 sizes adding up to C) its pieces
-    out.split(split, dim=-1), whose gradients backward reads where they lie.
+    out.split(split, dim=-1), whose gradients backward reads where they lie. The pieces are
+    views of one output: none may be modified in place.
 
     x, x2, gate: [B, T, C] (x2 and gate optional: u = x * x2, out = gate * y); h: [C, L],
     tap j multiplies u[t - j] (tap 0 the current token); bias: [C] or None; positions:

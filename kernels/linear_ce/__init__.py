@@ -55,8 +55,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     forward takes one backward: a second, through retain_graph, raises RuntimeError).
     Memory consequence: the forward's peak is x, W, grad_x ([N, D], x's dtype), grad_W
     ([V, D] float32) and one chunk of logits ([C, V], x's dtype); grad_x and grad_W stay
-    alive until backward, whose peak adds grad_W in W's dtype instead of the logits.
-    Under autocast add the bf16 copies of x and W. Under torch.no_grad (evaluation) only
+    alive until backward, whose peak adds grad_W in W's dtype instead of the logits (nothing
+    for float32 weights: grad_W is scaled in place). Under autocast add the bf16 copies of x
+    and W. Under torch.no_grad (evaluation) only
     the loss is computed. Numerics: the logits and their gradient are stored in x's dtype
     (bf16 on a bf16 model); the log-sum-exp, the loss and the weight-gradient accumulation
     are float32.

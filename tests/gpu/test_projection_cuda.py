@@ -1,12 +1,12 @@
 """arch/projection.py on CUDA: weight gradients stored in float32 by the bf16 matmul itself,
-eager and under torch.compile."""
+eager and under torch.compile, and added into .grad in place."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stripes.arch.projection import Linear, project_split
+from stripes.arch.projection import Linear, project_split, weight_grads_accumulated_in_place
 
 from numerics import rel_error
 
@@ -19,10 +19,15 @@ def layer_and_input(seed: int = 0) -> tuple[Linear, torch.Tensor]:
     return layer, torch.randn(2, 512, 256, device="cuda", requires_grad=True)
 
 
-def test_bf16_weight_gradient_is_the_float32_sum_of_bf16_products():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_weight_gradient_is_the_float32_sum_of_bf16_products(compiled):
     layer, x = layer_and_input()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = layer(x)
+
+    def forward(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return layer(x)
+
+    y = (torch.compile(forward) if compiled else forward)(x)
     dy = torch.randn_like(y)
     y.backward(dy)
     assert layer.weight.grad.dtype == torch.float32
@@ -35,19 +40,19 @@ def test_bf16_weight_gradient_is_the_float32_sum_of_bf16_products():
     assert rel_error(layer.bias.grad.double(), g.sum(0)) < 1e-5
 
 
-def test_compiled_backward_matches_eager():
+def test_split_pieces_and_in_place_accumulation_on_cuda():
+    """project_split's pieces (one unused) over two micro-batches, the second adding into
+    .grad inside the matmul (addmm with a float32 output), against float64."""
     layer, x = layer_and_input(1)
-
-    def loss(x):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            z, xbc, dt = project_split(x, layer, [128, 192, 64])
-            return (z.float() * xbc[..., :128].float()).sum() + layer(dt.float()[..., :1]
-                                                                     .expand(-1, -1, 256)).sum()
-
-    loss(x).backward()
-    eager = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
-    for t in (x, layer.weight, layer.bias):
-        t.grad = None
-    torch.compile(loss)(x).backward()
-    for a, b in zip((x.grad, layer.weight.grad, layer.bias.grad), eager, strict=True):
-        assert a.dtype == b.dtype and rel_error(a, b) < 1e-2
+    reference = torch.nn.Linear(256, 384, device="cuda", dtype=torch.float64)
+    reference.load_state_dict(layer.state_dict())
+    xs = [x.detach(), torch.randn_like(x)]
+    for x in xs:
+        with weight_grads_accumulated_in_place(), torch.autocast("cuda", dtype=torch.bfloat16):
+            z, _, dt = project_split(x, layer, [128, 192, 64])
+            (z.float().square().sum() + dt.float().sum()).backward()
+        z, _, dt = reference(x.bfloat16().double()).split([128, 192, 64], dim=-1)
+        (z.square().sum() + dt.sum()).backward()
+    assert rel_error(layer.weight.grad.double(), reference.weight.grad) < 1e-2
+    assert not layer.weight.grad[128:320].any()  # the unused piece's rows
+    assert rel_error(layer.bias.grad.double(), reference.bias.grad) < 1e-2
