@@ -40,13 +40,19 @@ of the model gets its weight gradient in the weight's dtype. Unlike F.linear, tr
 weights of another dtype than x to the compute dtype (F.linear raises), and its backward is
 once-differentiable, without forward-mode AD.
 
-Gradient accumulation: from a step's second micro-batch on, autograd adds each new weight
-gradient into `.grad`, a float32 read, read and write of every weight (about 3 ms a
-micro-batch at 1B parameters on an H100). Inside `weight_grads_accumulated_in_place()` the
-weight-gradient matmul adds into an existing `.grad` itself (beta = 1) and autograd gets
-None for that weight. Nothing that watches gradients arrive (DDP's and FSDP's reductions,
-post-accumulate hooks) sees such a gradient, so only a single process without those may
-turn it on (train/engine.py does, unless blocks are compiled).
+Across the micro-batches of one optimizer step (`StepFusion`, entered by train/engine.py for
+a single process whose blocks are not compiled):
+- from the second micro-batch on, autograd would add each new weight gradient into `.grad`,
+  a float32 read, read and write of every weight (about 3 ms a micro-batch at 1B parameters
+  on an H100). Here the weight-gradient matmul adds into the existing `.grad` itself
+  (beta = 1) and autograd gets None for that weight. Nothing that watches gradients arrive
+  (DDP's and FSDP's reductions, post-accumulate hooks) sees such a gradient, hence one
+  process only;
+- the weights are cast to the compute dtype once and reused (autocast casts them again in
+  every forward: 1.8 ms of a hybrid-1b micro-batch). The casts stay alive between
+  micro-batches, as they are at the end of every forward anyway (saved for backward), and
+  go with `clear()` after the update; a weight changed in place is cast again (its version
+  counter).
 """
 
 from __future__ import annotations
@@ -75,20 +81,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return fused_linear(x, [weight], None if bias is None else [bias], [weight.shape[0]])[0]
 
 
-_IN_PLACE_DEPTH = 0  # how many weight_grads_accumulated_in_place() contexts are open
+class StepFusion:
+    """One optimizer step's sharing across its micro-batches (see the top of the file):
+    weights cast once, weight gradients added into `.grad` by their matmuls. The engine
+    enters `micro_batch()` around each micro-batch's forward and backward, and calls
+    `clear()` after the update. Forwards read it when they run, so recomputation and
+    autograd's device threads see what their forward saw."""
+
+    def __init__(self) -> None:
+        # ids of the weights and the dtype -> (the weights, their versions, the cast stack)
+        self._casts: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple[int, ...],
+                                       torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def micro_batch(self):
+        global _ACTIVE
+        previous, _ACTIVE = _ACTIVE, self
+        try:
+            yield
+        finally:
+            _ACTIVE = previous
+
+    def clear(self) -> None:
+        self._casts.clear()
+
+    def cast(self, weights: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """_stack(weights, dtype), reused while the same weights are unchanged."""
+        key = (*map(id, weights), dtype)
+        versions = tuple(w._version for w in weights)
+        hit = self._casts.get(key)
+        if hit is not None and hit[1] == versions and all(
+                a is b for a, b in zip(hit[0], weights, strict=True)):
+            return hit[2]
+        stacked = _stack(weights, dtype)
+        self._casts[key] = (tuple(weights), versions, stacked)
+        return stacked
 
 
-@contextlib.contextmanager
-def weight_grads_accumulated_in_place():
-    """Forwards run inside add their weight gradients into existing `.grad` tensors in
-    backward (see the top of the file). Read at forward time, so recomputation and autograd's
-    device threads see what the forward saw."""
-    global _IN_PLACE_DEPTH
-    _IN_PLACE_DEPTH += 1
-    try:
-        yield
-    finally:
-        _IN_PLACE_DEPTH -= 1
+_ACTIVE: StepFusion | None = None  # the StepFusion whose micro_batch() is open
 
 
 def project_all(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -161,18 +191,20 @@ class _FusedLinear(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with _no_autocast(x.device.type):  # the dtypes are explicit here
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, D]
-            w = _stack(weights, dtype)
+            recast = any(t.dtype != dtype for t in weights)
+            w = (_ACTIVE.cast(weights, dtype) if recast and _ACTIVE is not None
+                 else _stack(weights, dtype))
             b = torch.cat(biases).to(dtype) if biases else None
             y = F.linear(x2, w, b)  # [N, sum(sizes)]
         # A cast W is saved, as autocast saves its cast weights. Uncast weights are saved as
         # themselves and stacked again in backward: a copy saved from forward to backward
         # would keep FSDP's unsharded parameters alive between the two.
-        ctx.recast = any(t.dtype != dtype for t in weights)
+        ctx.recast = recast
         ctx.save_for_backward(x2, *((w,) if ctx.recast else weights))
         ctx.sizes, ctx.shape, ctx.x_dtype, ctx.dtype = sizes, x.shape, x.dtype, dtype
         ctx.weight_rows, ctx.has_bias = [t.shape[0] for t in weights], bool(biases)
         ctx.param_dtypes = [t.dtype for t in params]
-        ctx.grad_owners = weights if _IN_PLACE_DEPTH else None
+        ctx.grad_owners = None if _ACTIVE is None else weights
         ctx.set_materialize_grads(False)
         if len(sizes) == 1:  # not a view, as F.linear's output is (FSDP2 warns of views)
             return (torch.ops.aten._unsafe_view(y, (*x.shape[:-1], sizes[0])),)

@@ -99,7 +99,7 @@ def test_a_single_process_adds_weight_gradients_in_place_across_micro_batches():
     """The single backend's weight-gradient matmuls add into .grad from the second
     micro-batch on (arch/projection.py); the sums equal autograd's own accumulation."""
     engine = build(fused=False)
-    assert engine.in_place_grads
+    assert engine.fusion is not None
     torch.manual_seed(2)
     batches = [torch.randint(0, 4096, (2, 16)) for _ in range(3)]
 
@@ -128,4 +128,4 @@ def test_compiled_blocks_keep_autograds_accumulation():
     cfg = load_train_config(ROOT / "configs" / "train" / "tiny.yaml", ["parallel.compile=true"])
     model = StripedLM(cfg.model)
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    assert not TorchEngine(model, cfg, "single", world, accum=2, bf16=False).in_place_grads
+    assert TorchEngine(model, cfg, "single", world, accum=2, bf16=False).fusion is None

@@ -12,11 +12,11 @@ from torch import nn
 from stripes.arch import ArchFile, StripedLM
 from stripes.arch.projection import (
     Linear,
+    StepFusion,
     fused_linear,
     linear,
     project_all,
     project_split,
-    weight_grads_accumulated_in_place,
 )
 from stripes.core.config import load_config
 
@@ -210,7 +210,7 @@ def test_in_place_accumulation_adds_into_grad_as_autograd_would(used, frozen):
 
     def micro_batches(in_place: bool) -> list[torch.Tensor | None]:
         for x in xs:
-            with weight_grads_accumulated_in_place() if in_place else contextlib.nullcontext():
+            with StepFusion().micro_batch() if in_place else contextlib.nullcontext():
                 outs = project_all(x, *layers)
                 sum((outs[i] * (i + 1)).square().sum() for i in used).backward()
         return grads(params)
@@ -219,7 +219,7 @@ def test_in_place_accumulation_adds_into_grad_as_autograd_would(used, frozen):
     clear(params)
     first = None
     for n, x in enumerate(xs):
-        with weight_grads_accumulated_in_place():
+        with StepFusion().micro_batch():
             outs = project_all(x, *layers)
             sum((outs[i] * (i + 1)).square().sum() for i in used).backward()
         if n == 0:
@@ -238,11 +238,35 @@ def test_in_place_accumulation_is_decided_at_forward():
     once = layer.weight.grad.clone()
     y = layer(x)  # forward outside the context: backward inside it changes nothing
     assert y.grad_fn.grad_owners is None
-    with weight_grads_accumulated_in_place():
+    with StepFusion().micro_batch():
         y.sum().backward()
     assert rel_error(layer.weight.grad, 2 * once) < 1e-14
-    with weight_grads_accumulated_in_place():
+    with StepFusion().micro_batch():
         y = layer(x)
     grad = layer.weight.grad
     y.sum().backward()  # forward inside: added in place, though backward runs outside
     assert layer.weight.grad is grad and rel_error(grad, 3 * once) < 1e-14
+
+
+def test_step_fusion_casts_each_weight_once_until_it_changes():
+    """Under autocast the float32 weights are cast and stacked once a step: later forwards
+    save the very same bf16 tensor, until a weight changes in place or the step clears."""
+    layers = linears((8, 3), bias=False, dtype=torch.float32)
+    x = torch.randn(4, 8)
+    fusion = StepFusion()
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        with fusion.micro_batch(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = project_all(x, *layers)[1]
+        return out, out.grad_fn.saved_tensors[1]  # (x, the cast stack)
+
+    (a, cast_a), (b, cast_b) = forward(), forward()
+    assert cast_a is cast_b and cast_a.dtype == torch.bfloat16 and torch.equal(a, b)
+    with torch.no_grad():
+        layers[1].weight.add_(1.0)  # an update in place: its version moves
+    c, cast_c = forward()
+    assert cast_c is not cast_a
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(c, layers[1](x))
+    fusion.clear()
+    assert forward()[1] is not cast_c

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from stripes.arch.model import StripedLM
-from stripes.arch.projection import weight_grads_accumulated_in_place
+from stripes.arch.projection import StepFusion
 from stripes.train.checkpoint import DcpStates, States
 from stripes.train.config import TrainConfig
 from stripes.train.distributed import World
@@ -65,19 +65,20 @@ class TorchEngine:
         self.fused = bool(self.optimizer.defaults.get("fused"))
         self.states = DcpStates(model, self.optimizer)
         self.grad_clip = cfg.grad_clip
-        # A single process's weight gradients are added into .grad by their matmuls (nothing
-        # else watches them arrive); compiled blocks keep autograd's accumulation.
-        self.in_place_grads = backend == "single" and not cfg.parallel.compile
+        # A single process shares casts and .grad across a step's micro-batches (nothing
+        # else watches its gradients arrive; arch/projection.py); compiled blocks do not.
+        self.fusion = (StepFusion() if backend == "single" and not cfg.parallel.compile
+                       else None)
 
     def accumulating(self, last: bool) -> AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 needs
-        nothing); a single process adds weight gradients in place (arch/projection.py)."""
+        nothing); a single process's micro-batches share casts and .grad (StepFusion)."""
         stack = ExitStack()
         no_sync = getattr(self.module, "no_sync", None)
         if no_sync is not None and not last:
             stack.enter_context(no_sync())
-        if self.in_place_grads:
-            stack.enter_context(weight_grads_accumulated_in_place())
+        if self.fusion is not None:
+            stack.enter_context(self.fusion.micro_batch())
         return stack
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -106,6 +107,8 @@ class TorchEngine:
                 torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.fusion is not None:  # the weights moved: their casts go
+            self.fusion.clear()
         return grad_norm, applied
 
 

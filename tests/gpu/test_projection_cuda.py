@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stripes.arch.projection import Linear, project_split, weight_grads_accumulated_in_place
+from stripes.arch.projection import Linear, StepFusion, project_split
 
 from numerics import rel_error
 
@@ -47,8 +47,9 @@ def test_split_pieces_and_in_place_accumulation_on_cuda():
     reference = torch.nn.Linear(256, 384, device="cuda", dtype=torch.float64)
     reference.load_state_dict(layer.state_dict())
     xs = [x.detach(), torch.randn_like(x)]
+    fusion = StepFusion()
     for x in xs:
-        with weight_grads_accumulated_in_place(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with fusion.micro_batch(), torch.autocast("cuda", dtype=torch.bfloat16):
             z, _, dt = project_split(x, layer, [128, 192, 64])
             (z.float().square().sum() + dt.float().sum()).backward()
         z, _, dt = reference(x.bfloat16().double()).split([128, 192, 64], dim=-1)
