@@ -46,13 +46,16 @@ a single process whose blocks are not compiled):
   a float32 read, read and write of every weight (about 3 ms a micro-batch at 1B parameters
   on an H100). Here the weight-gradient matmul adds into the existing `.grad` itself
   (beta = 1) and autograd gets None for that weight. Nothing that watches gradients arrive
-  (DDP's and FSDP's reductions, post-accumulate hooks) sees such a gradient, hence one
-  process only;
+  sees such a gradient: DDP's and FSDP's reductions, tensor and post-accumulate hooks on the
+  weights, `torch.autograd.grad` and `backward(inputs=...)` (which get None), hence one
+  process and a plain `loss.backward()` only;
 - the weights are cast to the compute dtype once and reused (autocast casts them again in
-  every forward: 1.8 ms of a hybrid-1b micro-batch). The casts stay alive between
-  micro-batches, as they are at the end of every forward anyway (saved for backward), and
-  go with `clear()` after the update; a weight changed in place is cast again (its version
-  counter).
+  every forward: 1.8 ms of a hybrid-1b micro-batch). Without activation checkpointing the
+  casts are alive at the end of every forward anyway (saved for backward), so keeping them
+  until the next forward costs no peak memory; with it they would not be, and the engine
+  turns caching off (`cache_casts`). A weight changed in place is cast again (its version
+  counter); a change through `.data` is not seen, so call `clear()` after one, as the engine
+  does before every update.
 """
 
 from __future__ import annotations
@@ -85,10 +88,13 @@ class StepFusion:
     """One optimizer step's sharing across its micro-batches (see the top of the file):
     weights cast once, weight gradients added into `.grad` by their matmuls. The engine
     enters `micro_batch()` around each micro-batch's forward and backward, and calls
-    `clear()` after the update. Forwards read it when they run, so recomputation and
-    autograd's device threads see what their forward saw."""
+    `clear()` before the update. Forwards read it when they run, so recomputation and
+    autograd's device threads see what their forward saw. `cache_casts=False` casts in
+    every forward (activation checkpointing, which frees the casts between forward and
+    backward) and keeps the in-place accumulation."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_casts: bool = True) -> None:
+        self.cache_casts = cache_casts
         # ids of the weights and the dtype -> (the weights, their versions, the cast stack)
         self._casts: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple[int, ...],
                                        torch.Tensor]] = {}
@@ -107,6 +113,8 @@ class StepFusion:
 
     def cast(self, weights: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """_stack(weights, dtype), reused while the same weights are unchanged."""
+        if not self.cache_casts:
+            return _stack(weights, dtype)
         key = (*map(id, weights), dtype)
         versions = tuple(w._version for w in weights)
         hit = self._casts.get(key)

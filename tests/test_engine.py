@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stripes.arch import projection
 from stripes.arch.model import StripedLM
 from stripes.train.config import load_train_config
 from stripes.train.distributed import World
@@ -95,11 +96,18 @@ def test_fused_clipping_matches_foreach(grad_clip):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_single_process_adds_weight_gradients_in_place_across_micro_batches():
+def test_a_single_process_adds_weight_gradients_in_place_across_micro_batches(monkeypatch):
     """The single backend's weight-gradient matmuls add into .grad from the second
     micro-batch on (arch/projection.py); the sums equal autograd's own accumulation."""
     engine = build(fused=False)
-    assert engine.fusion is not None
+    assert engine.fusion is not None and engine.fusion.cache_casts
+    adds, mm_into = [0], projection._mm_into
+
+    def counting(a, b, out, accumulate=False):
+        adds[0] += accumulate
+        mm_into(a, b, out, accumulate)
+
+    monkeypatch.setattr(projection, "_mm_into", counting)
     torch.manual_seed(2)
     batches = [torch.randint(0, 4096, (2, 16)) for _ in range(3)]
 
@@ -113,8 +121,11 @@ def test_a_single_process_adds_weight_gradients_in_place_across_micro_batches():
 
     first = engine.model.blocks[0].mlp.down_proj.weight
     got = micro_batches(True)
+    linears = sum(isinstance(m, projection.Linear) for m in engine.model.modules())
+    assert adds[0] >= 2 * linears  # micro-batches 2 and 3, every Linear at least once
+    adds[0] = 0
     want = micro_batches(False)
-    assert got.keys() == want.keys()
+    assert adds[0] == 0 and got.keys() == want.keys()
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-6, atol=1e-9, msg=name)
     with engine.accumulating(last=True):  # a second micro-batch adds into the first's .grad
@@ -129,3 +140,7 @@ def test_compiled_blocks_keep_autograds_accumulation():
     model = StripedLM(cfg.model)
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert TorchEngine(model, cfg, "single", world, accum=2, bf16=False).fusion is None
+    cfg = load_train_config(ROOT / "configs" / "train" / "tiny.yaml",
+                            ["parallel.activation_checkpointing=block"])
+    fusion = TorchEngine(StripedLM(cfg.model), cfg, "single", world, accum=2, bf16=False).fusion
+    assert fusion is not None and not fusion.cache_casts  # checkpointed: no cast outlives it

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from stripes.arch import ArchFile, StripedLM
+from stripes.arch import ArchFile, StripedLM, projection
 from stripes.arch.projection import (
     Linear,
     StepFusion,
@@ -36,6 +36,18 @@ def grads(tensors) -> list[torch.Tensor | None]:
 def clear(tensors) -> None:
     for t in tensors:
         t.grad = None
+
+
+def count_in_place_adds(monkeypatch) -> list[int]:
+    """A one-element counter of weight-gradient matmuls that add into an existing .grad."""
+    count, mm_into = [0], projection._mm_into
+
+    def counting(a, b, out, accumulate=False):
+        count[0] += accumulate
+        mm_into(a, b, out, accumulate)
+
+    monkeypatch.setattr(projection, "_mm_into", counting)
+    return count
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -199,10 +211,11 @@ def test_every_projection_of_the_model_is_a_stripes_linear():
 
 @pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_in_place_accumulation_adds_into_grad_as_autograd_would(used, frozen):
+def test_in_place_accumulation_adds_into_grad_as_autograd_would(used, frozen, monkeypatch):
     """Three micro-batches: the first creates .grad, the next two add into that very tensor
     inside the matmul; the sums equal autograd's own accumulation (also where a piece goes
     unused, whose rows must keep what they hold, and beside a frozen weight)."""
+    adds = count_in_place_adds(monkeypatch)
     layers = linears((8, 3, 6), bias=True)
     layers[1].weight.requires_grad_(not frozen)
     params = [p for m in layers for p in m.parameters() if p.requires_grad]
@@ -216,6 +229,7 @@ def test_in_place_accumulation_adds_into_grad_as_autograd_would(used, frozen):
         return grads(params)
 
     want = micro_batches(False)
+    assert adds[0] == 0
     clear(params)
     first = None
     for n, x in enumerate(xs):
@@ -225,12 +239,15 @@ def test_in_place_accumulation_adds_into_grad_as_autograd_would(used, frozen):
         if n == 0:
             first = layers[0].weight.grad.data_ptr()
     assert layers[0].weight.grad.data_ptr() == first  # added into, not replaced
+    # micro-batches 2 and 3 add each used piece's rows into .grad inside its matmul
+    assert adds[0] == 2 * sum(1 for i in used if not (frozen and i == 1))
     got = grads(params)
     assert all(rel_error(a, b) < 1e-13 for a, b in zip(got, want, strict=True))
     assert layers[1].weight.grad is None if frozen else layers[1].weight.grad is not None
 
 
-def test_in_place_accumulation_is_decided_at_forward():
+def test_in_place_accumulation_is_decided_at_forward(monkeypatch):
+    adds = count_in_place_adds(monkeypatch)
     torch.manual_seed(0)
     layer = Linear(8, 4, bias=False, dtype=torch.float64)
     x = torch.randn(3, 8, dtype=torch.float64)
@@ -240,12 +257,12 @@ def test_in_place_accumulation_is_decided_at_forward():
     assert y.grad_fn.grad_owners is None
     with StepFusion().micro_batch():
         y.sum().backward()
-    assert rel_error(layer.weight.grad, 2 * once) < 1e-14
+    assert rel_error(layer.weight.grad, 2 * once) < 1e-14 and adds[0] == 0
     with StepFusion().micro_batch():
         y = layer(x)
     grad = layer.weight.grad
     y.sum().backward()  # forward inside: added in place, though backward runs outside
-    assert layer.weight.grad is grad and rel_error(grad, 3 * once) < 1e-14
+    assert layer.weight.grad is grad and rel_error(grad, 3 * once) < 1e-14 and adds[0] == 1
 
 
 def test_step_fusion_casts_each_weight_once_until_it_changes():
@@ -270,3 +287,20 @@ def test_step_fusion_casts_each_weight_once_until_it_changes():
         assert torch.equal(c, layers[1](x))
     fusion.clear()
     assert forward()[1] is not cast_c
+
+
+def test_step_fusion_without_cast_caching_casts_in_every_forward(monkeypatch):
+    """Under activation checkpointing the engine keeps the in-place accumulation but not the
+    casts, which would otherwise outlive the forward that freed them."""
+    adds = count_in_place_adds(monkeypatch)
+    layer = Linear(8, 4, bias=False)
+    x = torch.randn(3, 8)
+    fusion = StepFusion(cache_casts=False)
+    saved = []
+    for _ in range(2):
+        with fusion.micro_batch(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            saved.append(y.grad_fn.saved_tensors[1])
+            y.float().sum().backward()
+    assert saved[0] is not saved[1] and saved[0].dtype == torch.bfloat16
+    assert adds[0] == 1

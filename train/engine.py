@@ -2,7 +2,8 @@
 
     engine = build_engine(model, cfg, backend, world, accum, bf16)
     for each micro-batch:
-        with engine.accumulating(last=...):      # DDP no_sync / DeepSpeed's boundary
+        with engine.accumulating(last=...):      # DDP no_sync / DeepSpeed's boundary /
+                                                 # a single process's StepFusion
             loss = engine.module(ids, doc_ids, targets) / accum   # fused head + loss
             engine.backward(loss)
     grad_norm, applied = engine.step(lr, loss_finite)   # clip, guard, update, zero grads
@@ -17,8 +18,9 @@ The loop knows nothing else about either, so a backend is one class here and one
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch
@@ -67,25 +69,27 @@ class TorchEngine:
         self.grad_clip = cfg.grad_clip
         # A single process shares casts and .grad across a step's micro-batches (nothing
         # else watches its gradients arrive; arch/projection.py); compiled blocks do not.
-        self.fusion = (StepFusion() if backend == "single" and not cfg.parallel.compile
-                       else None)
+        # Checkpointed blocks free their casts between forward and backward: not cached.
+        self.fusion = (StepFusion(cache_casts=cfg.parallel.activation_checkpointing == "none")
+                       if backend == "single" and not cfg.parallel.compile else None)
 
-    def accumulating(self, last: bool) -> AbstractContextManager:
+    @contextlib.contextmanager
+    def accumulating(self, last: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch (FSDP2 needs
         nothing); a single process's micro-batches share casts and .grad (StepFusion)."""
-        stack = ExitStack()
         no_sync = getattr(self.module, "no_sync", None)
-        if no_sync is not None and not last:
-            stack.enter_context(no_sync())
-        if self.fusion is not None:
-            stack.enter_context(self.fusion.micro_batch())
-        return stack
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext(),
+              self.fusion.micro_batch() if self.fusion is not None
+              else contextlib.nullcontext()):
+            yield
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self, lr: float, loss_finite: torch.Tensor, frozen: Sequence[nn.Parameter] = ()
              ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fusion is not None:  # the weights are about to move: their casts go now
+            self.fusion.clear()
         apply_lr(self.optimizer, lr)
         for param in frozen:  # AdamW skips a parameter without a gradient: no move, no decay
             param.grad = None
@@ -107,8 +111,6 @@ class TorchEngine:
                 torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.fusion is not None:  # the weights moved: their casts go
-            self.fusion.clear()
         return grad_norm, applied
 
 
