@@ -20,7 +20,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import math
 import re
 import time
 from contextlib import nullcontext
@@ -95,19 +94,20 @@ def build_models(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, int
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
-               autocast: Any, grad_clip: float | None) -> float:
-    """One optimizer step on tokens [B, T + 1] in the trainer's order; returns the loss."""
+               autocast: Any, grad_clip: float | None) -> torch.Tensor:
+    """One optimizer step on tokens [B, T + 1] (forward, backward, clip, AdamW) as Hugging
+    Face's Trainer takes it: no host read of the loss or the norm in the step, so the device
+    never waits for the host (stripes' loop reads its step a step late; train/outcomes.py).
+    Returns the loss, on the device."""
     with autocast:
         logits = model(input_ids=tokens[:, :-1]).logits
         loss = lm_loss(logits, tokens[:, 1:])
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                          grad_clip if grad_clip else float("inf"))
-    loss_value, norm_value = float(loss.detach()), float(norm)  # the trainer's per-step host sync
-    if math.isfinite(loss_value) and math.isfinite(norm_value):
-        optimizer.step()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value
+    return loss.detach()
 
 
 def run(cfg: TrainConfig, compile_model: bool, steps: int, warmup: int) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def run(cfg: TrainConfig, compile_model: bool, steps: int, warmup: int) -> dict[
         "flops_per_token": flops, "mfu": mfu(tokens_per_s, flops, peak),
         "memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                        if device.type == "cuda" else None),
-        "first_loss": losses[0], "last_loss": losses[-1],
+        "first_loss": float(losses[0]), "last_loss": float(losses[-1]),
     }
 
 

@@ -7,8 +7,9 @@ Face Llama of the same shapes beside it in the same process.
 The model, engine (parallel.backend, compile, activation checkpointing), optimizer and data
 loader are the trainer's own (train/loop.py's pieces) for a world of one. Then:
 1. throughput: `--steps` steps after `--warmup`, with no sync but the trainer's one per step
-   (it reads the loss once the update is queued): tokens/s, MFU (3 x the mixers' forward
-   FLOPs per token against the device's peak, train/metrics.py), peak memory;
+   (it reads a step's loss once the next step is queued, train/outcomes.py): tokens/s, MFU
+   (3 x the mixers' forward FLOPs per token against the device's peak, train/metrics.py),
+   peak memory;
 2. breakdown: `--steps` more steps with a device sync after each phase: data (next batch on
    the device), forward, backward, optimizer (clip and step); milliseconds per step and
    shares. The syncs cost a little, so the synced step is a bit longer than in 1;
@@ -41,6 +42,7 @@ from stripes.train.config import TrainConfig, load_train_config
 from stripes.train.distributed import init_world
 from stripes.train.engine import build_engine
 from stripes.train.metrics import mfu, peak_flops
+from stripes.train.outcomes import StepOutcomes
 from stripes.train.parallel import resolve_backend
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -67,8 +69,9 @@ class Trainer:
         self.flops = model.flops_per_token(cfg.data.seq_len)
         self.params = model.num_params()
 
-    def step(self, mark=lambda phase: None) -> float:
-        """One optimizer step; `mark(phase)` is called when each phase ends. Returns the loss."""
+    def step(self, mark=lambda phase: None) -> torch.Tensor:
+        """One optimizer step; `mark(phase)` is called when each phase ends. Returns the loss,
+        on the device: the trainer reads it a step late (train/outcomes.py)."""
         cfg, total = self.cfg, torch.zeros((), device=self.world.device)
         batch = next(self.loader)
         mark("data")
@@ -85,7 +88,7 @@ class Trainer:
             total += loss.detach()
         self.engine.step(cfg.optim.lr, torch.isfinite(total))
         mark("optimizer")
-        return float(total)  # the trainer's one host read a step, after the update is queued
+        return total
 
     def sync(self) -> None:
         if self.world.device.type == "cuda":
@@ -99,7 +102,11 @@ def throughput(trainer: Trainer, steps: int, warmup: int) -> dict:
     if trainer.world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.world.device)
     start = time.perf_counter()
-    losses = [trainer.step() for _ in range(steps)]
+    outcomes = StepOutcomes()
+    losses = []
+    for step in range(steps):  # a step's loss is read once the next is queued, as in the loop
+        outcomes.put(step, 0.0, trainer.step().reshape(1))
+        losses += [done.values[0] for done in outcomes.take(keep_latest=step + 1 < steps)]
     trainer.sync()
     seconds = time.perf_counter() - start
     cfg = trainer.cfg

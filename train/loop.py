@@ -5,7 +5,8 @@
     engine = build_engine(...)                    # wrap + optimizer (train/engine.py)
     resume from checkpoints/latest if any         # model, optimizer, loader, RNG, step
     for step: lr(step) -> micro-batches (fwd, loss / accum, bwd) -> clip -> guard -> step
-              -> log -> evaluate (held out) -> checkpoint
+              -> read the step before's loss and verdict, and log it (train/outcomes.py)
+              -> evaluate (held out) -> checkpoint (this step's outcome read first)
 
 On SIGUSR1 or SIGTERM (a scheduler's warning, train/preemption.py) the run finishes its step,
 checkpoints and returns `stopped_by`; `stripes train` then exits with REQUEUE_EXIT.
@@ -48,6 +49,7 @@ from stripes.train.engine import build_engine
 from stripes.train.evaluate import build_eval_set, evaluate
 from stripes.train.freeze import Freezer
 from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
+from stripes.train.outcomes import StepOutcomes, to_device
 from stripes.train.parallel import resolve_backend
 from stripes.train.preemption import StopRequest
 from stripes.train.schedule import lr_at
@@ -191,6 +193,7 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
                 else nullcontext())
     losses: dict[int, float] = {}
     bad_in_a_row, last_save, saved = 0, time.monotonic(), None
+    outcomes, stop_voted, save_voted = StepOutcomes(), False, False
 
     if freezer.groups:
         metrics.log_event("frozen", step=start, params=freezer.count(start))
@@ -212,56 +215,69 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
             loss_sum += loss.detach()
         # One reduction for the loss and two votes that must be unanimous: a signal may reach
         # one rank first, and each rank reads its own clock. The update is queued on the
-        # reduced loss's device-side verdict; the host reads everything once, after it.
+        # reduced loss's device-side verdict; the host reads it all one step late
+        # (train/outcomes.py), and at once only where the step ends in a save, an evaluation
+        # or the run's end, or a vote read at the step before asked for a save or a stop.
         minutes = cfg.checkpoint.every_minutes
-        votes = torch.tensor([float(stop.requested), float(
-            minutes is not None and time.monotonic() - last_save > 60 * minutes)],
-            device=world.device)
+        votes = to_device([float(stop.requested), float(
+            minutes is not None and time.monotonic() - last_save > 60 * minutes)], world.device)
         reduced = all_reduce_mean(torch.cat([loss_sum.reshape(1), votes]))
         grad_norm, applied = engine.step(lr, torch.isfinite(reduced[0]), freezer.frozen(step))
-        loss_mean, stop_votes, clock_votes, grad_norm, applied = torch.cat([
-            reduced, torch.stack([grad_norm.float(), applied.float()]).to(reduced)]).tolist()
-        applied = bool(applied)
+        outcomes.put(step, lr, torch.cat([
+            reduced, torch.stack([grad_norm.float(), applied.float()]).to(reduced)]))
         tokens_seen += cfg.global_batch_tokens
 
-        if applied:
-            bad_in_a_row = 0
-        else:
-            bad_in_a_row += 1
-            skipped += 1
-            metrics.log_event("bad_step", step=step + 1, loss=loss_mean, grad_norm=grad_norm,
-                              samples=[loader.samples_consumed - sequences,
-                                       loader.samples_consumed])
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingHalted(f"{bad_in_a_row} steps in a row had a non-finite loss or "
-                                     f"gradient norm (last at step {step + 1}); see "
-                                     f"{run_dir / 'metrics.jsonl'} for the batches")
-        losses[step] = loss_mean
-        throughput.update(cfg.global_batch_tokens)
+        evaluating = cfg.eval.every_steps and ((step + 1) % cfg.eval.every_steps == 0
+                                               or step + 1 == cfg.steps)
+        boundary = (evaluating or (step + 1) % cfg.checkpoint.every_steps == 0
+                    or step + 1 == cfg.steps or (stage_eval and step + 1 == segment.end))
+        for keep_latest in (True, False):
+            for done in outcomes.take(keep_latest):
+                loss_mean, stop_votes, clock_votes, grad_norm, applied = done.values
+                if applied:
+                    bad_in_a_row = 0
+                else:
+                    bad_in_a_row += 1
+                    skipped += 1
+                    # The loader has moved on by the steps queued since: count back to this one.
+                    end = loader.samples_consumed - (step - done.step) * sequences
+                    metrics.log_event("bad_step", step=done.step + 1, loss=loss_mean,
+                                      grad_norm=grad_norm, samples=[end - sequences, end])
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        raise TrainingHalted(
+                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                            f"norm (last at step {done.step + 1}); see "
+                            f"{run_dir / 'metrics.jsonl'} for the batches")
+                losses[done.step] = loss_mean
+                throughput.update(cfg.global_batch_tokens)
+                stop_voted |= stop_votes > 0
+                save_voted |= clock_votes > 0
+                if (done.step + 1) % cfg.log_every == 0 or done.step + 1 == cfg.steps:
+                    rate = throughput.tokens_per_s()
+                    metrics.log(done.step + 1, loss=loss_mean, lr=done.lr, grad_norm=grad_norm,
+                                tokens_per_s=rate, skipped_steps=skipped, tokens_seen=tokens_seen
+                                - (step - done.step) * cfg.global_batch_tokens,
+                                step_time_s=throughput.step_time(),
+                                mfu=mfu(rate / world.world_size, flops_fwd, peak)
+                                if rate and peak else None)
+            if not (boundary or stop_voted or save_voted):
+                break  # this step's outcome waits for the next step to be queued
 
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rate = throughput.tokens_per_s()
-            metrics.log(step + 1, loss=loss_mean, lr=lr, grad_norm=grad_norm,
-                        tokens_per_s=rate, tokens_seen=tokens_seen, skipped_steps=skipped,
-                        step_time_s=throughput.step_time(),
-                        mfu=mfu(rate / world.world_size, flops_fwd, peak)
-                        if rate and peak else None)
-        if cfg.eval.every_steps and ((step + 1) % cfg.eval.every_steps == 0
-                                     or step + 1 == cfg.steps):
+        if evaluating:
             losses_eval = evaluate(engine.module, eval_set, cfg.eval.micro_batch or cfg.micro_batch,
                                    world.rank, world.world_size, world.device, autocast,
                                    cfg.document_masking)
             metrics.log_eval(step + 1, losses_eval)
             throughput.mark()  # evaluation is not training time
-        stopping = stop_votes > 0 and step + 1 < total_steps  # the last step ends it anyway
+        stopping = stop_voted and step + 1 < total_steps  # the last step ends it anyway
         if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps \
-                or clock_votes > 0 or stopping:
+                or save_voted or stopping:
             trainer_state = {"tokens_seen": tokens_seen, "skipped_steps": skipped,
                              "data": loader.state_dict(), "stage": segment.name}
             saved = save_checkpoint(run_dir, step + 1, engine.states, trainer_state,
                                     config_yaml, cfg.checkpoint.keep_last)
             metrics.log_event("checkpoint", step=step + 1, path=str(saved))
-            last_save = time.monotonic()
+            last_save, save_voted = time.monotonic(), False
             throughput.mark()  # the save is not training time
         if stage_eval and step + 1 == segment.end:  # after the save: a failure loses no step
             stage_end_eval(cfg, segment, engine.module, eval_set, world, autocast, metrics,
