@@ -3,7 +3,8 @@
 Slurm sends SIGUSR1 some time before a job's time limit (`--signal`), and SIGTERM when it
 preempts a job; torchrun passes either on to its workers (`--signals-to-handle`). The
 handler only records the signal: the step in flight finishes, the ranks agree at the step's
-end (one rank may be signalled before another), the trainer writes a checkpoint and the
+end (one rank may be signalled before another; the host reads that vote a step late,
+train/outcomes.py, so the next step runs too), the trainer writes a checkpoint and the
 process exits with REQUEUE_EXIT. A rerun with `checkpoint.resume: auto` continues from it.
 """
 
