@@ -130,9 +130,9 @@ def per_chunk_ops(x, w, targets) -> dict:
         "rows kernel (default launch)": lambda: kernel._cross_entropy_rows_kernel[(CHUNK,)](
             logits, targets[:CHUNK], losses, V, V, -100, BLOCK_V=block, ONE_BLOCK=block >= V,
             WRITE_GRAD=True, num_warps=warps),
-        "grad_x_c = dlogits @ W": lambda: torch.addmm(grad_x, logits, w, beta=0, out=grad_x),
+        "grad_x_c = dlogits @ W": lambda: torch.mm(logits, w, out=grad_x),
         "grad_W += dlogits^T @ x_c, float32": lambda: kernel._accumulate_f32(
-            grad_w32, logits.t(), x_c, 1.0),
+            grad_w32, logits.t(), x_c),
         "grad_W += dlogits^T @ x_c, bf16": lambda: grad_w16.addmm_(logits.t(), x_c),
     }
     out = {name: graph_ms(fn) for name, fn in ops.items()}

@@ -214,3 +214,30 @@ def test_second_backward_over_one_forward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unchecked_targets_give_the_same_loss_and_gradients(block_v, reduction):
+    """check_targets=False counts on the device and scales in backward: the same numbers as
+    the checked path and the float64 reference, with ignored rows."""
+    block_v(16)
+    x, weight, targets = inputs(9, 37, 16, ignored=(0, 4))
+    checked = loss_and_grads(linear_cross_entropy_triton, x, weight, targets,
+                             reduction=reduction, chunk_tokens=4)
+    unchecked = loss_and_grads(linear_cross_entropy_triton, x, weight, targets,
+                               reduction=reduction, chunk_tokens=4, check_targets=False)
+    want = loss_and_grads(reference, x, weight, targets, torch.float64, reduction=reduction)
+    for a, b, w in zip(unchecked, checked, want, strict=True):
+        assert rel_error(a, b) < 1e-6 and rel_error(a, w) < 1e-5
+
+
+def test_an_unchecked_out_of_range_target_makes_the_loss_nan():
+    x, weight, targets = inputs(7, 37, 16)
+    for bad in (37, -1):
+        wrong = targets.clone()
+        wrong[3] = bad
+        loss = linear_cross_entropy_triton(x, weight, wrong, check_targets=False)
+        assert torch.isnan(loss)  # the trainer's guard skips such a step
+    # the reference path (CPU) checks whatever it is asked
+    with pytest.raises(ValueError, match="outside"):
+        linear_cross_entropy(x, weight, wrong, check_targets=False)

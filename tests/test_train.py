@@ -198,6 +198,13 @@ def test_bad_configs_are_one_line(tmp_path, demo_data):
             cfg.batch_plan(1)
 
 
+def test_a_model_vocabulary_smaller_than_the_datas_is_one_line(tmp_path, demo_data):
+    out = run(train_cmd(tmp_path / "run", demo_data, "model.vocab_size=100"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("stripes train: error: model.vocab_size=100")
+    assert "token ids" in out.stderr
+
+
 def test_missing_data_is_one_line(tmp_path):
     out = run(train_cmd(tmp_path / "run", tmp_path / "nowhere"))
     assert out.returncode == 2

@@ -135,6 +135,11 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
 
     _check_writable(run_dir)  # first: bad paths fail before any heavy work
     dataset = TokenDataset(cfg.data)
+    if dataset.tokenizer.vocab_size > cfg.model.vocab_size:  # the loss does not check ids
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"at least the data's {dataset.tokenizer.vocab_size} token ids",
+                          f"{cfg.data.sources[0].path} was tokenized with "
+                          f"{dataset.tokenizer.file}")
     torch.manual_seed(cfg.seed)  # every rank initialises the same weights
     with torch.device("meta"):
         model = StripedLM(cfg.model)

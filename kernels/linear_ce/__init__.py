@@ -22,7 +22,8 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean",
-                         chunk_tokens: int | None = None) -> torch.Tensor:
+                         chunk_tokens: int | None = None, check_targets: bool = True
+                         ) -> torch.Tensor:
     """Cross-entropy of the logits x @ weight^T against targets, as a float32 scalar.
 
     x: [N, D] hidden states after the final norm; weight: [V, D] (LM head or tied
@@ -38,9 +39,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     the Triton path the float32 sum itself, never rounded to the autocast dtype).
 
     Errors: reduction other than "mean"/"sum", bad shapes or dtypes, or a target outside
-    [0, V) that is not ignore_index raise ValueError. Checking the targets (and counting
-    them, for "mean") is one reduction read back to the host: one device sync per call
-    (the host waits for the queued forward before launching the loss).
+    [0, V) that is not ignore_index raise ValueError. Checking the targets is one reduction
+    read back to the host: one device sync per call (the host waits for the queued forward
+    before launching the loss). `check_targets=False` skips it on the Triton path, for
+    callers whose targets are checked upstream (the trainer checks its data's vocabulary
+    against the model's): there a target outside [0, V) makes the loss NaN, and nothing
+    waits for the device. The reference path (CPU, float64) always checks.
 
     CUDA tensors run the Triton path (stripes.kernels.linear_ce.kernel); it never builds the
     [N, V] logits. It takes chunk_tokens rows at a time; by default as many as keep one
@@ -48,11 +52,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     kernel.default_chunk_tokens. Per chunk: logits = x_c @ W^T by torch's matmul in x's
     dtype; a Triton kernel (one program per row, streaming the row in blocks) computes the
     log-sum-exp in float32 (the loss is lse - logit[target]) and overwrites the logits in
-    place with softmax - onehot; then grad_x_c = scale * dlogits @ W and
-    grad_W += scale * dlogits^T @ x_c, accumulated in float32 (scale = 1/count for "mean",
-    applied in float32 as the matmuls' alpha). All of this happens in the forward;
-    backward only multiplies the saved gradients by grad_output (grad_x in place, so one
-    forward takes one backward: a second, through retain_graph, raises RuntimeError).
+    place with softmax - onehot; then grad_x_c = dlogits @ W and
+    grad_W += dlogits^T @ x_c, accumulated in float32. All of this happens in the forward;
+    backward only multiplies the saved gradients by grad_output and the reduction's scale
+    (1/count for "mean", counted on the device; grad_x in place, so one forward takes one
+    backward: a second, through retain_graph, raises RuntimeError).
     Memory consequence: the forward's peak is x, W, grad_x ([N, D], x's dtype), grad_W
     ([V, D] float32) and one chunk of logits ([C, V], x's dtype); grad_x and grad_W stay
     alive until backward, whose peak adds grad_W in W's dtype instead of the logits (nothing
@@ -72,11 +76,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
             if _triton_path(x, weight, targets):  # it casts W and returns dW in W's dtype
-                return _triton(x, weight, targets, ignore_index, reduction, chunk_tokens)
+                return _triton(x, weight, targets, ignore_index, reduction, chunk_tokens,
+                               check_targets)
             return linear_cross_entropy(x, weight.to(dtype), targets, ignore_index, reduction,
                                         chunk_tokens)
     if _triton_path(x, weight, targets) and x.dtype == weight.dtype:
-        return _triton(x, weight, targets, ignore_index, reduction, chunk_tokens)
+        return _triton(x, weight, targets, ignore_index, reduction, chunk_tokens, check_targets)
     return linear_cross_entropy_reference(x, weight, targets, ignore_index, reduction,
                                           chunk_tokens)
 

@@ -6,12 +6,13 @@ For each chunk of C rows the host loop does
         pass 1  online max / sum-exp over the row in BLOCK_V blocks (float32) -> lse,
                 loss_row = lse - logit[target]
         pass 2  logits <- softmax - onehot(target) (zero for ignored rows), in place
-    grad_x_c  = scale * dlogits @ W          written straight into grad_x  [C, D]
-    grad_W   += scale * dlogits^T @ x_c      accumulated in float32        [V, D]
-(scale = 1/count for "mean", 1 for "sum", applied as the matmuls' alpha in float32), so
-the whole backward is done during the forward: the loss needs a full pass over the logits
-anyway, and their gradient costs one more read and write of a row that is still in L2.
-Autograd's backward then only multiplies the saved gradients by grad_output.
+    grad_x_c  = dlogits @ W                  written straight into grad_x  [C, D]
+    grad_W   += dlogits^T @ x_c              accumulated in float32        [V, D]
+so the whole backward is done during the forward: the loss needs a full pass over the
+logits anyway, and their gradient costs one more read and write of a row that is still in
+L2. Autograd's backward then only multiplies the saved gradients by grad_output times the
+reduction's scale (1/count for "mean", 1 for "sum"). The count stays on the device, so
+unless the targets are checked (one host read) nothing here waits for the queued forward.
 
 The weight gradient is summed over every chunk, so it is accumulated in float32: bf16
 accumulation of many chunk products drifts. On CUDA a bf16 x bf16 product is added into the
@@ -63,13 +64,17 @@ def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, V, stride_row,
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
     lse = m + tl.log(s)
-    # Ignored rows read column 0 instead of an out-of-range index, and count zero.
-    z_target = tl.load(row_ptr + tl.where(counted, target, 0)).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(counted, lse - z_target, 0.0))
+    # Ignored rows read column 0 instead of an out-of-range index, and count zero. A target
+    # outside [0, V) (only possible unchecked, see check_targets) reads column 0 too and
+    # makes the row's loss NaN: the trainer's guard then skips the step.
+    in_range = (target >= 0) & (target < V)
+    z_target = tl.load(row_ptr + tl.where(counted & in_range, target, 0)).to(tl.float32)
+    row_loss = tl.where(in_range, lse - z_target, float("nan"))
+    tl.store(loss_ptr + row, tl.where(counted, row_loss, 0.0))
 
     # Pass 2: d loss_row / d logits = softmax - onehot(target), zero for an ignored row,
     # written over the logits themselves (they are not needed again). The reduction's scale
-    # (1/count for "mean") is left to the matmuls' alpha: scaled here, a bf16 row would keep
+    # (1/count for "mean") is left to backward's scaling: scaled here, a bf16 row would keep
     # its precision but an fp16 row's small probabilities would underflow to zero.
     if WRITE_GRAD:
         if ONE_BLOCK:
@@ -123,29 +128,32 @@ def _launch_config(vocab: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 1024))
 
 
-def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """acc += alpha * a @ b with the product formed in acc's precision (float32, or float64)."""
+def _accumulate_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with the product formed in acc's precision (float32, or float64)."""
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b, alpha=alpha)
+        acc.addmm_(a, b)
     elif a.is_cuda:  # bf16/fp16 operands, float32 accumulate and output in one cuBLAS call
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:  # CPU has no out_dtype kernels
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  ignore_index: int, reduction: str, chunk_tokens: int | None,
-                                 grad_x_needed: bool, grad_w_needed: bool):
-    """Loss and, where asked, its gradients (for grad_output = 1; backward scales them).
+                                 grad_x_needed: bool, grad_w_needed: bool,
+                                 check_targets: bool = True):
+    """Loss and, where asked, its gradients for the summed loss (backward scales them).
 
-    Returns (loss float32 scalar, grad_x [N, D] in x's dtype or None,
-    grad_w [V, D] float32 (float64 for float64 inputs) or None).
+    Returns (loss float32 scalar, grad_x [N, D] in x's dtype or None, grad_w [V, D] float32
+    (float64 for float64 inputs) or None, the reduction's scale: a float32 0-dim tensor on
+    the device, 1/count for "mean", or None for "sum").
     """
-    count = check_inputs(x, weight, targets, ignore_index, reduction, chunk_tokens)
+    check_inputs(x, weight, targets, ignore_index, reduction, chunk_tokens, check_targets)
     x, weight, targets = x.contiguous(), weight.contiguous(), targets.contiguous()
     n, d = x.shape
     vocab = weight.shape[0]
-    scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+    scale = ((targets != ignore_index).sum().clamp(min=1).to(torch.float32).reciprocal()
+             if reduction == "mean" else None)
     chunk = min(chunk_tokens or default_chunk_tokens(n, vocab, x.element_size()), max(n, 1))
     write_grad = grad_x_needed or grad_w_needed
     block_v, num_warps = _launch_config(vocab)
@@ -166,16 +174,13 @@ def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets:
             logits, targets[start:end], losses[start:end], vocab, logits.stride(0),
             ignore_index, BLOCK_V=block_v, ONE_BLOCK=block_v >= vocab, WRITE_GRAD=write_grad,
             num_warps=num_warps)
-        if grad_x_needed:  # scale * [c, V] @ [V, D], rounded once; beta=0 never reads grad_x
-            grad_x_c = grad_x[start:end]
-            torch.addmm(grad_x_c, logits, weight, beta=0, alpha=scale, out=grad_x_c)
+        if grad_x_needed:  # [c, V] @ [V, D], rounded once
+            torch.mm(logits, weight, out=grad_x[start:end])
         if grad_w_needed:
-            _accumulate_f32(grad_w, logits.t(), x_c, scale)  # += scale * [V, c] @ [c, D]
+            _accumulate_f32(grad_w, logits.t(), x_c)  # += [V, c] @ [c, D]
 
     loss = losses.sum()
-    if reduction == "mean":
-        loss = loss / max(count, 1)
-    return loss, grad_x, grad_w
+    return (loss if scale is None else loss * scale), grad_x, grad_w, scale
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -183,12 +188,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_tokens, grad_x_needed,
-                grad_w_needed):
+                grad_w_needed, check_targets):
         with torch.autocast(x.device.type, enabled=False):  # matmuls stay in x's dtype
-            loss, grad_x, grad_w = linear_cross_entropy_forward(
+            loss, grad_x, grad_w, scale = linear_cross_entropy_forward(
                 x, weight.to(x.dtype), targets, ignore_index, reduction, chunk_tokens,
-                grad_x_needed, grad_w_needed)
+                grad_x_needed, grad_w_needed, check_targets)
         ctx.save_for_backward(grad_x, grad_w)
+        ctx.scale = scale
         ctx.weight_dtype = weight.dtype
         ctx.backward_done = False
         return loss
@@ -205,18 +211,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                "its saved gradients are consumed by the first (no retain_graph)")
         ctx.backward_done = True
         grad_x, grad_w = ctx.saved_tensors
+        if ctx.scale is not None:  # "mean": the summed loss's gradients times 1/count
+            grad_output = grad_output * ctx.scale
         dx = scale_into(grad_x, grad_x, grad_output) if grad_x is not None else None
         dw = None
         if grad_w is not None:  # scaled in float32 and rounded once
             out = grad_w if grad_w.dtype == ctx.weight_dtype else torch.empty(
                 grad_w.shape, dtype=ctx.weight_dtype, device=grad_w.device)
             dw = scale_into(grad_w, out, grad_output)
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                 ignore_index: int = -100, reduction: str = "mean",
-                                chunk_tokens: int | None = None) -> torch.Tensor:
+                                chunk_tokens: int | None = None, check_targets: bool = True
+                                ) -> torch.Tensor:
     """The Triton path of stripes.kernels.linear_ce.linear_cross_entropy (same contract).
 
     Autocast casting is the public function's job: called directly, this computes in x's
@@ -227,4 +236,4 @@ def linear_cross_entropy_triton(x: torch.Tensor, weight: torch.Tensor, targets: 
     grad_enabled = torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(x, weight, targets, ignore_index, reduction,
                                             chunk_tokens, grad_enabled and x.requires_grad,
-                                            grad_enabled and weight.requires_grad)
+                                            grad_enabled and weight.requires_grad, check_targets)

@@ -14,8 +14,10 @@ REDUCTIONS = ("mean", "sum")
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 ignore_index: int, reduction: str, chunk_tokens: int | None) -> int:
-    """Raise ValueError on bad shapes, dtypes or targets; return the number of counted targets.
+                 ignore_index: int, reduction: str, chunk_tokens: int | None,
+                 check_targets: bool = True) -> int | None:
+    """Raise ValueError on bad shapes, dtypes or targets; return the number of counted targets
+    (None without `check_targets`: shapes and dtypes only, nothing read back).
 
     The target check and the count are one fused reduction read back to the host: a single
     device synchronisation per call (on CUDA it waits for work already queued, typically the
@@ -34,6 +36,8 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          f"{weight.dtype} (under autocast the public function casts both)")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive row count or None, got {chunk_tokens}")
+    if not check_targets:
+        return None
     vocab = weight.shape[0]
     counted = targets != ignore_index  # [N]
     out_of_range = counted & ((targets < 0) | (targets >= vocab))  # [N]

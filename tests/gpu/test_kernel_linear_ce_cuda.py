@@ -115,6 +115,22 @@ def test_out_of_range_target_raises():
         linear_cross_entropy(x.bfloat16(), weight.bfloat16(), targets)
 
 
+def test_unchecked_targets_never_wait_for_the_device():
+    """check_targets=False: forward and backward pass sync debug mode "error" (no host read),
+    with the checked path's numbers."""
+    x, weight, targets = inputs()
+    want = run(linear_cross_entropy, x, weight, targets, torch.bfloat16)
+    x, weight = x.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = linear_cross_entropy(x, weight, targets, check_targets=False)
+        (loss * 0.7).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, w in zip((loss, x.grad, weight.grad), want, strict=True):
+        assert rel_error(got, w) < 1e-2
+
+
 def test_peak_memory_is_far_below_full_logits():
     """At 32,768 tokens the float32 logits alone would be 3.9 GiB; the fused path holds
     grad_x, the float32 weight gradient, one 256 MiB chunk of logits and the bf16 results."""
