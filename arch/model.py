@@ -72,8 +72,8 @@ class StripedLM(nn.Module):
             return F.linear(y, self._head_weight())  # [B, T, V]
         # Unchecked targets: checking reads back to the host, which would wait for the whole
         # queued forward in every micro-batch. The trainer checks its data's vocabulary
-        # against the model's at start; an id out of range makes the loss NaN on CUDA (the
-        # step's guard skips it) and still raises on the CPU reference.
+        # against the model's at start; an id out of range makes the loss and gradients NaN
+        # on CUDA (the step's guard skips it) and still raises on the CPU reference.
         return linear_cross_entropy(y.flatten(0, 1), self._head_weight(), targets.flatten(),
                                     check_targets=False)
 

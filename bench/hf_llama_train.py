@@ -4,8 +4,9 @@ The HF model is built from the stripes training config (configs/train/bench-1b.y
 shapes are the stripes model's by construction, and the two parameter counts are compared:
 a mismatch stops the run. The step is the trainer's (train/loop.py): bf16 autocast over
 float32 weights, logits -> float32 cross-entropy through stripes' own `lm_loss` (HF's
-`labels=` path is not used), global-norm clipping, fused AdamW, and a host sync per step
-where the trainer reads the loss and the gradient norm. Token ids are random (seeded):
+`labels=` path is not used), global-norm clipping, fused AdamW; no host read inside the step
+(as Hugging Face's Trainer; stripes reads each step's loss a step late) and no skipping of
+non-finite steps. Token ids are random (seeded):
 throughput does not depend on their values. MFU has the trainer's numerator,
 3 x StripedLM.flops_per_token(seq_len) x tokens/s / the GPU's peak, so the two are comparable.
 

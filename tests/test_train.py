@@ -235,6 +235,25 @@ def test_non_finite_steps_halt_the_run(tmp_path, demo_data):
     assert first == (bad[0]["step"] - 1) * (end - first) and bad[1]["samples"][0] == end
 
 
+def test_a_checkpoint_counts_the_bad_steps_before_it_and_logs_each_steps_lr(tmp_path, demo_data):
+    """Outcomes are read a step late, but a checkpoint's step reads its own first: the saved
+    skipped count includes a bad step at the boundary; each record keeps its own step's lr."""
+    run_dir = tmp_path / "run"
+    out = run(train_cmd(run_dir, demo_data, "optim.lr=1e30", "max_bad_steps=100", "steps=4",
+                        "checkpoint.every_steps=2", "schedule.warmup_steps=3",
+                        "grad_clip=null", "log_every=1"))
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    bad_steps = [e["step"] for e in lines if e.get("event") == "bad_step"]
+    assert 2 in bad_steps  # lr 1e30 ruins the weights after the first update
+    for step in (2, 4):
+        saved = json.loads((run_dir / "checkpoints" / f"step-{step:06d}" / "trainer.json")
+                           .read_text())
+        assert saved["trainer"]["skipped_steps"] == sum(s <= step for s in bad_steps)
+    lrs = {e["step"]: e["lr"] for e in lines if "event" not in e}
+    assert lrs[1] < lrs[2] < lrs[3]  # warm-up: each record has its own step's rate
+
+
 @pytest.mark.parametrize("backend", ["fsdp", "ddp"])
 def test_wrapping_backends_run_without_a_launcher(tmp_path, demo_data, backend):
     """`stripes train` in one process with FSDP2 or DDP joins a group of its own and follows

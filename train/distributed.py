@@ -100,7 +100,7 @@ def close_world(*, finished: bool) -> None:
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar tensor over ranks (identity in a world of one)."""
+    """Mean of a tensor over ranks, elementwise (identity in a world of one)."""
     if dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

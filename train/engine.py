@@ -7,7 +7,8 @@
             loss = engine.module(ids, doc_ids, targets) / accum   # fused head + loss
             engine.backward(loss)
     grad_norm, applied = engine.step(lr, loss_finite)   # clip, guard, update, zero grads
-    float(loss), float(grad_norm), bool(applied)        # the step's one host read, after it
+    float(loss), float(grad_norm), bool(applied)        # one host read, after the next step
+                                                        # is queued (train/outcomes.py)
     save_checkpoint(..., engine.states, ...)            # the backend's checkpoint format
 
 `TorchEngine` serves single, ddp and fsdp (train/parallel.py wraps the model; a torch AdamW

@@ -8,8 +8,9 @@
               -> read the step before's loss and verdict, and log it (train/outcomes.py)
               -> evaluate (held out) -> checkpoint (this step's outcome read first)
 
-On SIGUSR1 or SIGTERM (a scheduler's warning, train/preemption.py) the run finishes its step,
-checkpoints and returns `stopped_by`; `stripes train` then exits with REQUEUE_EXIT.
+On SIGUSR1 or SIGTERM (a scheduler's warning, train/preemption.py) the run finishes its step
+and the next (the vote is read a step late), checkpoints and returns `stopped_by`; `stripes
+train` then exits with REQUEUE_EXIT.
 
 A step whose loss or gradient norm is not finite is skipped (no update) and counted; after
 `max_bad_steps` in a row the run halts with a clear message. Everything a step depends on

@@ -7,9 +7,11 @@ dry and the next step's forward runs at the pace the host launches it: a profile
 transformer-1b step on an H100 had the device idle for 18.8 ms of its 67 ms forward (with
 the profiler's own host overhead). Read after the next step has been queued, the host is
 ahead by that step. Copies in either direction are queued without a host wait (pinned
-memory), so the read is the only wait. Measured, 0.5-1.0% more tokens/s for transformer-1b,
-hybrid-1b and sh2-1b at one micro-batch a step (BENCHMARKS.md). Nothing else in a step reads
-back: the model's loss counts its targets on the device (arch/model.py).
+memory), so the read is the only wait. Measured, 0.5-1.0% more tokens/s for
+transformer-1b, hybrid-1b and sh2-1b at one micro-batch a step (BENCHMARKS.md). The model's
+loss counts its targets on the device (arch/model.py); what still reads back inside a step:
+document masking's sequence bounds, the foreach (non-fused) AdamW's verdict, DeepSpeed's
+gradient norm.
 
     outcomes = StepOutcomes()
     for step: queue the step's work; outcomes.put(step, lr, device values)

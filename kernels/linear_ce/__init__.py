@@ -43,8 +43,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     read back to the host: one device sync per call (the host waits for the queued forward
     before launching the loss). `check_targets=False` skips it on the Triton path, for
     callers whose targets are checked upstream (the trainer checks its data's vocabulary
-    against the model's): there a target outside [0, V) makes the loss NaN, and nothing
-    waits for the device. The reference path (CPU, float64) always checks.
+    against the model's): there a target outside [0, V) makes the loss and the gradients
+    NaN, and nothing waits for the device. The reference path (CPU, float64) always checks.
 
     CUDA tensors run the Triton path (stripes.kernels.linear_ce.kernel); it never builds the
     [N, V] logits. It takes chunk_tokens rows at a time; by default as many as keep one

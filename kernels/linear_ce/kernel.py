@@ -66,7 +66,8 @@ def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, V, stride_row,
     lse = m + tl.log(s)
     # Ignored rows read column 0 instead of an out-of-range index, and count zero. A target
     # outside [0, V) (only possible unchecked, see check_targets) reads column 0 too and
-    # makes the row's loss NaN: the trainer's guard then skips the step.
+    # makes the row's loss and gradient NaN: whatever checks the loss or the gradients' norm
+    # (the trainer's guard, DeepSpeed's overflow check) then skips the step.
     in_range = (target >= 0) & (target < V)
     z_target = tl.load(row_ptr + tl.where(counted & in_range, target, 0)).to(tl.float32)
     row_loss = tl.where(in_range, lse - z_target, float("nan"))
@@ -79,7 +80,7 @@ def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, V, stride_row,
     if WRITE_GRAD:
         if ONE_BLOCK:
             grad = tl.exp(z_row - lse) - tl.where(cols == target, 1.0, 0.0)
-            grad = tl.where(counted, grad, 0.0)
+            grad = tl.where(counted, tl.where(in_range, grad, float("nan")), 0.0)
             tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
         else:
             for start in range(0, V, BLOCK_V):
@@ -87,7 +88,7 @@ def _cross_entropy_rows_kernel(logits_ptr, targets_ptr, loss_ptr, V, stride_row,
                 mask = offs < V
                 z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 grad = tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0)
-                grad = tl.where(counted, grad, 0.0)
+                grad = tl.where(counted, tl.where(in_range, grad, float("nan")), 0.0)
                 tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
