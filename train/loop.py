@@ -50,7 +50,7 @@ from stripes.train.engine import build_engine
 from stripes.train.evaluate import build_eval_set, evaluate
 from stripes.train.freeze import Freezer
 from stripes.train.metrics import MetricsLogger, Throughput, mfu, peak_flops
-from stripes.train.outcomes import StepOutcomes, to_device
+from stripes.train.outcomes import Outcome, StepOutcomes, to_device
 from stripes.train.parallel import resolve_backend
 from stripes.train.preemption import StopRequest
 from stripes.train.schedule import lr_at
@@ -201,6 +201,36 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
     bad_in_a_row, last_save, saved = 0, time.monotonic(), None
     outcomes, stop_voted, save_voted = StepOutcomes(), False, False
 
+    def record(done: Outcome, step: int) -> None:
+        """Book-keep step `done.step`, read while `step` is the latest queued."""
+        nonlocal bad_in_a_row, skipped, stop_voted, save_voted
+        loss_mean, stop_votes, clock_votes, grad_norm, applied = done.values
+        behind = step - done.step  # steps queued since: the loader and tokens moved on
+        if applied:
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            skipped += 1
+            end = loader.samples_consumed - behind * sequences
+            metrics.log_event("bad_step", step=done.step + 1, loss=loss_mean,
+                              grad_norm=grad_norm, samples=[end - sequences, end])
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingHalted(f"{bad_in_a_row} steps in a row had a non-finite loss or "
+                                     f"gradient norm (last at step {done.step + 1}); see "
+                                     f"{run_dir / 'metrics.jsonl'} for the batches")
+        losses[done.step] = loss_mean
+        throughput.update(cfg.global_batch_tokens)
+        stop_voted |= stop_votes > 0
+        save_voted |= clock_votes > 0
+        if (done.step + 1) % cfg.log_every == 0 or done.step + 1 == cfg.steps:
+            rate = throughput.tokens_per_s()
+            metrics.log(done.step + 1, loss=loss_mean, lr=done.lr, grad_norm=grad_norm,
+                        tokens_per_s=rate, skipped_steps=skipped,
+                        tokens_seen=tokens_seen - behind * cfg.global_batch_tokens,
+                        step_time_s=throughput.step_time(),
+                        mfu=mfu(rate / world.world_size, flops_fwd, peak)
+                        if rate and peak else None)
+
     if freezer.groups:
         metrics.log_event("frozen", step=start, params=freezer.count(start))
     for step in range(start, cfg.steps):
@@ -235,39 +265,13 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
 
         evaluating = cfg.eval.every_steps and ((step + 1) % cfg.eval.every_steps == 0
                                                or step + 1 == cfg.steps)
-        boundary = (evaluating or (step + 1) % cfg.checkpoint.every_steps == 0
-                    or step + 1 == cfg.steps or (stage_eval and step + 1 == segment.end))
-        for keep_latest in (True, False):
-            for done in outcomes.take(keep_latest):
-                loss_mean, stop_votes, clock_votes, grad_norm, applied = done.values
-                if applied:
-                    bad_in_a_row = 0
-                else:
-                    bad_in_a_row += 1
-                    skipped += 1
-                    # The loader has moved on by the steps queued since: count back to this one.
-                    end = loader.samples_consumed - (step - done.step) * sequences
-                    metrics.log_event("bad_step", step=done.step + 1, loss=loss_mean,
-                                      grad_norm=grad_norm, samples=[end - sequences, end])
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        raise TrainingHalted(
-                            f"{bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                            f"norm (last at step {done.step + 1}); see "
-                            f"{run_dir / 'metrics.jsonl'} for the batches")
-                losses[done.step] = loss_mean
-                throughput.update(cfg.global_batch_tokens)
-                stop_voted |= stop_votes > 0
-                save_voted |= clock_votes > 0
-                if (done.step + 1) % cfg.log_every == 0 or done.step + 1 == cfg.steps:
-                    rate = throughput.tokens_per_s()
-                    metrics.log(done.step + 1, loss=loss_mean, lr=done.lr, grad_norm=grad_norm,
-                                tokens_per_s=rate, skipped_steps=skipped, tokens_seen=tokens_seen
-                                - (step - done.step) * cfg.global_batch_tokens,
-                                step_time_s=throughput.step_time(),
-                                mfu=mfu(rate / world.world_size, flops_fwd, peak)
-                                if rate and peak else None)
-            if not (boundary or stop_voted or save_voted):
-                break  # this step's outcome waits for the next step to be queued
+        saving = (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps
+        boundary = evaluating or saving or (stage_eval and step + 1 == segment.end)
+        for done in outcomes.take(keep_latest=True):
+            record(done, step)
+        if boundary or stop_voted or save_voted:  # act on this step's own outcome too
+            for done in outcomes.take(keep_latest=False):
+                record(done, step)
 
         if evaluating:
             losses_eval = evaluate(engine.module, eval_set, cfg.eval.micro_batch or cfg.micro_batch,
@@ -276,8 +280,7 @@ def _train(cfg: TrainConfig, world: World, segment: Segment, total_steps: int,
             metrics.log_eval(step + 1, losses_eval)
             throughput.mark()  # evaluation is not training time
         stopping = stop_voted and step + 1 < total_steps  # the last step ends it anyway
-        if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.steps \
-                or save_voted or stopping:
+        if saving or save_voted or stopping:
             trainer_state = {"tokens_seen": tokens_seen, "skipped_steps": skipped,
                              "data": loader.state_dict(), "stage": segment.name}
             saved = save_checkpoint(run_dir, step + 1, engine.states, trainer_state,
